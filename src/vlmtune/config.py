@@ -1,0 +1,463 @@
+"""Every YAML key vlmtune accepts, as typed dataclasses whose field help is the documentation.
+
+The user's LLaMA-Factory YAML is flat (`lora_rank: 8`, `learning_rate: 1.0e-4`, ...). We read it into
+four sections so code says where a setting belongs — ``cfg.model``, ``cfg.data``, ``cfg.finetune``,
+``cfg.train`` — while the file stays flat and unchanged. Each key lives in exactly one section.
+
+``load_config(path, overrides)`` reads the YAML, applies ``key=value`` overrides from the command line
+(typed by the field: ``lora_rank=16`` is an int), and rejects unknown keys with the closest known key.
+Keys that are accepted but have no effect in some situation (``ddp_timeout`` on one process, ...) say
+so in their help (``Ignored: ...``) and :func:`inert_settings` lists them at start-up, so nothing is
+silently dropped. ``docs/config.md`` is generated from these classes (``python -m vlmtune.config``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vlmtune.errors import VlmtuneError
+
+
+def _help(text: str, default: Any = None) -> Any:
+    """A dataclass field carrying its documentation (default None unless given)."""
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load and how its images are sized."""
+
+    model_name_or_path: str | None = _help(
+        "Local directory or hub id of the base model (Qwen2.5-VL or Qwen2-VL). A hub id is fetched from "
+        "Hugging Face, or from ModelScope when the environment sets USE_MODELSCOPE_HUB=1.")
+    adapter_name_or_path: str | None = _help(
+        "Directory of a trained LoRA adapter to load on top of the base model (prediction, serving, export, "
+        "or continued training).")
+    trust_remote_code: bool = _help(
+        "Passed to transformers when loading. Qwen2.5-VL is built into transformers, so it is not needed.", True)
+    image_max_pixels: int = _help(
+        "Largest image area in pixels after resizing (Qwen's smart resize keeps the aspect ratio and rounds "
+        "sides to multiples of 28). Fewer pixels, fewer image tokens: 262144 gives at most 334 tokens.", 768 * 768)
+    image_min_pixels: int = _help("Smallest image area in pixels after resizing.", 32 * 32)
+    video_max_pixels: int = _help("Largest video-frame area. Ignored: vlmtune reads images only.", 256 * 256)
+    video_min_pixels: int = _help("Smallest video-frame area. Ignored: vlmtune reads images only.", 16 * 16)
+    cache_dir: str | None = _help("Where downloaded hub models are stored (hub default when empty).")
+    model_revision: str = _help("Hub branch, tag or commit of the model.", "main")
+    attn_implementation: str = _help(
+        "Attention kernel: auto (flash_attention_2 on a GPU when flash-attn is installed, else sdpa), sdpa, "
+        "eager, flash_attention_2.", "auto")
+    flash_attn: str | None = _help(
+        "LLaMA-Factory's name for the attention choice (auto, sdpa, fa2, disabled); mapped onto "
+        "attn_implementation.")
+    use_fast_tokenizer: bool = _help("Use the Rust (fast) tokenizer. Always true for Qwen2-VL in vlmtune.", True)
+
+
+@dataclass
+class DataConfig:
+    """Which datasets to read, how to render them, and how to split them."""
+
+    dataset: str | None = _help(
+        "Training dataset name(s) from dataset_info.json, comma separated (\"a,b\" joins both).")
+    eval_dataset: str | None = _help(
+        "Validation dataset name(s). When set, val_size is not used.")
+    dataset_dir: str = _help(
+        "Directory holding dataset_info.json; dataset files and relative image paths resolve against it.", "data")
+    template: str = _help("Chat template. qwen2_vl (Qwen2-VL and Qwen2.5-VL) is the one supported.", "qwen2_vl")
+    cutoff_len: int = _help(
+        "Longest sample in tokens (prompt + image tokens + answer). vlmtune never cuts image tokens or the "
+        "answer: a longer sample is reported by the data checks (and refused, or skipped with "
+        "skip_bad_records).", 2048)
+    max_samples: int | None = _help("Use at most this many records from each dataset (the first ones).")
+    val_size: float = _help(
+        "Fraction (< 1) or count (≥ 1) of the training data held out for validation, stratified by the final "
+        "assistant answer and seeded by `seed`.", 0.0)
+    overwrite_cache: bool = _help(
+        "Re-encode the datasets even when a cached encoding exists. The cache key covers the data files, "
+        "template, processor settings and cutoff_len, so a stale cache is never used either way.", False)
+    preprocessing_num_workers: int | None = _help(
+        "Processes used to encode the dataset. Capped at the CPU cores left after torch's threads, since "
+        "oversubscribing cores slows everything down.")
+    skip_bad_records: bool = _help(
+        "Train without the records that fail the data checks (they are counted and reported) instead of "
+        "refusing to start.", False)
+    labels: list[str] | None = _help(
+        "The closed set of answers (e.g. [满足要求, 不满足要求]) for label scoring and task metrics. When "
+        "empty, it is inferred when the dataset's answers form a small set (≤ 8 distinct answers).")
+    positive_label: str = _help("The positive class for precision / recall / F1.", "满足要求")
+    default_system: str | None = _help(
+        "System prompt used for records without one (Qwen's template default: \"You are a helpful "
+        "assistant.\").")
+
+
+@dataclass
+class FinetuneConfig:
+    """What is trained: LoRA, selected layers, or everything."""
+
+    stage: str = _help("Training stage. Only sft (supervised fine-tuning) is supported.", "sft")
+    finetuning_type: str = _help("lora, freeze (train selected layers) or full.", "lora")
+    lora_rank: int = _help("LoRA rank r.", 8)
+    lora_alpha: int | None = _help("LoRA scaling alpha; default 2 × lora_rank.")
+    lora_dropout: float = _help("Dropout on the LoRA path.", 0.0)
+    lora_target: str = _help(
+        "Modules that get LoRA: `all` = every linear layer of the language model (not the vision tower, "
+        "projector or lm_head), or a comma list of module names (q_proj,v_proj).", "all")
+    additional_target: str | None = _help(
+        "Comma list of extra modules trained in full next to LoRA (e.g. lm_head, embed_tokens).")
+    use_rslora: bool = _help("Rank-stabilised LoRA scaling (alpha / sqrt(r)).", False)
+    use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", False)
+    freeze_vision_tower: bool = _help("Keep the vision encoder frozen.", True)
+    freeze_multi_modal_projector: bool = _help("Keep the vision-to-language projector (merger) frozen.", True)
+    freeze_language_model: bool = _help("Keep the language model frozen (full/freeze fine-tuning only).", False)
+    freeze_trainable_layers: int = _help(
+        "freeze fine-tuning: train the last n language-model layers (negative: the first n).", 2)
+    freeze_trainable_modules: str = _help(
+        "freeze fine-tuning: which parts of those layers train (`all`, or names like mlp,self_attn).", "all")
+    plot_loss: bool = _help("Write training_loss.png and training_eval_*.png into output_dir.", False)
+
+
+@dataclass
+class TrainConfig:
+    """How training runs: optimisation, evaluation, checkpoints, logging, hardware."""
+
+    output_dir: str = _help("Where adapters, checkpoints, logs and plots are written.", "output")
+    do_train: bool = _help("Train. (`vlmtune train` always trains; accepted for LLaMA-Factory YAMLs.)", True)
+    do_eval: bool = _help("Evaluate at the end of training when a validation split exists.", True)
+    overwrite_output_dir: bool = _help(
+        "Allow writing into a non-empty output_dir. Without it, a non-empty output_dir is refused unless "
+        "the run resumes.", False)
+    per_device_train_batch_size: int = _help("Samples per device per micro-batch.", 1)
+    per_device_eval_batch_size: int = _help("Samples per device per evaluation batch.", 1)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimisation step.", 1)
+    learning_rate: float = _help("Peak learning rate of AdamW.", 5e-5)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    adam_beta1: float = _help("AdamW beta1.", 0.9)
+    adam_beta2: float = _help("AdamW beta2.", 0.999)
+    adam_epsilon: float = _help("AdamW epsilon.", 1e-8)
+    max_grad_norm: float = _help("Clip the gradient norm to this (0 disables clipping).", 1.0)
+    num_train_epochs: float = _help("Epochs to train (fractions allowed).", 3.0)
+    max_steps: int = _help("Total optimisation steps; overrides num_train_epochs when > 0.", -1)
+    lr_scheduler_type: str = _help(
+        "Learning-rate schedule from transformers: cosine, linear, constant, constant_with_warmup, "
+        "cosine_with_restarts, polynomial.", "linear")
+    warmup_ratio: float = _help("Fraction of the optimisation steps spent warming up.", 0.0)
+    warmup_steps: int = _help("Warm-up steps; overrides warmup_ratio when > 0.", 0)
+    bf16: bool = _help("Train in bfloat16 mixed precision (trainable parameters stay fp32).", False)
+    fp16: bool = _help("Train in float16 mixed precision with loss scaling (GPU only).", False)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", False)
+    seed: int = _help("Seed for the split, data order, initialisation and dropout.", 42)
+    logging_steps: int = _help("Log loss, lr, grad norm, throughput and memory every n steps.", 10)
+    eval_strategy: str = _help("When to evaluate: no, steps (every eval_steps) or epoch.", "no")
+    evaluation_strategy: str | None = _help("Older name of eval_strategy.")
+    eval_steps: int | None = _help("Evaluate every n optimisation steps (default: logging_steps).")
+    save_strategy: str = _help("When to write checkpoint-N: no, steps (every save_steps) or epoch.", "steps")
+    save_steps: int = _help("Write checkpoint-N every n optimisation steps.", 500)
+    save_total_limit: int | None = _help(
+        "Keep at most this many checkpoint-N directories (the oldest go first; the best one is kept).")
+    save_only_model: bool = _help(
+        "Checkpoints hold only the adapter/model, not optimizer, scheduler and RNG state (cannot resume).",
+        False)
+    resume_from_checkpoint: str | bool | None = _help(
+        "Continue a run: a checkpoint directory, or true for the latest complete checkpoint in output_dir.")
+    report_to: str | list[str] = _help(
+        "Where metrics go besides trainer_log.jsonl: tensorboard, none (comma list or YAML list).", "none")
+    logging_dir: str | None = _help("TensorBoard directory (default: output_dir/runs).")
+    run_name: str | None = _help("Name shown in logs and TensorBoard.")
+    metric_for_best_model: str | None = _help(
+        "Metric that picks the best checkpoint: f1, accuracy, precision, recall, auc or eval_loss (default f1 "
+        "when the answers form a closed label set, else eval_loss).")
+    greater_is_better: bool | None = _help("Direction of metric_for_best_model (default: false for losses).")
+    load_best_model_at_end: bool = _help(
+        "Make the final adapter in output_dir the best one by metric_for_best_model.", False)
+    early_stopping_patience: int | None = _help(
+        "Stop after this many evaluations without improvement of metric_for_best_model.")
+    dataloader_num_workers: int = _help(
+        "Worker processes feeding batches. Samples are encoded once before training, so 0 is usually "
+        "fastest on a CPU; capped so torch threads × processes stays within the cores.", 0)
+    ddp_timeout: int = _help(
+        "Seconds a rank waits for the others in collective operations. Ignored: with one process there is "
+        "no process group.", 1800)
+    ddp_find_unused_parameters: bool | None = _help("Passed to DistributedDataParallel.")
+    deepspeed: str | None = _help(
+        "DeepSpeed JSON config (ZeRO-2/3), passed through accelerate. Needs the deepspeed extra and a GPU.")
+    optim: str = _help("Optimizer. adamw_torch is the one supported (adamw_torch_fused on GPU is the same).",
+                       "adamw_torch")
+    disable_tqdm: bool = _help("Hide the progress bar.", False)
+    logging_first_step: bool = _help("Also log the first optimisation step.", False)
+    remove_unused_columns: bool = _help("Accepted for LLaMA-Factory YAMLs. Ignored: vlmtune keeps what it needs.",
+                                        False)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "finetune": FinetuneConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class Config:
+    """The whole run configuration: one flat YAML, four sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    source: str | None = None  # the YAML file it came from, for messages
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+
+def key_sections() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Every accepted key → (section name, field)."""
+    keys: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f.name not in keys, f"key {f.name} defined twice"
+            keys[f.name] = (section, f)
+    return keys
+
+
+_TYPE_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _field_type(cls: type, name: str) -> Any:
+    if cls not in _TYPE_HINTS:
+        _TYPE_HINTS[cls] = typing.get_type_hints(cls)
+    return _TYPE_HINTS[cls][name]
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+    """Convert a YAML (or command-line) value to the field's type, or raise a clear error."""
+    args = typing.get_args(hint)
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    if is_union:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        # Try the non-None members in order (e.g. `str | bool` keeps true as a bool).
+        members = [a for a in args if a is not type(None)]
+        if isinstance(value, bool) and bool in members:
+            return value
+        for member in members:
+            try:
+                return _coerce(value, member, key, origin)
+            except VlmtuneError as exc:
+                errors.append(str(exc))
+        raise VlmtuneError(errors[0])
+    if typing.get_origin(hint) is list:
+        (item_type,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise VlmtuneError(f"{origin}: '{key}' must be a list, got {value!r}")
+        return [_coerce(v, item_type, key, origin) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise VlmtuneError(f"{origin}: '{key}' must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise VlmtuneError(f"{origin}: '{key}' must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+        raise VlmtuneError(f"{origin}: '{key}' must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise VlmtuneError(f"{origin}: '{key}' must be a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise VlmtuneError(f"{origin}: '{key}' must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise VlmtuneError(f"command line: override '{item}' must look like key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_config(values: dict[str, Any], origin: str = "config") -> Config:
+    """Build a Config from a flat mapping of keys, checking names and types."""
+    keys = key_sections()
+    sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise VlmtuneError(f"{origin}: unknown key '{key}'{hint}")
+        section, f = keys[key]
+        sections[section][key] = _coerce(value, _field_type(SECTIONS[section], key), key, origin)
+    cfg = Config(**{name: SECTIONS[name](**vals) for name, vals in sections.items()})
+    _apply_aliases(cfg)
+    validate(cfg, origin)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a flat YAML file (or nothing) and apply `key=value` overrides."""
+    values: dict[str, Any] = {}
+    origin = "command line"
+    if path is not None:
+        path = Path(path)
+        origin = str(path)
+        if not path.is_file():
+            raise VlmtuneError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}" if mark is not None else ""
+            raise VlmtuneError(f"{path}: not valid YAML{at}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise VlmtuneError(f"{path}: expected a mapping of key: value at the top level")
+        values.update(loaded)
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        values[key] = value
+    cfg = build_config(values, origin)
+    cfg.source = str(path) if path is not None else None
+    return cfg
+
+
+def _apply_aliases(cfg: Config) -> None:
+    """Map LLaMA-Factory's older or alternative key names onto ours."""
+    if cfg.train.evaluation_strategy and cfg.train.eval_strategy == "no":
+        cfg.train.eval_strategy = cfg.train.evaluation_strategy
+    if cfg.model.flash_attn:
+        cfg.model.attn_implementation = {
+            "auto": "auto", "sdpa": "sdpa", "fa2": "flash_attention_2", "disabled": "eager",
+        }.get(cfg.model.flash_attn, cfg.model.flash_attn)
+    if cfg.finetune.lora_alpha is None:
+        cfg.finetune.lora_alpha = 2 * cfg.finetune.lora_rank
+    if isinstance(cfg.train.report_to, str):
+        cfg.train.report_to = [v.strip() for v in cfg.train.report_to.split(",") if v.strip()]
+    cfg.train.report_to = [v for v in cfg.train.report_to if v not in ("none", "")]
+    if cfg.train.eval_steps is None:
+        cfg.train.eval_steps = cfg.train.logging_steps
+
+
+_CHOICES = {
+    ("data", "template"): ("qwen2_vl", "qwen2_5_vl"),
+    ("finetune", "stage"): ("sft",),
+    ("finetune", "finetuning_type"): ("lora", "freeze", "full"),
+    ("train", "eval_strategy"): ("no", "steps", "epoch"),
+    ("train", "save_strategy"): ("no", "steps", "epoch"),
+    ("train", "lr_scheduler_type"): ("linear", "cosine", "constant", "constant_with_warmup",
+                                     "cosine_with_restarts", "polynomial"),
+    ("model", "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
+}
+
+
+def validate(cfg: Config, origin: str = "config") -> None:
+    """Reject values that cannot work, naming the key."""
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise VlmtuneError(f"{origin}: '{key}' must be one of {', '.join(allowed)}, got '{value}'")
+    positive = {
+        "lora_rank": cfg.finetune.lora_rank,
+        "cutoff_len": cfg.data.cutoff_len,
+        "per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+        "per_device_eval_batch_size": cfg.train.per_device_eval_batch_size,
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "logging_steps": cfg.train.logging_steps,
+        "save_steps": cfg.train.save_steps,
+        "eval_steps": cfg.train.eval_steps,
+        "image_max_pixels": cfg.model.image_max_pixels,
+        "image_min_pixels": cfg.model.image_min_pixels,
+    }
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise VlmtuneError(f"{origin}: '{key}' must be > 0, got {value}")
+    if cfg.model.image_min_pixels > cfg.model.image_max_pixels:
+        raise VlmtuneError(f"{origin}: 'image_min_pixels' ({cfg.model.image_min_pixels}) is larger than "
+                           f"'image_max_pixels' ({cfg.model.image_max_pixels})")
+    if cfg.data.val_size < 0:
+        raise VlmtuneError(f"{origin}: 'val_size' must be ≥ 0, got {cfg.data.val_size}")
+    if cfg.train.bf16 and cfg.train.fp16:
+        raise VlmtuneError(f"{origin}: 'bf16' and 'fp16' cannot both be true")
+    if cfg.data.max_samples is not None and cfg.data.max_samples <= 0:
+        raise VlmtuneError(f"{origin}: 'max_samples' must be > 0, got {cfg.data.max_samples}")
+    for report in cfg.train.report_to:
+        if report not in ("tensorboard", "all"):
+            raise VlmtuneError(f"{origin}: 'report_to' supports tensorboard or none, got '{report}'")
+
+
+def inert_settings(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
+    """Lines naming the settings that have no effect in this run, printed at start-up."""
+    notes = []
+    if world_size == 1 and cfg.train.ddp_timeout != TrainConfig.ddp_timeout:
+        notes.append(f"ddp_timeout={cfg.train.ddp_timeout} has no effect with one process")
+    if cfg.model.video_max_pixels != ModelConfig.video_max_pixels:
+        notes.append("video_max_pixels has no effect: vlmtune reads images only")
+    if cfg.train.fp16 and not has_cuda:
+        notes.append("fp16 on CPU is not supported by torch autocast; training runs in fp32")
+    if cfg.data.preprocessing_num_workers and cfg.data.preprocessing_num_workers > 1:
+        notes.append(f"preprocessing_num_workers={cfg.data.preprocessing_num_workers} is capped to the free "
+                     f"CPU cores")
+    if not cfg.train.do_train:
+        notes.append("do_train=false has no effect: `vlmtune train` always trains")
+    if cfg.data.overwrite_cache:
+        notes.append("overwrite_cache: the encoding cache is rebuilt")
+    return notes
+
+
+def config_reference_markdown() -> str:
+    """The YAML key reference (docs/config.md), generated from the dataclasses."""
+    lines = ["# Configuration keys", "",
+             "Generated by `python -m vlmtune.config` from `src/vlmtune/config.py`; every key a vlmtune "
+             "YAML may hold. Keys are flat in the YAML; the sections only group them here.", ""]
+    for section, cls in SECTIONS.items():
+        lines += [f"## {section}: {cls.__doc__.strip()}", "", "| key | type | default | meaning |",
+                  "| --- | --- | --- | --- |"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else ""
+            type_name = (str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+                         .replace(" | ", " or "))
+            lines.append(f"| `{f.name}` | {type_name} | `{default}` | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown())

@@ -1,0 +1,1 @@
+"""Datasets: registry (dataset_info.json) → records → Conversations → checks → split → encoding."""

@@ -1,0 +1,82 @@
+"""Checks before any GPU time: everything wrong with the data, one line per problem.
+
+Record structure (roles, empty content, `<image>` count) is checked while converting
+(`formats.structure_problems`); here come the images (exist, readable — from the header only, no
+decode) and, with a processor, each sample's token count against cutoff_len. Image token counts come
+from Qwen's smart resize of the header size, so they equal what encoding will produce.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+from vlmtune.data.conversation import Conversation, Problem
+from vlmtune.data.images import ImageError, header_size, token_count
+from vlmtune.data.template import render
+
+
+@dataclass
+class SampleStats:
+    image_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class CheckResult:
+    problems: list[Problem] = field(default_factory=list)
+    stats: dict[str, SampleStats] = field(default_factory=dict)  # conversation id → token counts
+
+    def bad_ids(self) -> set[tuple[str, int]]:
+        return {(p.file, p.record) for p in self.problems if p.record is not None}
+
+
+def check_conversations(conversations: list[Conversation], processor=None, cutoff_len: int | None = None,
+                        default_system: str | None = None) -> CheckResult:
+    """Image problems for every conversation; with a processor, token counts and cutoff_len overruns."""
+    result = CheckResult()
+    for conv in conversations:
+        sizes = []
+        for i, path in enumerate(conv.images):
+            try:
+                sizes.append(header_size(path))
+            except ImageError as exc:
+                result.problems.append(Problem(conv.source, conv.index, f"images[{i}]", f"{exc}: {path}"))
+        if processor is None or len(sizes) != len(conv.images):
+            continue
+        try:
+            counts = [token_count(w, h, processor.image_processor) for w, h in sizes]
+        except ImageError as exc:
+            result.problems.append(Problem(conv.source, conv.index, "images", str(exc)))
+            continue
+        text = render(conv.messages, counts, default_system).text
+        total = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        result.stats[conv.id] = SampleStats(sum(counts), total)
+        if cutoff_len is not None and total > cutoff_len:
+            result.problems.append(Problem(conv.source, conv.index, "messages",
+                                           f"{total} tokens ({sum(counts)} image tokens + prompt + answer) do not "
+                                           f"fit in cutoff_len {cutoff_len}; raise cutoff_len or lower "
+                                           f"image_max_pixels"))
+    return result
+
+
+def without_bad(conversations: list[Conversation], problems: list[Problem]) -> list[Conversation]:
+    bad = {(p.file, p.record) for p in problems if p.record is not None}
+    return [c for c in conversations if (c.source, c.index) not in bad]
+
+
+def answer_distribution(conversations: list[Conversation]) -> Counter:
+    return Counter(c.answer for c in conversations)
+
+
+def describe_distribution(counter: Counter) -> str:
+    total = sum(counter.values()) or 1
+    return ", ".join(f"{answer} {n} ({100 * n / total:.1f}%)" for answer, n in counter.most_common(8)) + (
+        f", … {len(counter) - 8} more" if len(counter) > 8 else "")
+
+
+def describe_tokens(values: list[int]) -> str:
+    if not values:
+        return "n/a"
+    return f"min {min(values)} / median {statistics.median(values):g} / max {max(values)}"

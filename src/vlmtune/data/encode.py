@@ -1,0 +1,138 @@
+"""Conversation → token ids, labels and resized images; batches → model inputs.
+
+Each image is decoded and resized once, here; its token count comes from the same resize. The text
+is rendered by the qwen2_vl template and tokenised in one call; labels are the tokens inside the
+assistant spans (answer + `<|im_end|>`), everything else is -100. Nothing is ever truncated: a
+sample longer than cutoff_len raises `EncodeError` (the data checks report it before training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vlmtune.data.conversation import Conversation, Message
+from vlmtune.data.images import ImageError, load_resized, to_patches
+from vlmtune.data.processor import Processor
+from vlmtune.data.template import render
+
+IGNORE_INDEX = -100
+
+
+class EncodeError(Exception):
+    """A sample that cannot be encoded; `field` names the part at fault."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass
+class EncodedSample:
+    input_ids: torch.Tensor  # (seq,) long
+    labels: torch.Tensor  # (seq,) long, -100 outside the answers
+    images: list[torch.Tensor] = field(default_factory=list)  # resized uint8 (3, H, W)
+    conversation: Conversation | None = None
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_label_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def image_tokens(images: list[torch.Tensor], processor: Processor) -> list[int]:
+    ip = processor.image_processor
+    return [(im.shape[1] // ip.patch_size) * (im.shape[2] // ip.patch_size) // ip.merge_size ** 2 for im in images]
+
+
+def load_images(conversation: Conversation, processor: Processor) -> list[torch.Tensor]:
+    images = []
+    for i, path in enumerate(conversation.images):
+        try:
+            images.append(load_resized(path, processor.image_processor))
+        except ImageError as exc:
+            raise EncodeError(f"{exc}: {path}", field=f"images[{i}]") from None
+    return images
+
+
+def tokenize(text: str, spans: list[tuple[int, int]], processor: Processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of the rendered text, and labels that keep exactly the tokens inside `spans`."""
+    encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    if spans:
+        starts = torch.tensor([s for s, _ in encoding["offset_mapping"]])
+        ends = torch.tensor([e for _, e in encoding["offset_mapping"]])
+        for span_start, span_end in spans:
+            inside = (starts >= span_start) & (ends <= span_end) & (ends > starts)
+            # The template puts special tokens right around each span, so its edges are token edges.
+            if not bool((starts == span_start).any()) or not bool((ends == span_end).any()):
+                raise EncodeError("answer boundary falls inside a token", field="messages")
+            labels[inside] = ids[inside]
+    return ids, labels
+
+
+def encode(conversation: Conversation, processor: Processor, cutoff_len: int | None,
+           default_system: str | None = None, images: list[torch.Tensor] | None = None) -> EncodedSample:
+    """A training sample: the whole conversation, answers labelled."""
+    if images is None:
+        images = load_images(conversation, processor)
+    rendered = render(conversation.messages, image_tokens(images, processor), default_system)
+    ids, labels = tokenize(rendered.text, rendered.label_spans, processor)
+    if cutoff_len is not None and len(ids) > cutoff_len:
+        raise EncodeError(f"{len(ids)} tokens (with {sum(image_tokens(images, processor))} image tokens) "
+                          f"exceed cutoff_len {cutoff_len}", field="messages")
+    return EncodedSample(ids, labels, images, conversation)
+
+
+def encode_prompt(messages: list[Message], images: list[torch.Tensor], processor: Processor,
+                  default_system: str | None = None) -> EncodedSample:
+    """A prediction sample: the messages up to an open assistant turn, nothing labelled."""
+    rendered = render(messages, image_tokens(images, processor), default_system, add_generation_prompt=True)
+    ids, labels = tokenize(rendered.text, [], processor)
+    return EncodedSample(ids, labels, images)
+
+
+def prompt_messages(conversation: Conversation) -> list[Message]:
+    """The conversation without its final assistant answer."""
+    messages = list(conversation.messages)
+    if messages and messages[-1].role == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+class Collator:
+    """Pads samples into a batch with everything Qwen2-VL needs for its 3-D rope positions.
+
+    `mm_token_type_ids` (1 at image tokens) must reach the model: without it transformers 5 silently
+    falls back to 1-D positions for the image tokens.
+    """
+
+    def __init__(self, processor: Processor, padding_side: str = "right"):
+        self.processor = processor
+        self.padding_side = padding_side
+
+    def __call__(self, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+        longest = max(len(s) for s in samples)
+        pad_id = self.processor.pad_token_id
+        input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), longest), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample)
+            cols = slice(0, n) if self.padding_side == "right" else slice(longest - n, longest)
+            input_ids[row, cols] = sample.input_ids
+            labels[row, cols] = sample.labels
+            attention_mask[row, cols] = 1
+        mm_token_type_ids = torch.zeros_like(input_ids)
+        mm_token_type_ids[input_ids == self.processor.image_token_id] = 1
+        mm_token_type_ids[attention_mask == 0] = 0
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "mm_token_type_ids": mm_token_type_ids}
+        images = [im for s in samples for im in s.images]
+        if images:
+            batch["pixel_values"], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor)
+        return batch

@@ -1,0 +1,173 @@
+"""Read dataset files (json / jsonl) and convert sharegpt or alpaca records into Conversations.
+
+Conversion never stops at the first bad record: each problem is recorded with file, record index and
+field, so `vlmtune data check` can list them all and training can skip them when asked.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from vlmtune.data.conversation import Conversation, LoadedData, Message, Problem
+from vlmtune.data.registry import DatasetEntry
+
+
+def read_records(path: Path) -> tuple[list[Any], list[Problem]]:
+    """All records of a .json (a list) or .jsonl file; unreadable lines become problems."""
+    if not path.is_file():
+        return [], [Problem(str(path), None, None, "dataset file not found", fatal=True)]
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        records, problems = [], []
+        for line_no, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                problems.append(Problem(str(path), len(records), None, f"line {line_no} is not valid JSON ({exc.msg})"))
+                records.append(None)
+        return records, problems
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return [], [Problem(str(path), None, None, f"not valid JSON at line {exc.lineno} column {exc.colno}",
+                            fatal=True)]
+    if not isinstance(data, list):
+        return [], [Problem(str(path), None, None, "expected a JSON list of records", fatal=True)]
+    return data, []
+
+
+def load_entry(entry: DatasetEntry, max_samples: int | None = None) -> LoadedData:
+    """Convert the records of one registry entry, keeping the first max_samples."""
+    records, problems = read_records(entry.path)
+    if max_samples is not None:
+        records = records[:max_samples]
+    out = LoadedData(problems=list(problems))
+    convert = _sharegpt if entry.formatting == "sharegpt" else _alpaca
+    for index, record in enumerate(records):
+        if record is None:  # a jsonl line that did not parse: already reported
+            continue
+        where = (str(entry.path), index)
+        if not isinstance(record, dict):
+            out.problems.append(Problem(*where, None, "record must be a JSON object"))
+            continue
+        messages, record_problems = convert(record, entry, where)
+        images, image_problems = _images(record, entry, where)
+        record_problems += image_problems
+        if messages is not None and not record_problems:
+            conv = Conversation(messages=messages, images=images, source=str(entry.path), index=index,
+                                dataset=entry.name)
+            record_problems += structure_problems(conv)
+            if not record_problems:
+                out.conversations.append(conv)
+        out.problems += record_problems
+    return out
+
+
+def _images(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[list[str], list[Problem]]:
+    column = entry.columns.get("images")
+    value = record.get(column) if column else None
+    if value is None:
+        return [], []
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return [], [Problem(*where, column, "must be a list of image paths")]
+    paths = []
+    for item in value:
+        path = Path(item).expanduser()
+        paths.append(str(path if path.is_absolute() else (entry.dataset_dir / path).resolve()))
+    return paths, []
+
+
+def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[list[Message] | None, list[Problem]]:
+    column = entry.columns.get("messages") or "conversations"
+    tags = entry.tags
+    turns = record.get(column)
+    if turns is None:
+        return None, [Problem(*where, column, "missing")]
+    if not isinstance(turns, list) or not turns:
+        return None, [Problem(*where, column, "must be a non-empty list of messages")]
+    role_of = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    messages, problems = [], []
+    system_column = entry.columns.get("system")
+    if system_column and isinstance(record.get(system_column), str):
+        messages.append(Message("system", record[system_column]))
+    for i, turn in enumerate(turns):
+        field_name = f"{column}[{i}]"
+        if not isinstance(turn, dict):
+            problems.append(Problem(*where, field_name, "message must be an object"))
+            continue
+        role = turn.get(tags["role_tag"])
+        if role not in role_of:
+            allowed = ", ".join(role_of)
+            problems.append(Problem(*where, f"{field_name}.{tags['role_tag']}",
+                                    f"unknown role {role!r} (expected one of {allowed})"))
+            continue
+        content = turn.get(tags["content_tag"])
+        if not isinstance(content, str):
+            problems.append(Problem(*where, f"{field_name}.{tags['content_tag']}", "content must be a string"))
+            continue
+        messages.append(Message(role_of[role], content))
+    return (messages if not problems else None), problems
+
+
+def _alpaca(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[list[Message] | None, list[Problem]]:
+    cols = entry.columns
+    problems: list[Problem] = []
+    messages: list[Message] = []
+    if cols.get("system") and isinstance(record.get(cols["system"]), str):
+        messages.append(Message("system", record[cols["system"]]))
+    history = record.get(cols["history"]) if cols.get("history") else None
+    for i, pair in enumerate(history or []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            problems.append(Problem(*where, f"{cols['history']}[{i}]", "must be a [query, response] pair"))
+            continue
+        messages += [Message("user", pair[0]), Message("assistant", pair[1])]
+    prompt = record.get(cols["prompt"], "")
+    query = record.get(cols["query"], "") if cols.get("query") else ""
+    response = record.get(cols["response"])
+    for name, value in ((cols["prompt"], prompt), (cols.get("query"), query)):
+        if name and value is not None and not isinstance(value, str):
+            problems.append(Problem(*where, name, "must be a string"))
+    if response is None:
+        problems.append(Problem(*where, cols["response"], "missing (no assistant answer)"))
+    elif not isinstance(response, str):
+        problems.append(Problem(*where, cols["response"], "must be a string"))
+    if problems:
+        return None, problems
+    user = "\n".join(part for part in (prompt, query) if part)
+    messages += [Message("user", user), Message("assistant", response)]
+    return messages, []
+
+
+def structure_problems(conv: Conversation) -> list[Problem]:
+    """Role order, empty content, a final assistant answer, and `<image>` count vs images."""
+    where = (conv.source, conv.index)
+    problems = []
+    turns = conv.turns
+    for i, message in enumerate(conv.messages):
+        if message.role == "system" and i > 0:
+            problems.append(Problem(*where, f"messages[{i}].role", "system message must come first"))
+    expected = "user"
+    offset = 1 if conv.system is not None else 0
+    for i, message in enumerate(turns):
+        if message.role != expected:
+            problems.append(Problem(*where, f"messages[{i + offset}].role",
+                                    f"expected a {expected} turn, got {message.role} (turns must alternate "
+                                    f"user, assistant)"))
+            break
+        expected = "assistant" if expected == "user" else "user"
+    for i, message in enumerate(conv.messages):
+        if not message.content.strip() and message.role != "system":
+            problems.append(Problem(*where, f"messages[{i}].content", f"empty {message.role} content"))
+    if not turns or turns[-1].role != "assistant":
+        problems.append(Problem(*where, "messages", "no assistant answer at the end"))
+    placeholders = sum(m.content.count("<image>") for m in conv.messages)
+    if placeholders != len(conv.images):
+        problems.append(Problem(*where, "images", f"{placeholders} <image> placeholder(s) in the messages but "
+                                                 f"{len(conv.images)} image(s) given"))
+    return problems

@@ -1,0 +1,148 @@
+"""What trains: LoRA on the language model (peft), selected layers (freeze), or everything (full).
+
+`lora_target: all` means every linear layer of the *language model*. Matching the seven names by
+suffix alone would also hit the vision tower's MLP (gate/up/down_proj): 23,794,688 instead of the
+20,185,088 trainable parameters of Qwen2.5-VL-7B at r=8. vlmtune passes peft a regex anchored at
+the language model, so the adapter is exactly the one users expect and vLLM can load it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlmtune.config import FinetuneConfig
+from vlmtune.errors import VlmtuneError
+
+
+@dataclass
+class ModelParts:
+    """Qualified module names of the three parts of a Qwen-VL model."""
+
+    language_model: str
+    vision_tower: str
+    projector: str
+    lm_head: str
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    names = {name for name, _ in model.named_modules()}
+    # transformers ≥ 5 layout: model.language_model / model.visual (+ .merger) / lm_head
+    for prefix in ("model.", ""):
+        if f"{prefix}language_model" in names and f"{prefix}visual" in names:
+            return ModelParts(f"{prefix}language_model", f"{prefix}visual", f"{prefix}visual.merger", "lm_head")
+    raise VlmtuneError("unrecognised model layout: expected Qwen2-VL's language_model and visual modules")
+
+
+def language_model_linear_names(model: nn.Module) -> list[str]:
+    """Distinct suffixes of the linear layers inside the language model."""
+    prefix = model_parts(model).language_model + "."
+    found: dict[str, None] = {}  # first-seen order: q, k, v, o, gate, up, down
+    for name, module in model.named_modules():
+        if name.startswith(prefix) and isinstance(module, nn.Linear):
+            found.setdefault(name.rsplit(".", 1)[-1])
+    return list(found)
+
+
+def lora_target_regex(model: nn.Module, lora_target: str) -> tuple[str, list[str]]:
+    """peft target_modules regex restricted to the language model, and the module names it targets."""
+    available = language_model_linear_names(model)
+    if lora_target.strip() == "all":
+        names = available
+    else:
+        names = [n.strip() for n in lora_target.split(",") if n.strip()]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise VlmtuneError(f"lora_target: no linear module named {', '.join(unknown)} in the language model "
+                               f"(available: {', '.join(available)})")
+    prefix = re.escape(model_parts(model).language_model)
+    return rf"{prefix}\..*\.({'|'.join(names)})", names
+
+
+def apply_finetuning(model: nn.Module, cfg: FinetuneConfig, log=print) -> nn.Module:
+    """Freeze, wrap with LoRA, or unfreeze, as the config says; trainable parameters become fp32."""
+    parts = model_parts(model)
+    if cfg.finetuning_type == "lora":
+        model = _apply_lora(model, cfg, log)
+    elif cfg.finetuning_type == "freeze":
+        _apply_freeze(model, cfg, parts, log)
+    else:
+        log("Fine-tuning method: Full")
+        for name, param in model.named_parameters():
+            param.requires_grad_(_trainable_in_full(name, cfg, parts))
+    # Optimiser states and updates in bf16 lose small steps; LLaMA-Factory upcasts the same way.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32 and param.device.type != "meta":
+            param.data = param.data.float()
+    return model
+
+
+def _trainable_in_full(name: str, cfg: FinetuneConfig, parts: ModelParts) -> bool:
+    if name.startswith(parts.projector + "."):
+        return not cfg.freeze_multi_modal_projector
+    if name.startswith(parts.vision_tower + "."):
+        return not cfg.freeze_vision_tower
+    return not cfg.freeze_language_model
+
+
+def _apply_lora(model: nn.Module, cfg: FinetuneConfig, log) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    log("Fine-tuning method: LoRA")
+    regex, names = lora_target_regex(model, cfg.lora_target)
+    log(f"Found linear modules: {','.join(names)}")
+    parts = model_parts(model)
+    modules_to_save = [m.strip() for m in (cfg.additional_target or "").split(",") if m.strip()]
+    if not cfg.freeze_multi_modal_projector:
+        modules_to_save.append(parts.projector.rsplit(".", 1)[-1])
+    lora_config = LoraConfig(
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=cfg.lora_dropout,
+        target_modules=regex, modules_to_save=modules_to_save or None, use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)
+    if not cfg.freeze_vision_tower:
+        for name, param in model.named_parameters():
+            if f"{parts.vision_tower}." in name and f"{parts.projector}." not in name:
+                param.requires_grad_(True)
+    return model
+
+
+def _apply_freeze(model: nn.Module, cfg: FinetuneConfig, parts: ModelParts, log) -> None:
+    log("Fine-tuning method: Freeze")
+    layers_prefix = parts.language_model + ".layers."
+    n_layers = 1 + max(int(n[len(layers_prefix):].split(".")[0]) for n, _ in model.named_parameters()
+                       if n.startswith(layers_prefix))
+    k = cfg.freeze_trainable_layers
+    chosen = range(n_layers - k, n_layers) if k > 0 else range(0, -k)
+    modules = [m.strip() for m in cfg.freeze_trainable_modules.split(",")]
+    for name, param in model.named_parameters():
+        trainable = False
+        if name.startswith(layers_prefix):
+            layer = int(name[len(layers_prefix):].split(".")[0])
+            trainable = layer in chosen and ("all" in modules or any(f".{m}." in name for m in modules))
+        elif name.startswith(parts.projector + "."):
+            trainable = not cfg.freeze_multi_modal_projector
+        elif name.startswith(parts.vision_tower + "."):
+            trainable = not cfg.freeze_vision_tower
+        param.requires_grad_(trainable)
+    log(f"Set trainable layers: {','.join(str(i) for i in chosen)} ({','.join(modules)})")
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts; works on meta-device models."""
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        total += n
+        if param.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def parameter_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"

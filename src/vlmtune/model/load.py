@@ -1,0 +1,101 @@
+"""Load Qwen2-VL / Qwen2.5-VL from a local directory or a hub id, in the dtype the run asks for."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from vlmtune.errors import VlmtuneError
+
+SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+
+
+def resolve_model_dir(name_or_path: str | None, cache_dir: str | None = None, revision: str = "main") -> Path:
+    """A local directory for the model: as given, or downloaded from the hub.
+
+    USE_MODELSCOPE_HUB=1 fetches from ModelScope (the seed user's `/data/modelscope/...` paths come from
+    there); otherwise from Hugging Face. Both use their own caches, so a second call is local.
+    """
+    if not name_or_path:
+        raise VlmtuneError("model_name_or_path is not set")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise VlmtuneError(f"{path}: no config.json (not a model directory)")
+        return path
+    if path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") != 1:
+        raise VlmtuneError(f"{name_or_path}: model directory not found")
+    try:
+        if os.environ.get("USE_MODELSCOPE_HUB", "0").lower() in ("1", "true"):
+            from modelscope import snapshot_download as ms_download
+
+            return Path(ms_download(name_or_path, revision=None if revision == "main" else revision,
+                                    cache_dir=cache_dir))
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, revision=revision, cache_dir=cache_dir))
+    except ImportError as exc:
+        raise VlmtuneError(f"{name_or_path}: downloading needs '{exc.name}' (pip install vlmtune[modelscope])") from None
+    except Exception as exc:  # network, auth, missing repo: one line, not a traceback
+        raise VlmtuneError(f"{name_or_path}: cannot download the model ({exc.__class__.__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    return torch.float32
+
+
+def pick_attention(requested: str) -> str:
+    """flash_attention_2 only on a GPU with flash-attn installed; sdpa otherwise."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def read_model_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError) as exc:
+        raise VlmtuneError(f"{model_dir / 'config.json'}: cannot read ({str(exc).splitlines()[0]})") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise VlmtuneError(f"{model_dir / 'config.json'}: model_type '{config.model_type}' is not supported "
+                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return config
+
+
+def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "auto",
+               device: torch.device | str | None = None):
+    """The base model with weights. Weights stay in `dtype` (bf16 on GPUs halves memory)."""
+    from transformers import AutoModelForImageTextToText
+
+    read_model_config(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(
+        str(model_dir), dtype=dtype, attn_implementation=pick_attention(attn_implementation))
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def build_empty_model(model_dir: Path):
+    """The architecture on the meta device (no memory, no weights): for parameter counts."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForImageTextToText
+
+    config = read_model_config(model_dir)
+    with init_empty_weights():
+        return AutoModelForImageTextToText.from_config(config)

@@ -1,0 +1,90 @@
+"""`vlmtune data check` from the shell, as a new user runs it: each malformed input, one line, exit 1."""
+
+import json
+
+import pytest
+
+from helpers import RULES_PROMPT, assert_one_line_error, make_dataset, record, run_cli, save_image, write_dataset
+
+
+def check(data_dir, *extra):
+    return run_cli("data", "check", "--dataset", "my_dataset", "--dataset_dir", str(data_dir), *extra)
+
+
+def test_clean_dataset_with_model_reports_counts_and_tokens(small_dataset, tiny_model_dir, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_model_dir}\ndataset: my_dataset\ndataset_dir: {small_dataset}\n"
+                   f"val_size: 0.25\ncutoff_len: 4096\nimage_max_pixels: 262144\n")
+    result = run_cli("data", "check", str(cfg))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "records: 12 read, 0 with problems; train 9, val 3" in out
+    assert "answers (train): 满足要求 6 (66.7%), 不满足要求 3 (33.3%)" in out
+    assert "answers (val):   满足要求 2 (66.7%), 不满足要求 1 (33.3%)" in out
+    # 320×240 → smart resize 308×252 → 22×18 patches → 99 tokens; 224×224 → 16×16 patches → 64 tokens
+    assert "image tokens per sample: min 64 / median 81.5 / max 99" in out
+    assert "total tokens per sample: min " in out
+    assert "no problems found" in out
+
+
+def problem_lines(result):
+    return [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+
+
+BROKEN = {
+    "missing image": (lambda d: record("images/nope.png", "满足要求"), "field 'images[0]': image not found"),
+    "unreadable image": (lambda d: (d / "images" / "bad.png").write_bytes(b"not a png") and record("images/bad.png", "满足要求"),
+                         "field 'images[0]': unreadable image"),
+    "placeholder count": (lambda d: {"messages": [{"role": "user", "content": "no placeholder"},
+                                                  {"role": "assistant", "content": "满足要求"}],
+                                     "images": ["images/img_0.png"]},
+                          "field 'images': 0 <image> placeholder(s) in the messages but 1 image(s) given"),
+    "role order": (lambda d: {"messages": [{"role": "user", "content": RULES_PROMPT},
+                                           {"role": "user", "content": "again"},
+                                           {"role": "assistant", "content": "满足要求"}],
+                              "images": ["images/img_0.png"]},
+                   "field 'messages[1].role': expected a assistant turn, got user"),
+    "empty content": (lambda d: {"messages": [{"role": "user", "content": RULES_PROMPT},
+                                              {"role": "assistant", "content": ""}], "images": ["images/img_0.png"]},
+                      "field 'messages[1].content': empty assistant content"),
+    "no answer": (lambda d: {"messages": [{"role": "user", "content": RULES_PROMPT}], "images": ["images/img_0.png"]},
+                  "field 'messages': no assistant answer at the end"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_each_bad_record_is_one_line_naming_file_record_field(tmp_path, case):
+    data_dir = make_dataset(tmp_path / "data", n=4)
+    make_bad, expected = BROKEN[case]
+    records = json.loads((data_dir / "my_dataset.json").read_text())
+    records.insert(2, make_bad(data_dir))
+    path = write_dataset(data_dir, "my_dataset", records)
+    result = check(data_dir)
+    assert result.returncode == 1, result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = problem_lines(result)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{path}: record 2: ") and expected in lines[0], lines[0]
+
+
+def test_sample_over_cutoff_len(small_dataset, tiny_model_dir):
+    result = check(small_dataset, "--model_name_or_path", str(tiny_model_dir), "--cutoff_len", "160")
+    assert result.returncode == 1
+    lines = problem_lines(result)
+    # the six samples with a 320×240 image (99 image tokens, 186 in all) do not fit; those with 64 (151) do
+    assert len(lines) == 6 and all("186 tokens" in line and "cutoff_len 160" in line for line in lines), lines
+    assert all("field 'messages'" in line for line in lines)
+
+
+def test_unknown_dataset_and_missing_registry(small_dataset, tmp_path):
+    result = run_cli("data", "check", "--dataset", "my_datset", "--dataset_dir", str(small_dataset))
+    assert_one_line_error(result, "dataset_info.json", "unknown dataset 'my_datset'", "my_dataset")
+    result = run_cli("data", "check", "--dataset", "my_dataset", "--dataset_dir", str(tmp_path / "empty"))
+    assert_one_line_error(result, "dataset_info.json: not found")
+
+
+def test_bad_json_file(tmp_path):
+    save_image(tmp_path / "a.png", (32, 32), 0)
+    write_dataset(tmp_path, "my_dataset", [])
+    (tmp_path / "my_dataset.json").write_text('[{"messages": ')
+    assert_one_line_error(check(tmp_path), "my_dataset.json", "not valid JSON")

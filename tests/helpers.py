@@ -1,0 +1,77 @@
+"""Plain helpers for tests: small ShareGPT datasets with images, and running the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SYSTEM = "你是一个商品陈列合规检查助手。"
+RULES_PROMPT = ('<image>判断以上图片是否满足要求:\n1. 画面中只允许出现立方体、圆柱体、圆环、五角星徽章和灯。\n'
+                '2. 每个五角星徽章必须位于圆环内。\n请只输出如下格式:"满足要求", 或 "不满足要求"。')
+SHAREGPT_ENTRY = {"formatting": "sharegpt", "columns": {"messages": "messages", "images": "images"},
+                  "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                           "assistant_tag": "assistant", "system_tag": "system"}}
+
+
+def save_image(path: Path, size: tuple[int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def record(image: str, answer: str, system: bool = True) -> dict:
+    messages = [{"role": "system", "content": SYSTEM}] if system else []
+    messages += [{"role": "user", "content": RULES_PROMPT}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "images": [image]}
+
+
+def write_dataset(directory: Path, name: str, records: list, entry: dict | None = None, jsonl: bool = False) -> Path:
+    """Write records and merge a dataset_info.json entry; returns the dataset file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    file_name = f"{name}.jsonl" if jsonl else f"{name}.json"
+    path = directory / file_name
+    if jsonl:
+        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    else:
+        path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    info_path = directory / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info[name] = {"file_name": file_name, **(entry if entry is not None else SHAREGPT_ENTRY)}
+    info_path.write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def make_dataset(directory: Path, n: int = 12, name: str = "my_dataset") -> Path:
+    """n records (2 in 3 compliant) with images of two sizes; returns the dataset_dir."""
+    records = []
+    for i in range(n):
+        size = (224, 224) if i % 2 else (320, 240)
+        save_image(directory / "images" / f"img_{i}.png", size, seed=i)
+        records.append(record(f"images/img_{i}.png", "满足要求" if i % 3 else "不满足要求"))
+    write_dataset(directory, name, records)
+    return directory
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`vlmtune ARGS` in a subprocess, as a user would run it."""
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, "-m", "vlmtune", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit code 1, no traceback, one `error:` line containing every fragment; returns that line."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+    return errors[0]
