@@ -34,6 +34,10 @@ class EncodedSample:
     labels: torch.Tensor  # (seq,) long, -100 outside the answers
     images: list[torch.Tensor] = field(default_factory=list)  # resized uint8 (3, H, W)
     conversation: Conversation | None = None
+    # Frozen-vision training: each image's features (image tokens × hidden), computed once and reused
+    # every epoch; the decoded pixels are dropped then, so `image_grid_thw` keeps the grid.
+    image_features: list[torch.Tensor] | None = None
+    image_grid_thw: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())
@@ -108,7 +112,8 @@ class Collator:
     """Pads samples into a batch with everything Qwen2-VL needs for its 3-D rope positions.
 
     `mm_token_type_ids` (1 at image tokens) must reach the model: without it transformers 5 silently
-    falls back to 1-D positions for the image tokens.
+    falls back to 1-D positions for the image tokens. Samples with cached image features pass them as
+    `mm_encoder_outputs` (the vision tower does not run) plus `image_grid_thw` for the positions.
     """
 
     def __init__(self, processor: Processor, padding_side: str = "right"):
@@ -132,6 +137,15 @@ class Collator:
         mm_token_type_ids[attention_mask == 0] = 0
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
                  "mm_token_type_ids": mm_token_type_ids}
+        if any(s.image_features is not None for s in samples):
+            if not all(s.image_features is not None or not s.images for s in samples):
+                raise ValueError("a batch mixes cached image features and raw images")
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            features = [f for s in samples if s.image_features for f in s.image_features]
+            batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in samples if s.image_features])
+            batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+            return batch
         images = [im for s in samples for im in s.images]
         if images:
             batch["pixel_values"], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor)

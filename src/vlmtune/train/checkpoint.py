@@ -1,0 +1,127 @@
+"""checkpoint-N directories: written under a temporary name, renamed when complete.
+
+A checkpoint holds the adapter (or trainable weights) in the usual peft/transformers format, the
+processor files, and — unless save_only_model — optimizer, scheduler and per-rank RNG state plus
+`trainer_state.json`, which is written last. A crash mid-write leaves only `.tmp-checkpoint-N`, which
+is never mistaken for a checkpoint and is cleaned up by the next run.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vlmtune.errors import VlmtuneError
+from vlmtune.train.state import TrainerState
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def checkpoint_dirs(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = checkpoint_dirs(output_dir)
+    return found[-1] if found else None
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    for path in output_dir.glob(".tmp-checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, model, processor, optimizer, scheduler, state: TrainerState, output_dir: Path,
+                    save_only_model: bool) -> Path:
+    """Write checkpoint-{step} atomically (all ranks call this)."""
+    final = output_dir / f"checkpoint-{state.global_step}"
+    tmp = output_dir / f".tmp-checkpoint-{state.global_step}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+    if not save_only_model:
+        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
+        if accelerator.is_main_process:
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state.save(tmp / STATE_FILE)  # last: its presence marks the checkpoint complete
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) -> TrainerState:
+    """Restore trainable weights, optimizer, scheduler, RNG and the trainer state."""
+    if not (checkpoint / STATE_FILE).is_file():
+        raise VlmtuneError(f"{checkpoint}: not a complete checkpoint (no {STATE_FILE})")
+    if not (checkpoint / "optimizer.pt").is_file():
+        raise VlmtuneError(f"{checkpoint}: saved with save_only_model, it has no optimizer state to resume from")
+    load_trainable_weights(accelerator.unwrap_model(model), checkpoint)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=False))
+    rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pth"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    return TrainerState.load(checkpoint / STATE_FILE)
+
+
+def load_trainable_weights(model, directory: Path) -> None:
+    """Load the adapter (peft) or full weights saved by `save_pretrained` back into a live model."""
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if isinstance(model, PeftModel):
+        weights = load_file(directory / "adapter_model.safetensors")
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise VlmtuneError(f"{directory}: adapter does not match the model ({unexpected[0]} …)")
+        return
+    # Full / freeze fine-tuning: reload through transformers so its checkpoint key mapping applies.
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(str(directory), dtype=next(model.parameters()).dtype)
+    model.load_state_dict(reloaded.state_dict())
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path | None) -> None:
+    """Delete the oldest checkpoints beyond `limit`, never the best one."""
+    if not limit:
+        return
+    found = checkpoint_dirs(output_dir)
+    removable = [p for p in found if p != keep]
+    excess = len(found) - limit
+    for path in removable[:max(0, excess)]:
+        shutil.rmtree(path, ignore_errors=True)

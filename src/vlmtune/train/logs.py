@@ -1,0 +1,147 @@
+"""Where training reports go: the console, `trainer_log.jsonl`, TensorBoard and the loss plots.
+
+Only the main process writes. Rows of trainer_log.jsonl are either training rows (`loss`, `lr`,
+`grad_norm`, throughput, memory) or evaluation rows (`eval_loss` and the task metrics `eval_f1`, …);
+both carry `step` (and LLaMA-Factory's `current_steps` / `total_steps`) so existing tools read them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+LOG_FILE = "trainer_log.jsonl"
+
+
+class TrainLogger:
+    def __init__(self, output_dir: Path, is_main: bool, tensorboard_dir: Path | None, total_steps: int,
+                 start_step: int = 0):
+        self.output_dir = output_dir
+        self.is_main = is_main
+        self.total_steps = total_steps
+        self.start_time = time.time()
+        self.start_step = start_step
+        self.writer = None
+        if is_main and tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+
+    def info(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def _timing(self, step: int) -> dict:
+        elapsed = time.time() - self.start_time
+        done = max(step - self.start_step, 1)
+        remaining = elapsed / done * max(self.total_steps - step, 0)
+        return {"current_steps": step, "total_steps": self.total_steps,
+                "percentage": round(100 * step / max(self.total_steps, 1), 2),
+                "elapsed_time": _clock(elapsed), "remaining_time": _clock(remaining)}
+
+    def log(self, step: int, values: dict, prefix: str) -> None:
+        """One row: to the jsonl, to TensorBoard as `{prefix}/{key}`, and a console line."""
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: _round(v) for k, v in values.items()}, **self._timing(step)}
+        with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    tag = key[len("eval_"):] if key.startswith("eval_") else key
+                    tag = {"lr": "learning_rate"}.get(tag, tag)
+                    self.writer.add_scalar(f"{prefix}/{tag}", value, step)
+            self.writer.flush()
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items() if v is not None)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"[{prefix} step {step}/{self.total_steps}] {shown}")  # above the progress bar, not into it
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _round(value):
+    return round(value, 6) if isinstance(value, float) else value
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    path = output_dir / LOG_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a killed run
+    return rows
+
+
+def truncate_log(output_dir: Path, last_step: int) -> None:
+    """On resume: drop rows written after the checkpoint we resume from, so no step appears twice."""
+    path = output_dir / LOG_FILE
+    if path.is_file():
+        rows = [r for r in read_log(output_dir) if r.get("step", 0) <= last_step]
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def plot_curves(output_dir: Path) -> list[Path]:
+    """training_loss.png (with a smoothed line), training_eval_loss.png and one per task metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_log(output_dir)
+    written = []
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    series = {"loss": train}
+    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval_") and isinstance(r[k], (int, float))
+                        and k not in ("eval_runtime", "eval_samples_per_second")})
+    for key in eval_keys:
+        series[key] = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    for key, points in series.items():
+        if not points:
+            continue
+        steps, values = zip(*points)
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        ax.plot(steps, values, color="#1f77b4", alpha=0.4 if key == "loss" else 1.0, label="original",
+                marker=None if key == "loss" else "o")
+        if key == "loss" and len(values) > 2:
+            ax.plot(steps, _smooth(list(values)), color="#1f77b4", label="smoothed")
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(f"{key} of {output_dir.name}")
+        ax.legend()
+        fig.tight_layout()
+        name = "training_loss.png" if key == "loss" else f"training_{key}.png"
+        fig.savefig(output_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(output_dir / name)
+    return written
+
+
+def _smooth(values: list[float]) -> list[float]:
+    """Exponential moving average with a weight that grows with the series (LLaMA-Factory's curve)."""
+    weight = 1.8 * (1 / (1 + math.exp(-0.05 * len(values))) - 0.5)
+    out, last = [], values[0]
+    for value in values:
+        last = last * weight + (1 - weight) * value
+        out.append(last)
+    return out

@@ -1,0 +1,450 @@
+"""The training loop, top to bottom: set-up → data → model → optimiser → (resume) → steps → results.
+
+Features and their trade-offs:
+- accelerate places the model, wraps it in DDP when launched by torchrun (gloo on CPU, NCCL on GPU)
+  and runs bf16/fp16 autocast; transformers supplies the schedulers, peft the LoRA layers.
+- Loss is normalised by the label tokens of the whole optimisation step (all micro-batches, all
+  ranks), so gradient accumulation and data parallelism give the gradient of one big batch. A plain
+  mean per micro-batch would weight a 2-token answer like a 20-token one.
+- Logits are computed only at the positions that predict a label token (`logits_to_keep` mask):
+  with Qwen's 152k vocabulary the full logits of an 880-token sample would be ~270 MB.
+- Data order is a pure function of (seed, epoch) (batches.py); a checkpoint stores how far into the
+  epoch the run got, so resuming replays no sample and skips none.
+- Evaluation: eval_loss on the validation split, and — when answers form a closed label set — the
+  task metrics from label scoring (accuracy, precision, recall, F1, AUC), which also pick the best
+  checkpoint (metric_for_best_model) and drive early stopping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from vlmtune.config import Config, inert_settings
+from vlmtune.data.encode import IGNORE_INDEX, Collator, EncodedSample
+from vlmtune.data.processor import load_processor
+from vlmtune.errors import VlmtuneError
+from vlmtune.model.adapters import apply_finetuning, parameter_summary
+from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
+from vlmtune.train.batches import EpochBatches
+from vlmtune.train.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_temporaries,
+                                      rotate_checkpoints, save_checkpoint)
+from vlmtune.train.image_features import ImageFeatureCache, can_cache
+from vlmtune.train.logs import TrainLogger, plot_curves, truncate_log
+from vlmtune.train.prepare import describe_example, prepare_data
+from vlmtune.train.state import TrainerState
+
+
+def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the label tokens of a batch, and how many there are."""
+    labels = batch["labels"]
+    # Position t predicts token t+1: keep the logits of positions whose next token is labelled.
+    predicts_label = torch.zeros_like(labels, dtype=torch.bool)
+    predicts_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=predicts_label).logits
+    targets = labels[:, 1:][predicts_label[:, :-1]]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"), targets.numel()
+
+
+def make_accelerator(cfg: Config):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    if cfg.train.deepspeed:
+        raise VlmtuneError(f"deepspeed: {cfg.train.deepspeed}: DeepSpeed is not supported yet; LoRA on a 7B model "
+                           f"fits one GPU per rank with plain DDP (remove the deepspeed key)")
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout))]
+    if cfg.train.ddp_find_unused_parameters is not None:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=cfg.train.ddp_find_unused_parameters))
+    has_cuda = torch.cuda.is_available()
+    precision = "bf16" if cfg.train.bf16 else ("fp16" if cfg.train.fp16 and has_cuda else "no")
+    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not has_cuda)
+
+
+def check_output_dir(cfg: Config) -> Path | None:
+    """The checkpoint to resume from, if any; refuses to write into a non-empty output_dir otherwise."""
+    output_dir = Path(cfg.train.output_dir)
+    resume = cfg.train.resume_from_checkpoint
+    if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise VlmtuneError(f"{output_dir}: resume_from_checkpoint is true but there is no complete checkpoint")
+        return found
+    if resume:
+        path = Path(resume)
+        if not path.is_dir():
+            raise VlmtuneError(f"resume_from_checkpoint: {path}: no such checkpoint directory")
+        return path
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.train.overwrite_output_dir:
+        raise VlmtuneError(f"{output_dir}: output_dir is not empty; set overwrite_output_dir: true to write into it "
+                           f"or resume_from_checkpoint: true to continue its run")
+    return None
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Tensors to the device; cached image features stay where they are (the model moves them)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def train(cfg: Config) -> dict:
+    # ---- set-up ---------------------------------------------------------------------------------
+    accelerator = make_accelerator(cfg)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    is_main = accelerator.is_main_process
+    if accelerator.device.type == "cpu":
+        # Two processes × two threads on two cores is catastrophic: share the cores between local ranks
+        # (and never use more threads than asked for with OMP_NUM_THREADS / torch.set_num_threads).
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // local_world)))
+    dtype = compute_dtype(cfg.train.bf16, cfg.train.fp16 and torch.cuda.is_available())
+    print(f"Process rank: {rank}, world size: {world}, device: {accelerator.device}, "
+          f"distributed training: {world > 1}, compute dtype: {dtype}", flush=True)
+    resume_from = check_output_dir(cfg)
+    output_dir = Path(cfg.train.output_dir)
+    if is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir)
+    accelerator.wait_for_everyone()
+    log = print if is_main else (lambda *_: None)
+    for note in inert_settings(cfg, world, torch.cuda.is_available()):
+        log(f"note: {note}")
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)
+
+    # ---- data: checked, split, each image decoded once ------------------------------------------
+    model_dir = resolve_model_dir(cfg.model.model_name_or_path, cfg.model.cache_dir, cfg.model.model_revision)
+    processor = load_processor(model_dir, cfg.model.image_max_pixels, cfg.model.image_min_pixels)
+    data = prepare_data(cfg, processor, log, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    log(describe_example(data.train[0], processor.tokenizer))
+
+    # ---- model ----------------------------------------------------------------------------------
+    model = load_model(model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model = apply_finetuning(model, cfg.finetune, log=log)
+    log(parameter_summary(model))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
+        lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    collate = Collator(processor)
+
+    # ---- schedule -------------------------------------------------------------------------------
+    batch_size, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
+    batches = EpochBatches(len(data.train), batch_size, accum, cfg.train.seed, rank, world)
+    if cfg.train.max_steps > 0:
+        total_steps = cfg.train.max_steps
+    else:
+        total_steps = max(1, math.ceil(cfg.train.num_train_epochs * batches.steps_per_epoch))
+    n_epochs = math.ceil(total_steps / batches.steps_per_epoch)
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps > 0 else math.ceil(cfg.train.warmup_ratio * total_steps)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    state = TrainerState(total_steps=total_steps)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, model, optimizer, scheduler, resume_from)
+        log(f"Resumed from {resume_from} at step {state.global_step} (epoch {state.epoch}, "
+            f"{state.micro_batches_done} micro-batches into it)")
+    if is_main:
+        truncate_log(output_dir, state.global_step)  # a fresh run into an overwritten dir starts a new log
+    metric_name, greater_is_better = best_metric_rule(cfg, data.label_set)
+    log("***** Running training *****")
+    log(f"  Num examples = {len(data.train):,}")
+    log(f"  Num Epochs = {n_epochs}")
+    log(f"  Instantaneous batch size per device = {batch_size}")
+    log(f"  Total train batch size (w. parallel, distributed & accumulation) = {batch_size * world * accum}")
+    log(f"  Gradient Accumulation steps = {accum}")
+    log(f"  Total optimization steps = {total_steps:,}")
+    log(f"  Number of trainable parameters = {sum(p.numel() for p in trainable):,}")
+    if data.label_set and data.val:
+        log(f"  Task metrics at each evaluation on labels {data.label_set}; best checkpoint by {metric_name}")
+    tensorboard_dir = None
+    if "tensorboard" in cfg.train.report_to or "all" in cfg.train.report_to:
+        tensorboard_dir = Path(cfg.train.logging_dir or output_dir / "runs")
+    logger = TrainLogger(output_dir, is_main, tensorboard_dir, total_steps, state.global_step)
+    evaluator = Evaluator(cfg, data, processor, collate, accelerator)
+    feature_cache = ImageFeatureCache(model, processor, accelerator, enabled=can_cache(cfg))
+    if feature_cache.enabled:
+        log("  Vision tower frozen: each image's features are computed once and reused every epoch")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    from tqdm.auto import tqdm
+
+    progress = tqdm(total=total_steps, initial=state.global_step, disable=not is_main or cfg.train.disable_tqdm,
+                    desc="train", dynamic_ncols=True)
+    best_weights: dict[str, torch.Tensor] | None = None
+    window_stats = {"loss": [], "samples": 0, "tokens": 0, "start": time.time()}
+    train_start, steps_at_start = time.time(), state.global_step
+    last_eval_step = last_save_step = -1
+    stop = False
+    model.train()
+    while state.epoch < n_epochs and not stop and state.global_step < total_steps:
+        windows = batches.windows(state.epoch, state.micro_batches_done)
+        loader = torch.utils.data.DataLoader(
+            [[data.train[i] for i in batch] for window in windows for batch in window], batch_size=None,
+            collate_fn=lambda samples: collate(feature_cache.fill(samples)),
+            num_workers=0 if feature_cache.enabled else loader_workers(cfg, accelerator.device))
+        micro_batches = iter(loader)
+        for window in windows:
+            micro = [next(micro_batches) for _ in window]
+            # Label tokens of the whole step across all ranks: the loss denominator.
+            n_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+                                    device=accelerator.device)
+            n_tokens_all = accelerator.reduce(n_tokens, reduction="sum").item()
+            step_loss = torch.zeros((), device=accelerator.device)
+            for k, batch in enumerate(micro):
+                batch = to_device(batch, accelerator.device)
+                last = k == len(micro) - 1
+                # DDP averages gradients over ranks, hence × world: the sum over ranks is what we want.
+                with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
+                    loss_sum, _ = token_loss_sum(model, batch)
+                    accelerator.backward(loss_sum * world / max(n_tokens_all, 1))
+                step_loss += loss_sum.detach()
+                window_stats["samples"] += batch["input_ids"].shape[0]
+                window_stats["tokens"] += int(batch["attention_mask"].sum())
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            state.micro_batches_done += len(window)
+            loss_value = accelerator.reduce(step_loss, reduction="sum").item() / max(n_tokens_all, 1)
+            state.train_loss_sum += loss_value
+            state.samples_seen += sum(len(b) for b in window) * world
+            window_stats["loss"].append(loss_value)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            step = state.global_step
+            if step % cfg.train.logging_steps == 0 or (cfg.train.logging_first_step and step == 1):
+                elapsed = max(time.time() - window_stats["start"], 1e-9)
+                logger.log(step, {
+                    "loss": sum(window_stats["loss"]) / len(window_stats["loss"]),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "epoch": round(state.epoch + state.micro_batches_done / batches.micro_batches_per_epoch, 4),
+                    "samples_per_second": window_stats["samples"] * world / elapsed,
+                    "tokens_per_second": window_stats["tokens"] * world / elapsed,
+                    "peak_memory_mb": peak_memory_mb(),
+                }, prefix="train")
+                window_stats = {"loss": [], "samples": 0, "tokens": 0, "start": time.time()}
+            epoch_ends = state.micro_batches_done >= batches.micro_batches_per_epoch
+            if evaluator.due(step, epoch_ends):
+                metrics = evaluator.run(model)
+                last_eval_step = step
+                logger.log(step, metrics, prefix="eval")
+                improved = record_metric(state, metrics, metric_name, greater_is_better)
+                if improved:
+                    best_weights = trainable_state(accelerator.unwrap_model(model))
+                    log(f"new best {metric_name}={state.best_metric:.4f} at step {step}")
+                elif cfg.train.early_stopping_patience and \
+                        state.evals_without_improvement >= cfg.train.early_stopping_patience:
+                    log(f"early stopping: {metric_name} did not improve for {state.evals_without_improvement} "
+                        f"evaluations (best {state.best_metric:.4f} at step {state.best_step})")
+                    stop = True
+            if epoch_ends:
+                state.epoch += 1
+                state.micro_batches_done = 0
+            if save_due(cfg, step, epoch_ends) or (stop and cfg.train.save_strategy != "no"):
+                save_checkpoint(accelerator, model, processor, optimizer, scheduler, state, output_dir,
+                                cfg.train.save_only_model)
+                last_save_step = step
+                if is_main:
+                    best_dir = output_dir / f"checkpoint-{state.best_step}" if state.best_step else None
+                    rotate_checkpoints(output_dir, cfg.train.save_total_limit, best_dir)
+            if stop or step >= total_steps:
+                stop = True
+                break
+    progress.close()
+    train_runtime = time.time() - train_start
+
+    # ---- results --------------------------------------------------------------------------------
+    eval_metrics: dict = {}
+    if data.val and cfg.train.do_eval:
+        if last_eval_step != state.global_step:
+            eval_metrics = evaluator.run(model)
+            logger.log(state.global_step, eval_metrics, prefix="eval")
+            if record_metric(state, eval_metrics, metric_name, greater_is_better):
+                best_weights = trainable_state(accelerator.unwrap_model(model))
+        else:
+            eval_metrics = {k: v for k, v in state.log_history[-1].items() if k.startswith("eval_")}
+    unwrapped = accelerator.unwrap_model(model)
+    if cfg.train.load_best_model_at_end and state.best_step is not None:
+        restore_best(unwrapped, best_weights, output_dir / f"checkpoint-{state.best_step}")
+        log(f"final adapter = best by {metric_name}: step {state.best_step} ({metric_name}={state.best_metric:.4f})")
+    steps_run = state.global_step - steps_at_start
+    train_metrics = {
+        "epoch": round(state.epoch + state.micro_batches_done / batches.micro_batches_per_epoch, 4),
+        "train_loss": state.train_loss_sum / max(state.global_step, 1),
+        "train_runtime": round(train_runtime, 4),
+        "train_samples_per_second": round(steps_run * batch_size * accum * world / train_runtime, 3),
+        "train_steps_per_second": round(steps_run / train_runtime, 3),
+    }
+    accelerator.wait_for_everyone()
+    if is_main:
+        unwrapped.save_pretrained(output_dir, safe_serialization=True)
+        processor.save_pretrained(output_dir)
+        state.save(output_dir / "trainer_state.json")
+        write_json(output_dir / "train_results.json", train_metrics)
+        if eval_metrics:
+            write_json(output_dir / "eval_results.json", eval_metrics)
+        write_json(output_dir / "all_results.json", {**train_metrics, **eval_metrics,
+                                                      **({"best_step": state.best_step, f"best_{metric_name}":
+                                                          state.best_metric} if state.best_step else {})})
+        if cfg.finetune.plot_loss:
+            for path in plot_curves(output_dir):
+                log(f"plot: {path}")
+        log("***** train metrics *****")
+        for key, value in train_metrics.items():
+            log(f"  {key} = {value}")
+        if eval_metrics:
+            log("***** eval metrics *****")
+            for key, value in eval_metrics.items():
+                log(f"  {key} = {value}")
+        log(f"adapter and processor saved to {output_dir}")
+    logger.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return {**train_metrics, **eval_metrics}
+
+
+class Evaluator:
+    """eval_loss over the validation split and, for closed label sets, the task metrics."""
+
+    def __init__(self, cfg: Config, data, processor, collate, accelerator):
+        self.cfg, self.processor, self.collate, self.accelerator = cfg, processor, collate, accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        self.shard: list[EncodedSample] = data.val[rank::world]
+        self.has_val = bool(data.val)
+        self.label_set = data.label_set
+        positive = cfg.data.positive_label
+        self.positive = positive if not self.label_set or positive in self.label_set else self.label_set[0]
+
+    def due(self, step: int, epoch_ends: bool) -> bool:
+        strategy = self.cfg.train.eval_strategy
+        if not self.has_val or strategy == "no":
+            return False
+        return (strategy == "steps" and step % self.cfg.train.eval_steps == 0) or (strategy == "epoch" and epoch_ends)
+
+    @torch.no_grad()
+    def run(self, model) -> dict:
+        start = time.time()
+        accelerator, size = self.accelerator, self.cfg.train.per_device_eval_batch_size
+        was_training = model.training
+        model.eval()
+        loss_sum = torch.zeros((), device=accelerator.device)
+        tokens = torch.zeros((), device=accelerator.device)
+        for i in range(0, len(self.shard), size):
+            batch = to_device(self.collate(self.shard[i:i + size]), accelerator.device)
+            with accelerator.autocast():
+                batch_loss, n = token_loss_sum(model, batch)
+            loss_sum += batch_loss
+            tokens += n
+        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+        tokens = accelerator.reduce(tokens, reduction="sum")
+        metrics = {"eval_loss": (loss_sum / tokens.clamp(min=1)).item()}
+        if self.label_set:
+            metrics.update(self.task_metrics(model))
+        if was_training:
+            model.train()
+        metrics["eval_runtime"] = round(time.time() - start, 4)
+        return metrics
+
+    def task_metrics(self, model) -> dict:
+        from vlmtune.evaluate.metrics import compute_metrics, scalar_metrics
+        from vlmtune.infer.scoring import score_conversations
+
+        with self.accelerator.autocast():
+            scores = score_conversations(self.accelerator.unwrap_model(model), self.processor,
+                                         [s.conversation for s in self.shard], self.label_set,
+                                         batch_size=self.cfg.train.per_device_eval_batch_size,
+                                         default_system=self.cfg.data.default_system,
+                                         images=[s.images for s in self.shard])
+        rows = [(s.conversation.answer, max(p, key=p.get), p[self.positive]) for s, p in zip(self.shard, scores)]
+        rows = [r for part in self.accelerator.gather_for_metrics([rows], use_gather_object=True) for r in part]
+        labels, predicts, positive_scores = (list(x) for x in zip(*rows))
+        metrics = compute_metrics(labels, predicts, self.positive, self.label_set, positive_scores)
+        return scalar_metrics(metrics, prefix="eval_")
+
+
+def best_metric_rule(cfg: Config, label_set) -> tuple[str, bool]:
+    name = cfg.train.metric_for_best_model or ("f1" if label_set else "eval_loss")
+    name = name if name.startswith("eval_") else f"eval_{name}"
+    if name == "eval_auc":
+        name = "eval_roc_auc"
+    greater = cfg.train.greater_is_better
+    if greater is None:
+        greater = "loss" not in name
+    return name, greater
+
+
+def record_metric(state: TrainerState, metrics: dict, name: str, greater_is_better: bool) -> bool:
+    """Add an evaluation to the history; True when it is the best so far."""
+    state.log_history.append({"step": state.global_step, **metrics})
+    value = metrics.get(name)
+    if value is None:
+        return False
+    better = state.best_metric is None or (value > state.best_metric if greater_is_better else value < state.best_metric)
+    if better:
+        state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
+    else:
+        state.evals_without_improvement += 1
+    return better
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def restore_best(model, best_weights: dict | None, checkpoint: Path) -> None:
+    """Put the best weights back: from memory, or from its checkpoint after a resume."""
+    if best_weights is not None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in best_weights.items():
+                params[name].copy_(value)
+        return
+    if checkpoint.is_dir():
+        from vlmtune.train.checkpoint import load_trainable_weights
+
+        load_trainable_weights(model, checkpoint)
+        return
+    raise VlmtuneError(f"{checkpoint}: the best checkpoint is gone (save_total_limit?), cannot load the best model")
+
+
+def loader_workers(cfg: Config, device: torch.device) -> int:
+    """Batch-building processes. On a CPU the cores already run torch's threads: extra processes only
+    contend with them (measured: a 20× slower step), so batches are built in the training process."""
+    return 0 if device.type == "cpu" else cfg.train.dataloader_num_workers
+
+
+def save_due(cfg: Config, step: int, epoch_ends: bool) -> bool:
+    strategy = cfg.train.save_strategy
+    return (strategy == "steps" and step % cfg.train.save_steps == 0) or (strategy == "epoch" and epoch_ends)
+
+
+def write_json(path: Path, values: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values, indent=2, ensure_ascii=False), encoding="utf-8")
+    tmp.replace(path)

@@ -1,0 +1,86 @@
+"""Everything before the first step: data (checked, split, encoded once) and the model (+ adapter)."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from vlmtune.config import Config
+from vlmtune.data.checks import answer_distribution, describe_distribution
+from vlmtune.data.conversation import Conversation, Problem
+from vlmtune.data.encode import IGNORE_INDEX, EncodedSample, EncodeError, encode
+from vlmtune.data.loader import load_splits, refuse_or_skip
+from vlmtune.data.template import IMAGE_PAD
+from vlmtune.errors import VlmtuneError
+
+
+@dataclass
+class PreparedData:
+    train: list[EncodedSample]
+    val: list[EncodedSample]
+    label_set: list[str] | None = None
+    skipped: list[Problem] = field(default_factory=list)
+
+
+def worker_count(requested: int | None, local_world_size: int) -> int:
+    """Encoding threads: what was asked, within the cores this process may use."""
+    cores = max(1, (os.cpu_count() or 1) // max(local_world_size, 1))
+    return max(1, min(requested or cores, cores))
+
+
+def encode_all(conversations: list[Conversation], processor, cfg: Config, workers: int
+               ) -> tuple[list[EncodedSample], list[Problem]]:
+    """Decode + resize each image once and tokenise, in threads (PIL and tokenizers release the GIL)."""
+    def one(conv: Conversation):
+        try:
+            return encode(conv, processor, cfg.data.cutoff_len, cfg.data.default_system)
+        except EncodeError as exc:
+            return Problem(conv.source, conv.index, exc.field, str(exc))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(one, conversations))
+    return ([r for r in results if isinstance(r, EncodedSample)], [r for r in results if isinstance(r, Problem)])
+
+
+def infer_label_set(conversations: list[Conversation], configured: list[str] | None, max_labels: int = 8):
+    """The closed answer set for label scoring: as configured, or the answers when they are few."""
+    if configured:
+        return list(configured)
+    answers = sorted({c.answer for c in conversations if c.answer is not None})
+    return answers if 2 <= len(answers) <= max_labels else None
+
+
+def prepare_data(cfg: Config, processor, log, local_world_size: int = 1) -> PreparedData:
+    splits = load_splits(cfg.data, cfg.train.seed, processor)
+    refuse_or_skip(splits, cfg.data.skip_bad_records, log)
+    log(f"Loaded {splits.n_records} records from {cfg.data.dataset}"
+        + (f" and {cfg.data.eval_dataset}" if cfg.data.eval_dataset else "")
+        + f": train {len(splits.train)}, val {len(splits.val)}")
+    log(f"answers (train): {describe_distribution(answer_distribution(splits.train))}")
+    workers = worker_count(cfg.data.preprocessing_num_workers, local_world_size)
+    train, train_problems = encode_all(splits.train, processor, cfg, workers)
+    val, val_problems = encode_all(splits.val, processor, cfg, workers)
+    problems = train_problems + val_problems
+    if problems:
+        for problem in problems:
+            log(f"  {problem}")
+        if not cfg.data.skip_bad_records:
+            raise VlmtuneError(f"{len(problems)} record(s) could not be encoded (listed above); fix them or set "
+                               f"skip_bad_records: true")
+        log(f"skipping {len(problems)} record(s) that could not be encoded")
+    if not train:
+        raise VlmtuneError(f"{cfg.data.dataset}: no usable training records")
+    label_set = infer_label_set(splits.train + splits.val, cfg.data.labels)
+    log(f"Encoded {len(train)} training and {len(val)} validation samples ({workers} thread(s); each image "
+        f"decoded once)")
+    return PreparedData(train, val, label_set, splits.problems + problems)
+
+
+def describe_example(sample: EncodedSample, tokenizer) -> str:
+    """One rendered training example, image pads collapsed, and what the labels keep."""
+    text = tokenizer.decode(sample.input_ids, skip_special_tokens=False)
+    n_pad = int((sample.input_ids == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).sum())
+    text = text.replace(IMAGE_PAD * n_pad, f"{IMAGE_PAD}×{n_pad}") if n_pad else text
+    labels = tokenizer.decode(sample.input_ids[sample.labels != IGNORE_INDEX], skip_special_tokens=False)
+    return f"training example ({len(sample)} tokens, {sample.num_label_tokens} labelled):\n{text}\nlabels:\n{labels}"

@@ -1,0 +1,41 @@
+"""Two CPU ranks (gloo) against one rank with doubled gradient accumulation: the same loss curve."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "trainer_log.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_two_ranks_match_one_rank_with_double_accumulation(train_config, tmp_path):
+    common = dict(max_steps=5, logging_steps=1, val_size=0, plot_loss=False, report_to="none", disable_tqdm=True,
+                  learning_rate=5e-3)
+    two = tmp_path / "two"
+    cfg = train_config("two.yaml", output_dir=str(two), gradient_accumulation_steps=2, **common)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "29533", "-m", "vlmtune", "train", str(cfg)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Process rank: 0, world size: 2" in result.stdout and "Process rank: 1, world size: 2" in result.stdout
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in result.stdout
+
+    one = tmp_path / "one"
+    result = run_cli("train", str(train_config("one.yaml", output_dir=str(one), gradient_accumulation_steps=4,
+                                               **common)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = losses(two), losses(one)
+    assert len(a) == len(b) == 5
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    assert a[-1] < a[0]

@@ -1,0 +1,103 @@
+"""`vlmtune train` as a new user runs it: every output exists, the loss falls, plots and events are real."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from helpers import assert_one_line_error, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_cpu_run_writes_everything(train_config, tmp_path):
+    cfg = train_config(num_train_epochs=3, gradient_accumulation_steps=2, logging_steps=2, save_steps=6,
+                       eval_steps=6, val_size=0.25, learning_rate=5e-3)
+    result = run_cli("train", str(cfg))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = Path(tmp_path / "out")
+    log = result.stdout + result.stderr
+    for line in ("Process rank: 0, world size: 1, device: cpu", "Fine-tuning method: LoRA",
+                 "Found linear modules: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                 "trainable params: 32,768 || all params: 848,320 || trainable%: 3.8627",
+                 "Num examples = 9", "Total train batch size (w. parallel, distributed & accumulation) = 2",
+                 "Total optimization steps = 15", "training example", "note: ddp_timeout=180000000"):
+        assert line in log, line
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "preprocessor_config.json",
+                 "trainer_log.jsonl", "train_results.json", "eval_results.json", "all_results.json",
+                 "training_loss.png", "training_eval_loss.png", "training_eval_f1.png"):
+        assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+    for ckpt in out.glob("checkpoint-*"):
+        for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state_0.pth",
+                     "trainer_state.json"):
+            assert (ckpt / name).is_file(), (ckpt, name)
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("train_loss", "train_runtime", "train_samples_per_second", "train_steps_per_second", "eval_loss",
+                "eval_f1", "eval_accuracy"):
+        assert key in results, key
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    for key in ("step", "epoch", "loss", "lr", "grad_norm", "samples_per_second", "tokens_per_second",
+                "peak_memory_mb"):
+        assert key in train_rows[0], key
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.5  # it learns
+    assert [r["step"] for r in rows if "eval_loss" in r] == [6, 12, 15]
+    # the plot is a real picture, not an empty canvas
+    with Image.open(out / "training_loss.png") as image:
+        assert image.size[0] > 300 and len(image.convert("L").getcolors(maxcolors=256)) > 10
+    # TensorBoard reads the events
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "runs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/grad_norm", "train/learning_rate", "eval/loss", "eval/f1"} <= tags
+    assert len(events.Scalars("train/loss")) == len(train_rows)
+
+
+def test_refuses_non_empty_output_dir_and_bad_data(train_config, tmp_path, small_dataset):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    cfg = train_config(overwrite_output_dir=False)
+    assert_one_line_error(run_cli("train", str(cfg)), "output_dir is not empty", "overwrite_output_dir")
+    assert (out / "keep.txt").read_text() == "mine"
+    # a missing image stops training with the problem listed, unless skip_bad_records
+    (small_dataset / "images" / "img_3.png").unlink()
+    cfg = train_config("bad.yaml", output_dir=str(tmp_path / "out2"), max_steps=2, val_size=0)
+    result = run_cli("train", str(cfg))
+    assert_one_line_error(result, "1 data problem(s) in 1 record(s)", "skip_bad_records")
+    assert "record 3: field 'images[0]': image not found" in result.stdout
+    cfg = train_config("skip.yaml", output_dir=str(tmp_path / "out3"), max_steps=2, val_size=0,
+                       skip_bad_records=True)
+    result = run_cli("train", str(cfg))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipping 1 bad record(s) of 12" in result.stdout
+
+
+def test_best_checkpoint_by_task_metric_becomes_the_final_adapter(train_config, tmp_path):
+    cfg = train_config(max_steps=12, gradient_accumulation_steps=1, logging_steps=3, save_steps=3, eval_steps=3,
+                       val_size=0.34, learning_rate=2e-2, load_best_model_at_end=True,
+                       metric_for_best_model="eval_loss", report_to="none", plot_loss=False)
+    result = run_cli("train", str(cfg))
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6, 9, 12]
+    assert all("eval_f1" in r and "eval_accuracy" in r and "eval_roc_auc" in r for r in evals)
+    best = min(evals, key=lambda r: r["eval_loss"])
+    assert f"final adapter = best by eval_loss: step {best['step']}" in result.stdout
+    results = json.loads((out / "all_results.json").read_text())
+    assert results["best_step"] == best["step"]
+    from safetensors.torch import load_file
+
+    final = load_file(out / "adapter_model.safetensors")
+    chosen = load_file(out / f"checkpoint-{best['step']}" / "adapter_model.safetensors")
+    assert all(torch.equal(final[k], chosen[k]) for k in final)
+    if best["step"] != 12:  # the last step's adapter differs from the best one
+        last = load_file(out / "checkpoint-12" / "adapter_model.safetensors")
+        assert any(not torch.equal(final[k], last[k]) for k in final)
