@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 		echo "no CUDA device: installing the CPU build of torch $(TORCH_CPU_VERSION)"; \
 		$(PIP) install -q "torch==$(TORCH_CPU_VERSION)" $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX)); \
 	fi
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,webui,api]"
 	@$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torchvision') is not None and not __import__('torch').cuda.is_available())" \
 		|| echo "warning: torchvision is installed next to a CPU torch; it can break transformers' processors"
 	touch $(STAMP)

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--image_size", type=int, default=448)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="key=value settings for the training YAML")
     args = parser.parse_args()
 
     from vlmtune.model.tiny import build_tiny_model
@@ -52,7 +53,7 @@ def main() -> None:
         (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         start = time.time()
-        process = subprocess.Popen([sys.executable, "-m", "vlmtune", "train", str(tmp / "cfg.yaml")],
+        process = subprocess.Popen([sys.executable, "-m", "vlmtune", "train", str(tmp / "cfg.yaml"), *args.overrides],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         first_step = None
         for line in process.stdout:
@@ -68,7 +69,7 @@ def main() -> None:
         rows = [r for r in rows if "tokens_per_second" in r]
         tokens_per_second = sum(r["tokens_per_second"] for r in rows) / len(rows)
         print(f"config: {args.samples} samples {args.image_size}x{args.image_size}, batch 1 x accumulation 8, "
-              f"2 epochs, val_size 0.1, {args.threads} threads")
+              f"2 epochs, val_size 0.1, {args.threads} threads {' '.join(args.overrides)}")
         print(f"train samples/s:          {results['train_samples_per_second']:.1f}")
         print(f"train tokens/s:           {tokens_per_second:.0f}")
         print(f"peak RSS (training proc): {peak_rss_mib:.0f} MiB")

@@ -1,0 +1,259 @@
+"""Checkpoint sweep: score one dataset with the base model, every checkpoint-N and the final adapter.
+
+Eval loss says little about a two-label task; the sweep measures what users pick a checkpoint by
+(F1 by default) on data of their choice, in label-score mode (no generation, no invalid answers):
+
+* the base model is loaded once; each adapter is attached with peft, evaluated, and removed again
+  (`unload()`), so a sweep over 30 checkpoints loads 7B weights once;
+* images are decoded and resized once per pixel-limit setting and reused by every point;
+* the final adapter is matched to the checkpoint it equals (same weights file) to give it a step —
+  with `load_best_model_at_end` that is the best step, otherwise usually the last.
+
+Results go to OUTPUT_DIR/sweep.csv, sweep.json and sweep.png (metric against step), each written
+atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from vlmtune.errors import VlmtuneError
+from vlmtune.evaluate.atomic import write_atomic
+from vlmtune.evaluate.metrics import compute_metrics
+
+METRICS = ("f1", "accuracy", "precision", "recall", "specificity", "roc_auc", "pr_auc")
+METRIC_ALIASES = {"auc": "roc_auc", "acc": "accuracy", "ap": "pr_auc"}
+CSV_COLUMNS = ("name", "step", "adapter", "n", "accuracy", "precision", "recall", "f1", "specificity", "roc_auc",
+               "pr_auc", "best_threshold", "n_invalid", "seconds")
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class SweepPoint:
+    name: str  # "base", "checkpoint-N", "final"
+    step: int | None  # 0 for the base model; None when the final adapter's step is unknown
+    adapter_dir: Path | None  # None for the base model
+
+
+def normalise_metric(metric: str) -> str:
+    metric = METRIC_ALIASES.get(metric.strip().lower(), metric.strip().lower())
+    if metric not in METRICS:
+        raise VlmtuneError(f"--metric must be one of {', '.join(METRICS)} (or auc), got '{metric}'")
+    return metric
+
+
+def _weights_digest(adapter_dir: Path) -> str | None:
+    from vlmtune.infer.output import file_digest
+
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (adapter_dir / name).is_file():
+            return file_digest(adapter_dir / name)
+    return None
+
+
+def _logged_last_step(output_dir: Path) -> int | None:
+    """The last optimisation step the run logged (trainer_log.jsonl or HF's trainer_state.json)."""
+    steps = []
+    log_file = output_dir / "trainer_log.jsonl"
+    if log_file.is_file():
+        for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            for key in ("step", "current_steps", "global_step"):
+                if isinstance(entry, dict) and isinstance(entry.get(key), int):
+                    steps.append(entry[key])
+    state = output_dir / "trainer_state.json"
+    if state.is_file():
+        try:
+            value = json.loads(state.read_text(encoding="utf-8")).get("global_step")
+            if isinstance(value, int):
+                steps.append(value)
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    return max(steps) if steps else None
+
+
+def find_points(output_dir: str | Path) -> list[SweepPoint]:
+    """base, every checkpoint-N holding an adapter (step order), and the final adapter if present."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise VlmtuneError(f"{output_dir}: output directory not found")
+    checkpoints = []
+    for child in output_dir.iterdir():
+        match = CHECKPOINT_RE.match(child.name)
+        if match and child.is_dir() and (child / "adapter_config.json").is_file():
+            checkpoints.append(SweepPoint(child.name, int(match.group(1)), child))
+    checkpoints.sort(key=lambda p: p.step)
+    points = [SweepPoint("base", 0, None), *checkpoints]
+    if (output_dir / "adapter_config.json").is_file():
+        digest = _weights_digest(output_dir)
+        same = [p for p in checkpoints if digest is not None and _weights_digest(p.adapter_dir) == digest]
+        step = same[-1].step if same else _logged_last_step(output_dir)
+        points.append(SweepPoint("final", step, output_dir))
+    if len(points) == 1:
+        raise VlmtuneError(f"{output_dir}: no adapter found (neither checkpoint-N/adapter_config.json nor "
+                           f"adapter_config.json)")
+    return points
+
+
+def evaluate_points(points: Sequence[SweepPoint], conversations, labels: list[str], positive: str,
+                    model_name_or_path: str | None = None, batch_size: int = 8,
+                    image_max_pixels: int | None = None, image_min_pixels: int | None = None,
+                    bf16: bool = False, fp16: bool = False, default_system: str | None = None,
+                    log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Metrics of every point on the conversations (label scoring), one row per point, in order."""
+    from vlmtune.data.encode import EncodeError, load_images
+    from vlmtune.data.processor import load_processor
+    from vlmtune.infer.engine import (attach_adapter, base_model_of, inference_dtype, pick_device,
+                                      resolve_pixel_limits)
+    from vlmtune.infer.scoring import score_conversations
+    from vlmtune.model.load import load_model, resolve_model_dir
+
+    adapters = [p for p in points if p.adapter_dir is not None]
+    reference = adapters[-1].adapter_dir if adapters else None  # the run's own pixel limits, for the base too
+    if not model_name_or_path:
+        model_name_or_path = base_model_of(reference) if reference is not None else None
+        if not model_name_or_path:
+            raise VlmtuneError("the adapters do not name their base model (base_model_name_or_path); "
+                               "pass --model_name_or_path")
+    model_dir = resolve_model_dir(model_name_or_path)
+    device = pick_device()
+    dtype = inference_dtype(device, bf16, fp16)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    model.eval()
+    log(f"base model: {model_dir} ({str(dtype).replace('torch.', '')} on {device}); "
+        f"{len(conversations)} samples, labels {labels}, positive {positive!r}")
+
+    processors: dict[tuple, Any] = {}
+    images: dict[tuple, list] = {}
+    truth = [c.answer.strip() for c in conversations]
+    rows = []
+    for point in points:
+        limits = resolve_pixel_limits(point.adapter_dir or reference, image_max_pixels, image_min_pixels)
+        if limits not in processors:
+            processors[limits] = load_processor(model_dir, *limits)
+            try:
+                images[limits] = [load_images(c, processors[limits]) for c in conversations]
+            except EncodeError as exc:
+                raise VlmtuneError(f"{exc} (field '{exc.field}')") from None
+        processor = processors[limits]
+        started = time.perf_counter()
+        scored = attach_adapter(model, point.adapter_dir, model_dir) if point.adapter_dir is not None else model
+        probs = score_conversations(scored, processor, conversations, labels, batch_size, default_system,
+                                    images[limits])
+        if point.adapter_dir is not None:
+            model = scored.unload()  # the base model again, LoRA layers removed (not merged)
+        predicts = [max(p, key=p.get) for p in probs]
+        metrics = compute_metrics(truth, predicts, positive=positive, label_set=labels,
+                                  positive_scores=[p[positive] for p in probs])
+        seconds = time.perf_counter() - started
+        row = {"name": point.name, "step": point.step,
+               "adapter": str(point.adapter_dir) if point.adapter_dir else None,
+               **{k: metrics.get(k) for k in CSV_COLUMNS if k in metrics}, "seconds": round(seconds, 3),
+               "metrics": metrics}
+        rows.append(row)
+        log(f"  {point.name:<18} step {'?' if point.step is None else point.step:>6}  "
+            f"f1 {_fmt(row['f1'])}  accuracy {_fmt(row['accuracy'])}  auc {_fmt(row.get('roc_auc'))}  "
+            f"({seconds:.1f} s)")
+    return rows
+
+
+def best_row(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any] | None:
+    """The row with the highest metric (the earliest on ties); None when the metric is undefined everywhere."""
+    best = None
+    for row in rows:
+        value = row.get(metric)
+        if value is not None and (best is None or value > best[metric]):
+            best = row
+    return best
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_sweep_table(rows: Sequence[dict[str, Any]], metric: str) -> str:
+    from vlmtune.evaluate.table import pad, width
+
+    columns = ["name", "step", "n", "accuracy", "precision", "recall", "f1", "roc_auc", "n_invalid"]
+    if metric not in columns:
+        columns.insert(3, metric)
+    cells = [[_fmt(row.get(c)) if c != "step" or row.get(c) is not None else "?" for c in columns] for row in rows]
+    widths = [max(width(c), *(width(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(pad(c, w, right=i > 0) for i, (c, w) in enumerate(zip(columns, widths)))]
+    lines += ["  ".join(pad(v, w, right=i > 0) for i, (v, w) in enumerate(zip(r, widths))) for r in cells]
+    return "\n".join(lines)
+
+
+def render_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in CSV_COLUMNS})
+    return buffer.getvalue()
+
+
+def render_plot(rows: Sequence[dict[str, Any]], metric: str, title: str) -> bytes:
+    """PNG of the metric against step: checkpoints as a line, base and final marked, best circled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    title = title if title.isascii() else metric  # the default fonts have no CJK glyphs
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ckpts = [r for r in rows if r["name"].startswith("checkpoint-") and r.get(metric) is not None]
+    if ckpts:
+        ax.plot([r["step"] for r in ckpts], [r[metric] for r in ckpts], "o-", color="tab:blue", label="checkpoints")
+    base = next((r for r in rows if r["name"] == "base"), None)
+    if base is not None and base.get(metric) is not None:
+        ax.axhline(base[metric], color="gray", linestyle=":", label=f"base model ({base[metric]:.3f})")
+        ax.plot([0], [base[metric]], "s", color="gray")
+    final = next((r for r in rows if r["name"] == "final"), None)
+    if final is not None and final.get(metric) is not None:
+        if final["step"] is not None:
+            ax.plot([final["step"]], [final[metric]], "*", markersize=14, color="tab:orange",
+                    label=f"final adapter ({final[metric]:.3f})")
+        else:
+            ax.axhline(final[metric], color="tab:orange", linestyle="--", label=f"final adapter ({final[metric]:.3f})")
+    best = best_row(rows, metric)
+    if best is not None and best["step"] is not None:
+        ax.plot([best["step"]], [best[metric]], "o", markersize=16, markerfacecolor="none", color="tab:red",
+                label=f"best: {best['name']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_sweep(output_dir: str | Path, rows: Sequence[dict[str, Any]], metric: str, dataset: str,
+                labels: list[str], positive: str) -> dict[str, Any] | None:
+    """sweep.csv, sweep.json and sweep.png into output_dir (each atomically); returns the best row."""
+    output_dir = Path(output_dir)
+    best = best_row(rows, metric)
+    summary = {
+        "dataset": dataset, "metric": metric, "labels": labels, "positive": positive,
+        "best": None if best is None else {"name": best["name"], "step": best["step"], "adapter": best["adapter"],
+                                           metric: best[metric]},
+        "points": [dict(row) for row in rows],
+    }
+    write_atomic(output_dir / "sweep.csv", render_csv(rows))
+    write_atomic(output_dir / "sweep.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
+    write_atomic(output_dir / "sweep.png", render_plot(rows, metric, f"{metric} vs step ({dataset})"))
+    return best

@@ -1,0 +1,159 @@
+"""The transformers engine: base model + optional LoRA adapter + processor, ready to predict.
+
+Image pixel limits matter as much as the weights: an adapter trained on 512×512-pixel images sees
+different (more, or fewer) image tokens when the images are resized differently at prediction time.
+The trainer saves its processor (`preprocessor_config.json`, with `size.longest_edge` /
+`size.shortest_edge` in pixels) next to every adapter it writes, so by default prediction uses the
+limits of the adapter it loads; `image_max_pixels` / `image_min_pixels` given explicitly win.
+
+The adapter is not merged: peft's LoRA layers run next to the frozen weights, which costs a few
+percent of speed on a 7B model and keeps the base model reusable (the sweep swaps adapters on one
+loaded base model).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vlmtune.data.processor import Processor, load_processor
+from vlmtune.errors import VlmtuneError
+from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
+
+ADAPTER_CONFIG = "adapter_config.json"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+@dataclass
+class Engine:
+    """What prediction needs: a model in eval mode, its processor, and where they came from."""
+
+    model: torch.nn.Module  # a peft PeftModel when an adapter is loaded
+    processor: Processor
+    model_dir: Path
+    adapter_dir: Path | None
+    device: torch.device
+    dtype: torch.dtype
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """The adapter's `adapter_config.json`, or a one-line error saying why the directory is not an adapter."""
+    path = Path(adapter_dir).expanduser()
+    if not path.is_dir():
+        raise VlmtuneError(f"{path}: adapter directory not found")
+    config_path = path / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise VlmtuneError(f"{path}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VlmtuneError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise VlmtuneError(f"{config_path}: expected a JSON object")
+    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise VlmtuneError(f"{path}: no adapter_model.safetensors (the adapter weights are missing)")
+    return config
+
+
+def base_model_of(adapter_dir: str | Path) -> str | None:
+    """`base_model_name_or_path` recorded in the adapter (the model it was trained on), if any."""
+    value = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    return str(value) if value else None
+
+
+def saved_pixel_limits(directory: str | Path) -> tuple[int | None, int | None]:
+    """(max_pixels, min_pixels) from a saved `preprocessor_config.json`, (None, None) when absent."""
+    path = Path(directory) / PREPROCESSOR_CONFIG
+    if not path.is_file():
+        return None, None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VlmtuneError(f"{path}: not valid JSON ({exc})") from None
+    size = config.get("size") or {}
+    max_pixels = size.get("longest_edge", config.get("max_pixels"))
+    min_pixels = size.get("shortest_edge", config.get("min_pixels"))
+    return (int(max_pixels) if max_pixels is not None else None,
+            int(min_pixels) if min_pixels is not None else None)
+
+
+def resolve_pixel_limits(adapter_dir: str | Path | None, image_max_pixels: int | None,
+                         image_min_pixels: int | None) -> tuple[int | None, int | None]:
+    """Explicit limits win; otherwise the adapter's; None means "the base model's processor default"."""
+    saved_max, saved_min = saved_pixel_limits(adapter_dir) if adapter_dir is not None else (None, None)
+    max_pixels = image_max_pixels if image_max_pixels is not None else saved_max
+    min_pixels = image_min_pixels if image_min_pixels is not None else saved_min
+    if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
+        raise VlmtuneError(f"image_min_pixels ({min_pixels}) is larger than image_max_pixels ({max_pixels})")
+    return max_pixels, min_pixels
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def inference_dtype(device: torch.device, bf16: bool = False, fp16: bool = False) -> torch.dtype:
+    """The flags when given; otherwise bf16 on a GPU that has it (fp16 on older ones), fp32 on a CPU."""
+    if bf16 or fp16:
+        return compute_dtype(bf16, fp16)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def attach_adapter(model: torch.nn.Module, adapter_dir: str | Path, model_dir: str | Path | None = None):
+    """Wrap `model` with the LoRA adapter in `adapter_dir` (peft, not merged, eval mode)."""
+    from peft import PeftModel
+
+    read_adapter_config(adapter_dir)
+    try:
+        with warnings.catch_warnings():  # peft calls transformers APIs that 5.x deprecates: not the user's concern
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            wrapped = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        onto = f" onto {model_dir}" if model_dir is not None else ""
+        raise VlmtuneError(f"{adapter_dir}: cannot load the adapter{onto} ({first[:300]})") from None
+    wrapped.eval()
+    return wrapped
+
+
+def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None = None,
+                image_max_pixels: int | None = None, image_min_pixels: int | None = None,
+                bf16: bool = False, fp16: bool = False, attn_implementation: str = "auto",
+                device: str | torch.device | None = None, cache_dir: str | None = None,
+                revision: str = "main", log=print) -> Engine:
+    """Load base model (+ adapter) and the processor with the adapter's pixel limits.
+
+    `model_name_or_path` may be None when the adapter records its base model.
+    """
+    adapter_dir = None
+    if adapter_name_or_path:
+        adapter_dir = Path(adapter_name_or_path).expanduser()
+        read_adapter_config(adapter_dir)  # fail on a bad adapter before the (slow) model load
+        if not model_name_or_path:
+            model_name_or_path = base_model_of(adapter_dir)
+            if not model_name_or_path:
+                raise VlmtuneError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model_name_or_path; "
+                                   f"pass --model_name_or_path")
+    model_dir = resolve_model_dir(model_name_or_path, cache_dir, revision)
+    max_pixels, min_pixels = resolve_pixel_limits(adapter_dir, image_max_pixels, image_min_pixels)
+    processor = load_processor(model_dir, max_pixels, min_pixels)
+    device = pick_device(device)
+    dtype = inference_dtype(device, bf16, fp16)
+    model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation, device=device)
+    model.eval()
+    if adapter_dir is not None:
+        model = attach_adapter(model, adapter_dir, model_dir)
+    source = "from the adapter" if adapter_dir is not None and image_max_pixels is None and \
+        saved_pixel_limits(adapter_dir)[0] is not None else "given" if image_max_pixels is not None else "model default"
+    log(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
+        f" ({str(dtype).replace('torch.', '')} on {device}); image pixels {processor.min_pixels}..{processor.max_pixels}"
+        f" ({source})")
+    return Engine(model, processor, model_dir, adapter_dir, device, dtype)

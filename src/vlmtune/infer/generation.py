@@ -1,0 +1,79 @@
+"""Generation: greedy by default, batched with left padding, stopping at `<|im_end|>`.
+
+Every sampling setting is passed explicitly. transformers fills the settings a call leaves unset from
+the model's `generation_config.json`, and Qwen2.5-VL-Instruct ships `repetition_penalty: 1.05`,
+`top_k: 1`, `temperature: 0.1`: left in, "greedy" decoding would quietly apply a repetition penalty.
+Temperature 0 means greedy (argmax); a temperature above 0 samples from the full distribution
+(top_k / top_p off) with a seed, so a rerun gives the same answers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from vlmtune.data.conversation import Conversation
+from vlmtune.data.encode import Collator, EncodedSample
+from vlmtune.data.processor import Processor
+from vlmtune.data.template import IM_END
+from vlmtune.infer.scoring import encode_prompts, evaluating, to_model, unwrap
+
+
+def stop_token_ids(processor: Processor) -> list[int]:
+    """`<|im_end|>` (end of the assistant turn) and `<|endoftext|>` when the tokenizer has it."""
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(IM_END)]
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    if eot is not None and eot != tok.unk_token_id and eot not in ids:
+        ids.append(eot)
+    return ids
+
+
+def sampling_kwargs(max_new_tokens: int, temperature: float) -> dict:
+    """Generation settings with nothing left for the model's generation_config to fill in."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    # The penalties apply to greedy decoding too; the warpers (top_k, top_p, ...) only when sampling.
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1, repetition_penalty=1.0,
+                  no_repeat_ngram_size=0, do_sample=temperature > 0)
+    if temperature > 0:
+        kwargs.update(temperature=float(temperature), top_k=0, top_p=1.0, typical_p=1.0)
+    return kwargs
+
+
+def generate_samples(model: torch.nn.Module, processor: Processor, samples: Sequence[EncodedSample],
+                     max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    """Answers (new text, special tokens dropped, stripped) for encoded prompt samples, one batch.
+
+    The caller puts the model in eval mode under no_grad (see `scoring.evaluating`).
+    """
+    core = unwrap(model)
+    batch = to_model(Collator(processor, padding_side="left")(list(samples)), core)
+    if seed is not None:
+        torch.manual_seed(seed)
+    stops = stop_token_ids(processor)
+    output = core.generate(**batch, **sampling_kwargs(max_new_tokens, temperature), eos_token_id=stops,
+                           pad_token_id=processor.pad_token_id)
+    new_tokens = output[:, batch["input_ids"].shape[1]:]
+    return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+
+def generate_conversations(model, processor: Processor, conversations: list[Conversation], batch_size: int = 8,
+                           max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
+                           default_system: str | None = None,
+                           images: list[list[torch.Tensor]] | None = None) -> list[str]:
+    """Generated answers for conversations (their final answer is dropped from the prompt).
+
+    With sampling, each batch is seeded with `seed + index of its first sample`, so the answers do
+    not depend on what ran before.
+    """
+    out: list[str] = []
+    with evaluating(model):
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start:start + batch_size]
+            chunk_images = images[start:start + batch_size] if images is not None else None
+            samples = encode_prompts(chunk, processor, default_system, chunk_images)
+            out += generate_samples(model, processor, samples, max_new_tokens, temperature,
+                                    None if seed is None else seed + start)
+    return out

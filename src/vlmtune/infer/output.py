@@ -1,0 +1,149 @@
+"""The prediction JSONL, written as it goes and resumable after a crash.
+
+One JSON object per line, in dataset order; each batch is appended, flushed and fsynced, so after a
+crash the file holds complete rows plus at most one torn last line. `<save_name>.meta.json` records
+what produced the rows (datasets and their content hashes, model, adapter weights hash, mode,
+labels, generation and image settings). Rerunning the same command:
+
+* repairs a torn last line (cut back to the last newline),
+* checks that the rows are exactly the first rows of the dataset, id by id,
+* and continues with the next sample — no duplicate, no missing row.
+
+A file written by a different run (another dataset, model, adapter, mode, ...) is refused with the
+setting that differs instead of being silently mixed; `--overwrite` starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from vlmtune.errors import VlmtuneError
+from vlmtune.evaluate.atomic import write_atomic
+
+META_VERSION = 1
+# Settings that change the rows; a rerun must match them all. (batch_size and max_samples may change:
+# rows are checked id by id.)
+FINGERPRINT = ("datasets", "model", "adapter", "adapter_weights", "backend", "mode", "labels",
+               "max_new_tokens", "temperature", "seed", "image_max_pixels", "image_min_pixels", "dtype",
+               "default_system", "template")
+
+
+def meta_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".meta.json")
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes (short form)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _describe(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class PredictionFile:
+    """Appends rows to a prediction JSONL; `start` returns how many rows an earlier run already wrote."""
+
+    def __init__(self, path: str | Path, meta: dict[str, Any]):
+        self.path = Path(path)
+        self.meta = {"vlmtune_predict": META_VERSION, **meta}
+        self.repaired = False  # a torn last line was cut off by `start`
+        self._fh = None
+
+    # -- opening ------------------------------------------------------------------------------
+    def start(self, ids: Sequence[str], overwrite: bool = False) -> int:
+        """Prepare the file for the samples `ids` (dataset order); returns the rows already done."""
+        if self.path.is_dir():
+            raise VlmtuneError(f"{self.path}: is a directory (save_name must be a file path)")
+        meta_file = meta_path(self.path)
+        exists = self.path.is_file() and self.path.stat().st_size > 0
+        if exists and not overwrite:
+            self._check_meta(meta_file)
+            done = self._resume(ids)
+        else:
+            done = 0
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(meta_file, json.dumps(self.meta, ensure_ascii=False, indent=2) + "\n")
+            self.path.write_bytes(b"")
+        try:
+            self._fh = open(self.path, "ab")
+        except OSError as exc:
+            raise VlmtuneError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+        return done
+
+    def _check_meta(self, meta_file: Path) -> None:
+        if not meta_file.is_file():
+            raise VlmtuneError(f"{self.path}: exists but was not written by `vlmtune predict` (no {meta_file.name}); "
+                               f"pass --overwrite to replace it or choose another --save_name")
+        try:
+            old = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise VlmtuneError(f"{meta_file}: not valid JSON; pass --overwrite to start over") from None
+        for key in FINGERPRINT:
+            if key == "datasets" and old.get(key) != self.meta.get(key):
+                before = {d.get("file"): d.get("sha256") for d in old.get(key) or [] if isinstance(d, dict)}
+                now = {d["file"]: d["sha256"] for d in self.meta[key]}
+                changed = [f for f in now if f in before and before[f] != now[f]]
+                what = (f"the dataset file {changed[0]} changed since" if changed else
+                        f"the datasets were {sorted(before)}, now {sorted(now)}")
+                raise VlmtuneError(f"{self.path}: holds predictions of a different run ({what}); pass --overwrite "
+                                   f"to replace it or choose another --save_name")
+            if old.get(key) != self.meta.get(key):
+                raise VlmtuneError(
+                    f"{self.path}: holds predictions of a different run ({key} was {_describe(old.get(key))}, "
+                    f"now {_describe(self.meta.get(key))}); pass --overwrite to replace it or choose another "
+                    f"--save_name")
+
+    def _resume(self, ids: Sequence[str]) -> int:
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):  # a crash in the middle of a write: drop the torn line
+            keep = raw.rfind(b"\n") + 1
+            with open(self.path, "r+b") as fh:
+                fh.truncate(keep)
+            raw = raw[:keep]
+            self.repaired = True
+        done = 0
+        for line_no, line in enumerate(raw.split(b"\n")[:-1], start=1):
+            try:
+                row = json.loads(line)
+                row_id = row["id"]
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+                raise VlmtuneError(f"{self.path}: line {line_no}: not a prediction row; pass --overwrite to "
+                                   f"start over") from None
+            if done >= len(ids):
+                raise VlmtuneError(f"{self.path}: has more rows than the dataset's {len(ids)} samples; "
+                                   f"pass --overwrite to start over")
+            if str(row_id) != ids[done]:
+                raise VlmtuneError(f"{self.path}: line {line_no}: field 'id': {row_id!r} but sample {done} of the "
+                                   f"dataset is {ids[done]!r}; pass --overwrite to start over")
+            done += 1
+        return done
+
+    # -- writing ------------------------------------------------------------------------------
+    def write(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Append rows and push them to disk (a crash loses at most the batch being written)."""
+        payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+        self._fh.write(payload)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "PredictionFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

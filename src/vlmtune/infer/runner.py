@@ -1,0 +1,116 @@
+"""The prediction loop shared by `vlmtune predict` and the benchmark: batches in, JSONL rows out.
+
+A predictor (transformers here, vLLM in `vllm_backend`) has three steps per batch:
+
+* `prepare(conversations, default_system)`: CPU work — decode and resize the images, tokenise the
+  prompts. It runs in a helper thread one batch ahead, so image decoding overlaps the model.
+  (PIL and the tokenizer release the GIL; nothing in it starts torch's thread pool.)
+* `score(prepared, labels)` → P(label) rows, or `generate(prepared, ...)` → texts: the model.
+* `check(...)` once before the run (vLLM: does the adapter change anything?).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterator, Sequence
+
+from vlmtune.data.conversation import Conversation
+from vlmtune.errors import VlmtuneError
+
+
+def row_of(conv: Conversation, default_system: str | None, predict: str,
+           scores: dict[str, float] | None) -> dict[str, Any]:
+    """One line of the prediction JSONL."""
+    from vlmtune.data.encode import prompt_messages
+    from vlmtune.data.template import display_prompt
+
+    row = {"id": conv.id, "images": list(conv.images),
+           "prompt": display_prompt(prompt_messages(conv), default_system),
+           "predict": predict, "label": conv.answer or ""}
+    if scores is not None:
+        row["scores"] = scores
+    return row
+
+
+def predict_batches(predictor, conversations: Sequence[Conversation], mode: str, labels: list[str] | None,
+                    batch_size: int, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
+                    default_system: str | None = None,
+                    first_index: int = 0) -> Iterator[tuple[list[Conversation], list[dict[str, Any]]]]:
+    """(conversations, rows) batch by batch, in order.
+
+    With sampling (temperature > 0) each batch is seeded with `seed + its first sample's index in the
+    dataset` (`first_index` is the index of conversations[0]), so a resumed run samples as a
+    fresh one would.
+    """
+    chunks = [list(conversations[i:i + batch_size]) for i in range(0, len(conversations), batch_size)]
+    if not chunks:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmtune-prepare") as pool:
+        upcoming = pool.submit(predictor.prepare, chunks[0], default_system)
+        offset = first_index
+        for k, chunk in enumerate(chunks):
+            prepared = upcoming.result()
+            if k + 1 < len(chunks):
+                upcoming = pool.submit(predictor.prepare, chunks[k + 1], default_system)
+            if mode == "score":
+                probs = predictor.score(prepared, labels)
+                rows = [row_of(c, default_system, labels[max(range(len(p)), key=p.__getitem__)], dict(zip(labels, p)))
+                        for c, p in zip(chunk, probs)]
+            else:
+                batch_seed = seed + offset if temperature > 0 and seed is not None else None
+                texts = predictor.generate(prepared, max_new_tokens, temperature, batch_seed)
+                rows = [row_of(c, default_system, t, None) for c, t in zip(chunk, texts)]
+            offset += len(chunk)
+            yield chunk, rows
+
+
+def record_error(conv: Conversation, exc) -> VlmtuneError:
+    """An image or encoding problem of one sample, named by file, record and field."""
+    field = getattr(exc, "field", None)
+    return VlmtuneError(f"{conv.source}: record {conv.index}: " + (f"field '{field}': " if field else "") + str(exc))
+
+
+class TransformersPredictor:
+    """Score or generate batches with the transformers engine (see `infer.engine.load_engine`)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.processor = engine.processor
+        self.model_dir = engine.model_dir
+        self.adapter_dir = engine.adapter_dir
+        self.max_pixels = engine.processor.max_pixels
+        self.min_pixels = engine.processor.min_pixels
+        self.dtype_name = str(engine.dtype).replace("torch.", "")
+
+    def prepare(self, conversations: Sequence[Conversation], default_system: str | None = None):
+        """Encoded prompt samples (images decoded and resized once)."""
+        from vlmtune.data.encode import EncodeError, encode_prompt, load_images, prompt_messages
+
+        samples = []
+        for conv in conversations:
+            try:
+                samples.append(encode_prompt(prompt_messages(conv), load_images(conv, self.processor), self.processor,
+                                             default_system))
+            except (EncodeError, ValueError) as exc:
+                raise record_error(conv, exc) from None
+        return samples
+
+    def check(self, conversations, labels, mode, default_system=None) -> None:
+        """Nothing to check: peft applies the adapter itself."""
+
+    def score(self, samples, labels: list[str]) -> list[list[float]]:
+        from vlmtune.infer.scoring import evaluating, label_token_ids, score_samples
+
+        with evaluating(self.engine.model):
+            logp = score_samples(self.engine.model, self.processor, samples, label_token_ids(labels, self.processor))
+        return logp.softmax(-1).tolist()
+
+    def generate(self, samples, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        from vlmtune.infer.generation import generate_samples
+        from vlmtune.infer.scoring import evaluating
+
+        with evaluating(self.engine.model):
+            return generate_samples(self.engine.model, self.processor, samples, max_new_tokens, temperature, seed)
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,251 @@
+"""Label scoring: P(label | prompt) for every candidate of a closed label set, without generation.
+
+For answers from a small fixed set ("满足要求" / "不满足要求") the question "which label does the model
+prefer" has an exact answer: the log-likelihood of each label's full token sequence (its tokens and
+the closing `<|im_end|>`) given the prompt, teacher-forced. P(label) is the softmax over those K
+sums. There are no invalid answers, and the probabilities give thresholds, PR and ROC curves.
+Whole sequences are scored, not first tokens: with Qwen's tokenizer 满足要求 = [满足, 要求] and
+不满足要求 = [不, 满足, 要求], and "满足要求" is a substring of "不满足要求".
+
+How (two forward passes per batch, whatever K):
+
+1. The prompt batch, left padded, runs once with the KV cache on, keeping only the last position's
+   logits: log P(first label token | prompt) for every label at once. The vision tower and the long
+   prompt (hundreds of image tokens) are paid once, not K times.
+2. The cache is repeated K times along the batch (row b·K + k) and the K continuations (label k's
+   tokens except the last, right padded) run in one small forward; their logits score the
+   remaining tokens of each label.
+
+Qwen2-VL's 3-D rope: image tokens get (t, h, w) positions, so a text token after the prompt sits at
+`max(prompt positions) + 1`, not at its index (the model stores the difference as `rope_deltas`).
+Both passes get explicit position ids from the model's own `get_rope_index`, so nothing depends on
+the `rope_deltas` state the model keeps between calls (it is saved and restored around scoring).
+tests/infer/test_scoring.py checks the result against one plain full forward per (sample, label).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import Counter
+from typing import Iterator, Sequence
+
+import torch
+
+from vlmtune.data.conversation import Conversation
+from vlmtune.data.encode import Collator, EncodedSample, encode_prompt, load_images, prompt_messages
+from vlmtune.data.processor import Processor
+from vlmtune.data.template import IM_END, IM_START
+
+ASSISTANT_PREFIX = f"{IM_START}assistant\n"  # what every prompt ends with (the open assistant turn)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label sets
+
+
+def infer_label_set(conversations: Sequence[Conversation], max_labels: int = 8) -> list[str] | None:
+    """The closed set of answers when the data looks like classification, else None.
+
+    Classification means: every sample has a final answer; between 2 and `max_labels` distinct
+    answers (after strip); each at most 64 characters; and at least one answer repeats (five
+    captions on five samples are five distinct answers, not a label set). Labels come in order of
+    first appearance.
+    """
+    answers = [c.answer for c in conversations]
+    if not answers or any(a is None or not a.strip() for a in answers):
+        return None
+    counts = Counter(a.strip() for a in answers)
+    if not 2 <= len(counts) <= max_labels or len(counts) == len(answers):
+        return None
+    if any(len(label) > 64 for label in counts):
+        return None
+    return list(counts)
+
+
+def label_token_ids(labels: Sequence[str], processor: Processor) -> list[list[int]]:
+    """Token ids of each label as it appears in an answer: label tokens + `<|im_end|>`.
+
+    Tokenised in context (after `<|im_start|>assistant\\n`, as the template renders it), so a label
+    that starts with a space or newline gets the same tokens as in training.
+    """
+    tok = processor.tokenizer
+    prefix = tok(ASSISTANT_PREFIX, add_special_tokens=False)["input_ids"]
+    out = []
+    for label in labels:
+        if not label.strip():
+            raise ValueError("empty label")
+        ids = tok(ASSISTANT_PREFIX + label + IM_END, add_special_tokens=False)["input_ids"]
+        if ids[:len(prefix)] != prefix:  # the label merged with the newline: no clean token boundary
+            raise ValueError(f"label {label!r} does not start at a token boundary after the assistant prefix")
+        out.append(ids[len(prefix):])
+    if len({tuple(ids) for ids in out}) != len(out):
+        raise ValueError(f"labels {list(labels)} are not distinct after tokenisation")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model plumbing
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP and peft wrappers (peft's LoRA layers live inside it)."""
+    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        model = model.module
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def rope_module(core: torch.nn.Module) -> torch.nn.Module:
+    """The inner Qwen2-VL model that owns `get_rope_index` and the `rope_deltas` state."""
+    for module in core.modules():
+        if callable(getattr(module, "get_rope_index", None)):
+            return module
+    raise TypeError(f"{type(core).__name__} has no get_rope_index (not a Qwen2-VL / Qwen2.5-VL model)")
+
+
+def cache_kwarg(core: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.x); use whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(type(core).forward).parameters else "past_key_values"
+
+
+def output_cache(output):
+    return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Eval mode and no_grad for the duration; every module's train/eval flag and the rope state come back."""
+    modes = [(module, module.training) for module in model.modules()]
+    core = unwrap(model)
+    try:
+        rope = rope_module(core)
+    except TypeError:
+        rope = None
+    saved_deltas = getattr(rope, "rope_deltas", None)
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield core
+    finally:
+        if rope is not None:
+            rope.rope_deltas = saved_deltas
+        for module, training in modes:
+            module.training = training
+
+
+def model_device(core: torch.nn.Module) -> torch.device:
+    return next(core.parameters()).device
+
+
+def to_model(batch: dict[str, torch.Tensor], core: torch.nn.Module) -> dict[str, torch.Tensor]:
+    device = model_device(core)
+    out = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if "pixel_values" in out:
+        out["pixel_values"] = out["pixel_values"].to(core.dtype)
+    return out
+
+
+def prompt_positions(core: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """3-D rope positions (3, B, S) of a padded prompt batch, as the model computes them itself."""
+    positions, _ = rope_module(core).get_rope_index(
+        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
+    return positions
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Summed log P(label tokens + <|im_end|> | prompt): (B, K) float32, for a LEFT-padded prompt batch.
+
+    `model` must already be in eval mode under no_grad (see :func:`evaluating`); `batch` comes from
+    `Collator(processor, padding_side="left")` over `encode_prompt` samples.
+    """
+    core = unwrap(model)
+    batch = to_model(batch, core)
+    if bool((batch["attention_mask"][:, -1] == 0).any()):
+        raise ValueError("label_logprobs needs a left-padded batch (Collator(padding_side='left'))")
+    n_rows, k = batch["input_ids"].shape[0], len(label_ids)
+    device = batch["input_ids"].device
+    positions = prompt_positions(core, batch)
+    cache_name = cache_kwarg(core)
+
+    # 1. The prompt, once: cache + log P(first label token).
+    out = core(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
+    first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
+    scores = first[:, first_ids]  # (B, K)
+    cont_len = max(len(ids) for ids in label_ids) - 1
+    if cont_len == 0:
+        return scores
+
+    # 2. All K continuations from the cache, in one forward over B·K rows.
+    pad = 0
+    cont = torch.full((k, cont_len), pad, dtype=torch.long)
+    targets = torch.full((k, cont_len), pad, dtype=torch.long)
+    valid = torch.zeros((k, cont_len), dtype=torch.bool)
+    for j, ids in enumerate(label_ids):
+        n = len(ids) - 1
+        cont[j, :n] = torch.tensor(ids[:-1])
+        targets[j, :n] = torch.tensor(ids[1:])
+        valid[j, :n] = True
+    cont, targets, valid = cont.to(device), targets.to(device), valid.to(device)
+    cache = output_cache(out)
+    cache.batch_repeat_interleave(k)
+    start = positions.amax(dim=(0, 2)) + 1  # first text position after each prompt (3-D rope)
+    cont_positions = (start.repeat_interleave(k)[:, None] + torch.arange(cont_len, device=device))
+    cont_positions = cont_positions[None].expand(3, -1, -1)
+    attention = torch.cat([batch["attention_mask"].repeat_interleave(k, dim=0),
+                           valid.long().repeat(n_rows, 1)], dim=1)
+    out = core(input_ids=cont.repeat(n_rows, 1), attention_mask=attention, position_ids=cont_positions,
+               use_cache=True, **{cache_name: cache})
+    logp = out.logits.float().log_softmax(-1)  # (B·K, L, V)
+    picked = logp.gather(-1, targets.repeat(n_rows, 1)[..., None])[..., 0]
+    rest = (picked * valid.repeat(n_rows, 1)).sum(-1).view(n_rows, k)
+    return scores + rest
+
+
+def encode_prompts(conversations: Sequence[Conversation], processor: Processor,
+                   default_system: str | None = None,
+                   images: Sequence[list[torch.Tensor]] | None = None) -> list[EncodedSample]:
+    """Prompt samples (messages up to the open assistant turn), decoding images unless given."""
+    samples = []
+    for i, conv in enumerate(conversations):
+        sample_images = images[i] if images is not None else load_images(conv, processor)
+        samples.append(encode_prompt(prompt_messages(conv), sample_images, processor, default_system))
+    return samples
+
+
+def score_samples(model: torch.nn.Module, processor: Processor, samples: Sequence[EncodedSample],
+                  label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """(B, K) summed label log-probs of encoded prompt samples (caller handles eval mode/no_grad)."""
+    batch = Collator(processor, padding_side="left")(list(samples))
+    return label_logprobs(model, batch, label_ids)
+
+
+def score_conversations(model, processor, conversations: list[Conversation], labels: list[str],
+                        batch_size: int = 8, default_system: str | None = None,
+                        images: list[list[torch.Tensor]] | None = None) -> list[dict[str, float]]:
+    """P(label | prompt) for every conversation: one dict per conversation, labels in the given order.
+
+    Works on a plain or peft-wrapped model in train or eval mode: scoring runs in eval mode under
+    no_grad and the previous mode is restored. `images`: already decoded and resized images per
+    conversation (`data.encode.load_images`), to skip decoding when scoring the same data repeatedly.
+    """
+    if images is not None and len(images) != len(conversations):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    label_ids = label_token_ids(labels, processor)
+    out: list[dict[str, float]] = []
+    with evaluating(model):
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start:start + batch_size]
+            chunk_images = images[start:start + batch_size] if images is not None else None
+            samples = encode_prompts(chunk, processor, default_system, chunk_images)
+            probs = score_samples(model, processor, samples, label_ids).softmax(-1).tolist()
+            out += [dict(zip(labels, row)) for row in probs]
+    return out

@@ -1,0 +1,227 @@
+"""The vLLM backend: base model + LoRA adapter on GPUs, tensor parallel, generate and score.
+
+vllm is imported only here and only when `--backend vllm` is chosen, so the rest of vlmtune never
+needs it. The prompts are the same text the transformers engine renders (qwen2_vl template), with
+one `<|image_pad|>` per image — vLLM expands it itself — and the images are resized here with the
+adapter's pixel limits, so both backends see the same pixels.
+
+* generate: `SamplingParams(temperature=0, max_tokens=...)`, stop at `<|im_end|>`.
+* score: one request per (sample, label) whose prompt ends with the label's tokens and
+  `<|im_end|>`; `prompt_logprobs=0` returns the log-prob of every prompt token, and the sum over the
+  label's tokens is log P(label | prompt), exactly what `infer.scoring` computes.
+
+Before the main run, a few samples are scored with and without the LoRARequest: vLLM has silently
+ignored Qwen2.5-VL adapters (module names it did not map), and predictions from the bare base model
+look plausible enough to go unnoticed. If the adapter changes nothing, the run stops with an error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from vlmtune.errors import VlmtuneError
+
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # ranks vLLM's LoRA kernels are built for
+ADAPTER_EFFECT_MIN = 1e-3  # nats: a smaller change of the answer log-likelihood means "no adapter"
+
+
+def vllm_available() -> tuple[bool, str]:
+    """(usable, why not): vllm importable and a CUDA device present."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        return False, "vllm is not installed (pip install 'vlmtune[vllm]')"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device (vLLM needs a GPU)"
+    return True, ""
+
+
+def lora_rank_limit(rank: int) -> int:
+    """Smallest rank vLLM supports that fits the adapter's rank."""
+    for allowed in LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise VlmtuneError(f"LoRA rank {rank} is larger than vLLM supports ({LORA_RANKS[-1]})")
+
+
+def vllm_prompt(messages, n_images: int, default_system: str | None) -> str:
+    """The qwen2_vl prompt with one image pad per image, ending with the open assistant turn."""
+    from vlmtune.data.template import render
+
+    return render(messages, [1] * n_images, default_system, add_generation_prompt=True).text
+
+
+def pil_images(conversation, image_processor) -> list:
+    """The conversation's images, decoded and resized exactly as the transformers engine does."""
+    from PIL import Image
+
+    from vlmtune.data.images import ImageError, load_resized
+
+    out = []
+    for i, path in enumerate(conversation.images):
+        try:
+            chw = load_resized(path, image_processor)
+        except ImageError as exc:
+            raise VlmtuneError(f"{conversation.source}: record {conversation.index}: field 'images[{i}]': "
+                               f"{exc}: {path}") from None
+        out.append(Image.fromarray(chw.permute(1, 2, 0).numpy()))
+    return out
+
+
+class VllmPredictor:
+    """Same interface as runner.TransformersPredictor: `prepare`, `check`, `score`, `generate`, `close`."""
+
+    def __init__(self, llm, processor, model_dir: Path, adapter_dir: Path | None, lora_request, dtype_name: str,
+                 log=print):
+        self.llm = llm
+        self.processor = processor
+        self.model_dir = model_dir
+        self.adapter_dir = adapter_dir
+        self.lora_request = lora_request
+        self.max_pixels = processor.max_pixels
+        self.min_pixels = processor.min_pixels
+        self.dtype_name = dtype_name
+        self.log = log
+
+    @classmethod
+    def load(cls, model_name_or_path: str | None, adapter_name_or_path: str | None,
+             image_max_pixels: int | None, image_min_pixels: int | None, bf16: bool = False, fp16: bool = False,
+             vllm_config: dict[str, Any] | None = None, cache_dir: str | None = None, revision: str = "main",
+             max_images: int = 1, max_model_len: int | None = None, seed: int = 0, log=print) -> "VllmPredictor":
+        ok, why = vllm_available()
+        if not ok:
+            raise VlmtuneError(f"--backend vllm: {why}; use --backend transformers")
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        from vlmtune.data.processor import load_processor
+        from vlmtune.infer.engine import base_model_of, read_adapter_config, resolve_pixel_limits
+        from vlmtune.model.load import resolve_model_dir
+
+        adapter_dir = Path(adapter_name_or_path).expanduser() if adapter_name_or_path else None
+        adapter_config = read_adapter_config(adapter_dir) if adapter_dir is not None else {}
+        if not model_name_or_path and adapter_dir is not None:
+            model_name_or_path = base_model_of(adapter_dir)
+        model_dir = resolve_model_dir(model_name_or_path, cache_dir, revision)
+        max_pixels, min_pixels = resolve_pixel_limits(adapter_dir, image_max_pixels, image_min_pixels)
+        processor = load_processor(model_dir, max_pixels, min_pixels)
+        dtype = "bfloat16" if bf16 else "float16" if fp16 else "auto"
+        kwargs: dict[str, Any] = dict(
+            model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=True,
+            limit_mm_per_prompt={"image": max(1, max_images)},
+            mm_processor_kwargs={"max_pixels": processor.max_pixels, "min_pixels": processor.min_pixels},
+        )
+        if max_model_len is not None:
+            kwargs["max_model_len"] = max_model_len
+        if adapter_dir is not None:
+            kwargs.update(enable_lora=True, max_loras=1,
+                          max_lora_rank=lora_rank_limit(int(adapter_config.get("r", 8))))
+        kwargs.update(vllm_config or {})  # the user's settings win (tensor_parallel_size, gpu_memory_utilization, ...)
+        log(f"vLLM: {json.dumps({k: v for k, v in kwargs.items() if k != 'model'}, default=str)}")
+        try:
+            llm = LLM(**kwargs)
+        except TypeError as exc:  # an unknown key in vllm_config
+            raise VlmtuneError(f"vllm_config: {exc}") from None
+        lora = LoRARequest("adapter", 1, str(adapter_dir)) if adapter_dir is not None else None
+        log(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
+            f" (vLLM, {dtype}); image pixels {processor.min_pixels}..{processor.max_pixels}")
+        return cls(llm, processor, model_dir, adapter_dir, lora, dtype, log)
+
+    # -- requests -----------------------------------------------------------------------------
+    def prepare(self, conversations, default_system=None) -> list[tuple[str, list]]:
+        """(prompt text, PIL images) per conversation: images decoded and resized here, once."""
+        from vlmtune.data.encode import prompt_messages
+
+        prepared = []
+        for conversation in conversations:
+            images = pil_images(conversation, self.processor.image_processor)
+            prepared.append((vllm_prompt(prompt_messages(conversation), len(images), default_system), images))
+        return prepared
+
+    @staticmethod
+    def _request(prompt: str, images: list, suffix: str = "") -> dict:
+        request: dict[str, Any] = {"prompt": prompt + suffix}
+        if images:
+            request["multi_modal_data"] = {"image": images}
+        return request
+
+    def _sequence_logprobs(self, prepared, continuations: Sequence[tuple[str, list[int]]], lora) -> list[list[float]]:
+        """log P(continuation | prompt) for every (sample, continuation) pair, from prompt_logprobs."""
+        from vllm import SamplingParams
+
+        from vlmtune.data.template import IM_END
+
+        requests = [self._request(prompt, images, text + IM_END) for prompt, images in prepared
+                    for text, _ in continuations]
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        outputs = iter(self.llm.generate(requests, params, lora_request=lora, use_tqdm=False))
+        out = []
+        for _ in prepared:
+            row = []
+            for text, ids in continuations:
+                result = next(outputs)
+                got = list(result.prompt_token_ids[-len(ids):])
+                if got != list(ids):
+                    raise VlmtuneError(f"vLLM tokenised the label {text!r} differently from the model's tokenizer "
+                                       f"({got} vs {list(ids)})")
+                positions = result.prompt_logprobs[-len(ids):]
+                row.append(sum(pos[token].logprob for pos, token in zip(positions, ids)))
+            out.append(row)
+        return out
+
+    def check(self, conversations, labels, mode: str, default_system=None) -> None:
+        """Stop when the adapter does not change the answer log-likelihoods (vLLM ignored it)."""
+        if self.lora_request is None or not conversations:
+            return
+        from vlmtune.infer.scoring import label_token_ids
+
+        candidates = labels or sorted({(c.answer or "").strip() for c in conversations if (c.answer or "").strip()})
+        if not candidates:
+            return
+        prepared = self.prepare(conversations, default_system)
+        continuations = list(zip(candidates, label_token_ids(candidates, self.processor)))
+        with_lora = self._sequence_logprobs(prepared, continuations, self.lora_request)
+        without = self._sequence_logprobs(prepared, continuations, None)
+        change = max(abs(a - b) for ra, rb in zip(with_lora, without) for a, b in zip(ra, rb))
+        self.log(f"adapter check: the LoRA changes answer log-likelihoods by up to {change:.4f} nats "
+                 f"on {len(conversations)} samples")
+        if change < ADAPTER_EFFECT_MIN:
+            raise VlmtuneError(
+                f"{self.adapter_dir}: vLLM's output is the same with and without the adapter (max change "
+                f"{change:.2e} nats on {len(conversations)} samples): vLLM did not apply it (a known problem with "
+                f"Qwen2.5-VL adapters on some vLLM versions), or the adapter is untrained; use --backend "
+                f"transformers or another vLLM version")
+
+    def score(self, prepared, labels: list[str]) -> list[list[float]]:
+        import math
+
+        from vlmtune.infer.scoring import label_token_ids
+
+        continuations = list(zip(labels, label_token_ids(labels, self.processor)))
+        probs = []
+        for row in self._sequence_logprobs(prepared, continuations, self.lora_request):
+            top = max(row)
+            exp = [math.exp(v - top) for v in row]
+            probs.append([e / sum(exp) for e in exp])
+        return probs
+
+    def generate(self, prepared, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        from vllm import SamplingParams
+
+        from vlmtune.infer.generation import stop_token_ids
+
+        # Every setting explicit: Qwen's generation_config.json (repetition_penalty 1.05, top_k 1) must not leak in.
+        sampling = dict(temperature=temperature, top_p=1.0, top_k=-1, seed=seed) if temperature > 0 else \
+            dict(temperature=0.0)
+        params = SamplingParams(**sampling, repetition_penalty=1.0, max_tokens=max_new_tokens,
+                                stop_token_ids=stop_token_ids(self.processor), skip_special_tokens=True)
+        requests = [self._request(prompt, images) for prompt, images in prepared]
+        outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
+        return [result.outputs[0].text.strip() for result in outputs]
+
+    def close(self) -> None:
+        self.llm = None

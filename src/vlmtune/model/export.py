@@ -1,0 +1,170 @@
+"""`vlmtune export`: merge a LoRA adapter into its base model and write a standard checkpoint.
+
+    vlmtune export --model_name_or_path /data/Qwen2.5-VL-7B-Instruct --adapter_name_or_path /output/my_task \\
+        --export_dir /output/my_task-merged [--export_dtype bfloat16] [--export_size 5] [--overwrite]
+    vllm serve /output/my_task-merged          # an ordinary Qwen2.5-VL: no --enable-lora needed
+
+The result is what a Qwen2.5-VL release directory holds: `config.json`, `generation_config.json`,
+`model*.safetensors` (sharded at `--export_size` GB, with an index), the tokenizer files, the
+chat template (`chat_template.jinja` and `chat_template.json`) and `preprocessor_config.json` — the
+one saved with the adapter, so the merged model resizes images with the pixel limits it was trained
+with. `AutoModelForImageTextToText.from_pretrained` and vlmtune itself load it with no adapter (tested);
+vLLM reads the same files (not tested on CPU-only machines).
+`vlmtune_export.json` records the base model, adapter and dtype.
+
+How: the base model is loaded in the export dtype (`auto`: the dtype in its config.json, bfloat16 for
+the Qwen releases), the adapter attached with peft, and `merge_and_unload()` folds each LoRA pair into
+its linear layer, W + (alpha/r)·B·A (the product in float32 on a CPU, the sum in the export dtype).
+Modules trained in full next to the adapter (`additional_target`, the projector) replace the base
+ones. Merging a 7B model in bfloat16 on the CPU needs about 17 GB of memory.
+
+An export directory that is not empty is refused unless `--overwrite`, which replaces the files an
+export writes (and stale weight shards) and leaves other files alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from vlmtune.errors import VlmtuneError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Files of a model release that the export copies from the base model when the adapter has none.
+AUXILIARY_FILES = ("vocab.json", "merges.txt", "video_preprocessor_config.json")
+WEIGHT_PATTERNS = ("model*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+                   "pytorch_model.bin.index.json")
+
+
+def base_dtype(model_dir: Path) -> str:
+    """The dtype a checkpoint was saved in (`dtype` / `torch_dtype` in config.json); float32 when absent."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "float32"
+    value = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype") \
+        or (config.get("text_config") or {}).get("torch_dtype") or "float32"
+    value = str(value).replace("torch.", "")
+    return value if value in DTYPES else "float32"
+
+
+def check_export_dir(export_dir: Path, overwrite: bool, *protected: Path | None) -> None:
+    """Refuse a file, a non-empty directory (without overwrite) and the model's or adapter's own directory."""
+    if export_dir.exists() and not export_dir.is_dir():
+        raise VlmtuneError(f"--export_dir {export_dir}: exists and is not a directory")
+    target = export_dir.resolve()
+    for path in protected:
+        if path is not None and Path(path).resolve() == target:
+            raise VlmtuneError(f"--export_dir {export_dir}: is the model or adapter directory itself; "
+                               f"choose another directory")
+    if export_dir.is_dir() and any(export_dir.iterdir()) and not overwrite:
+        raise VlmtuneError(f"--export_dir {export_dir}: directory is not empty; choose an empty or new "
+                           f"directory, or pass --overwrite to replace an earlier export there")
+
+
+def remove_stale_weights(export_dir: Path) -> None:
+    for pattern in WEIGHT_PATTERNS:
+        for path in export_dir.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+def merge_adapter(model):
+    """peft model → plain transformers model with every LoRA layer folded in (and none left)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    merged = model.merge_and_unload(progressbar=False, safe_merge=True)
+    leftovers = [name for name, module in merged.named_modules() if isinstance(module, BaseTunerLayer)]
+    if leftovers:
+        raise VlmtuneError(f"merging left {len(leftovers)} adapter layer(s) in the model (e.g. {leftovers[0]})")
+    return merged
+
+
+def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir: str | Path,
+           export_dtype: str = "auto", export_size: int = 5, overwrite: bool = False, device: str = "cpu",
+           log=print) -> Path:
+    """Merge `adapter_name_or_path` into its base and write the checkpoint into `export_dir`."""
+    if export_dtype not in DTYPES:
+        raise VlmtuneError(f"--export_dtype must be one of {', '.join(DTYPES)}, got {export_dtype!r}")
+    if export_size < 1:
+        raise VlmtuneError(f"--export_size must be at least 1 (GB), got {export_size}")
+    export_dir = Path(export_dir).expanduser()
+    adapter_dir = Path(adapter_name_or_path).expanduser()
+    # Refuse a busy export_dir in a second, before torch is even imported.
+    check_export_dir(export_dir, overwrite, adapter_dir, Path(model_name_or_path) if model_name_or_path else None)
+
+    import torch
+
+    from vlmtune import __version__
+    from vlmtune.data.template import QWEN2_VL_CHAT_TEMPLATE
+    from vlmtune.infer.engine import base_model_of, load_engine, read_adapter_config
+    from vlmtune.model.load import resolve_model_dir
+
+    adapter_config = read_adapter_config(adapter_dir)
+    if adapter_config.get("peft_type", "LORA") != "LORA":
+        raise VlmtuneError(f"{adapter_dir}: peft_type {adapter_config.get('peft_type')} cannot be merged "
+                           f"(only LoRA adapters)")
+    model_name_or_path = model_name_or_path or base_model_of(adapter_dir)
+    model_dir = resolve_model_dir(model_name_or_path)
+    check_export_dir(export_dir, overwrite, model_dir, adapter_dir)
+    dtype_name = base_dtype(model_dir) if export_dtype == "auto" else export_dtype
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # peft calls transformers APIs that 5.x deprecates: not the user's concern
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        engine = load_engine(str(model_dir), str(adapter_dir), bf16=dtype_name == "bfloat16",
+                             fp16=dtype_name == "float16", device=device, log=log)
+        merged = merge_adapter(engine.model)
+    merged = merged.to(getattr(torch, dtype_name))
+    merged.config.use_cache = True
+    log(f"merged {adapter_dir} into {model_dir} ({dtype_name}) in {time.perf_counter() - start:.1f} s")
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        remove_stale_weights(export_dir)
+    merged.save_pretrained(export_dir, max_shard_size=f"{export_size}GB")
+    engine.processor.save_pretrained(export_dir)
+    template = getattr(engine.processor.tokenizer, "chat_template", None) or QWEN2_VL_CHAT_TEMPLATE
+    if not (export_dir / "chat_template.jinja").is_file():
+        (export_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    # Older transformers (4.x, as pinned by many vLLM releases) read the processor's template from here.
+    (export_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}, ensure_ascii=False,
+                                                              indent=2) + "\n", encoding="utf-8")
+    for name in AUXILIARY_FILES:
+        if (model_dir / name).is_file() and not (export_dir / name).exists():
+            shutil.copyfile(model_dir / name, export_dir / name)
+    info = {"base_model": str(model_dir), "adapter": str(adapter_dir.resolve()), "dtype": dtype_name,
+            "image_pixels": [engine.processor.min_pixels, engine.processor.max_pixels],
+            "vlmtune_version": __version__, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    (export_dir / "vlmtune_export.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
+                                                    encoding="utf-8")
+    size = sum(p.stat().st_size for p in export_dir.glob("*.safetensors"))
+    log(f"exported to {export_dir}: {size / 2**20:.1f} MiB of safetensors, "
+        f"{len(list(export_dir.iterdir()))} files (load it like any Qwen2.5-VL, no adapter)")
+    return export_dir
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmtune export", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n")[1:]))
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="base model (default: the one recorded in the adapter's adapter_config.json)")
+    parser.add_argument("--adapter_name_or_path", required=True, help="LoRA adapter directory to merge")
+    parser.add_argument("--export_dir", required=True, help="where to write the merged model (empty or new)")
+    parser.add_argument("--export_dtype", choices=DTYPES, default="auto",
+                        help="weights' dtype (auto: the base checkpoint's)")
+    parser.add_argument("--export_size", type=int, default=5, help="largest safetensors shard, in GB (default 5)")
+    parser.add_argument("--export_device", default="cpu", help="where to merge: cpu (default) or cuda")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty export_dir")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    export(args.model_name_or_path, args.adapter_name_or_path, args.export_dir, args.export_dtype, args.export_size,
+           args.overwrite, args.export_device)
+    return 0

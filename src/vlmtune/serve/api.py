@@ -1,0 +1,486 @@
+"""`vlmtune api`: an OpenAI-compatible HTTP API for the model, with label probabilities.
+
+    VLMTUNE_API_KEY=secret vlmtune api --model_name_or_path /data/Qwen2.5-VL-7B-Instruct \\
+        --adapter_name_or_path /output/my_task --labels 满足要求,不满足要求 --port 8000
+
+Endpoints (OpenAI's shapes, so the official clients work unchanged):
+
+- `POST /v1/chat/completions`: `messages` with `system` (optional), `user` and `assistant` turns; user
+  content is a string or a list of `{"type": "text", "text": ...}` and
+  `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}` parts. Images go where
+  their parts are, or — when the text carries exactly as many `<image>` placeholders as the message
+  has image parts (the dataset's own prompt) — where the placeholders are. Honoured parameters:
+  `temperature` (default 0: greedy), `max_tokens` / `max_completion_tokens`, `seed`, `stop`, `stream`
+  (SSE chunks ending with `data: [DONE]`; sent once the answer is complete — answers are a few
+  tokens), `stream_options.include_usage`. `n` must be 1; other OpenAI parameters are accepted and ignored.
+- `GET /v1/models`: the one served model.
+
+vlmtune's additions to a request (`extra_body=` in the OpenAI Python client):
+
+- `"vlmtune_mode": "score"` answers by label scoring: the most probable label of the closed label
+  set, never an invalid answer. `"generate"` decodes text. Default: `--mode` (generate).
+- `"vlmtune_labels": ["a", "b"]`: score these candidate labels instead of `--labels`.
+- `"vlmtune_scores": false`: in generate mode, skip the label probabilities (one model pass less).
+
+and to the response — a top-level `vlmtune` object (in the last chunk when streaming):
+
+    "vlmtune": {"mode": "score", "scores": {"满足要求": 0.93, "不满足要求": 0.07}}
+
+`scores` is P(label | prompt) for every label (summing to 1; null without a label set, or in generate
+mode with `vlmtune_scores: false`); with the
+OpenAI client read it as `completion.model_extra["vlmtune"]["scores"]`.
+
+Safe by default: binds 127.0.0.1; when the environment variable `VLMTUNE_API_KEY` is set every
+request needs `Authorization: Bearer <key>` (401 otherwise); bodies over `--max_request_bytes`
+get 413; images come only from `data:` URLs unless `--allow_local_images` (`file://` URLs and
+absolute paths) or `--allow_remote_images` (http/https) is given. Every error is a JSON body in
+OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status — a 500 only for
+a bug, without a traceback — and the server keeps serving. The model is loaded once; one lock
+serialises model calls.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and
+# `Request` is imported inside create_app (the module imports without FastAPI installed).
+import argparse
+import asyncio
+import hmac
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Message
+from vlmtune.errors import VlmtuneError
+from vlmtune.serve.common import (MODES, Answer, ModelService, RequestError, add_model_args, check_port_free,
+                                  decode_data_url, is_loopback, model_label, open_image_bytes, parse_labels)
+
+API_KEY_ENV = "VLMTUNE_API_KEY"
+DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
+MAX_DRAIN_BYTES = 64 * 1024 * 1024  # read (and drop) at most this much of an oversize body before answering 413
+REMOTE_TIMEOUT_S = 15
+log = logging.getLogger("vlmtune.api")
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI's JSON error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+        self.headers = headers
+
+
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Request schema (pydantic). Unknown top-level fields are ignored, as OpenAI-compatible servers do.
+
+
+def _schema():
+    """Build the pydantic models lazily, so `vlmtune api --help` needs no pydantic import."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class ImageURL(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        url: str
+        detail: str | None = None
+
+    class TextPart(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        type: Literal["text"]
+        text: str
+
+    class ImagePart(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        type: Literal["image_url"]
+        image_url: Union[ImageURL, str]
+
+    Part = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+    class ChatMessage(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        role: Literal["system", "developer", "user", "assistant"]
+        content: Union[str, list[Part], None] = None
+
+    class StreamOptions(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        include_usage: bool = False
+
+    class ChatRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore")
+        model: str | None = None
+        messages: list[ChatMessage] = Field(min_length=1)
+        stream: bool = False
+        stream_options: StreamOptions | None = None
+        temperature: float | None = Field(default=None, ge=0, le=2)
+        max_tokens: int | None = Field(default=None, ge=1, le=32768)
+        max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
+        seed: int | None = None
+        n: int = Field(default=1, ge=1, le=1)
+        stop: Union[str, list[str], None] = None
+        vlmtune_mode: Literal["score", "generate"] | None = None
+        vlmtune_labels: list[str] | None = Field(default=None, min_length=2, max_length=32)
+        vlmtune_scores: bool = True
+
+    return ChatRequest
+
+
+def describe_validation_error(exc) -> tuple[str, str]:
+    """The most specific of pydantic's errors as (`messages[0].content[1].image_url`, message).
+
+    A union (content: string or list of parts) fails in every branch; the deepest location is the one
+    the client got wrong, and pydantic's branch names (`str`, `list[...]`, class names) are dropped.
+    """
+    errors = exc.errors()
+    best = max(errors, key=lambda e: len(e.get("loc", ())))
+    where, previous = "", None
+    for part in best.get("loc", ()):
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif part in BRANCH_NAMES or "[" in str(part) or "-" in str(part) or part == previous:
+            continue  # a union branch, or a discriminated union's tag before the field of the same name
+        else:
+            where += f".{part}" if where else str(part)
+        previous = part
+    return where, str(best.get("msg", "invalid value"))
+
+
+BRANCH_NAMES = {"str", "int", "float", "bool", "none", "list", "dict", "TextPart", "ImagePart", "ImageURL",
+                "ChatMessage", "StreamOptions"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages and images
+
+
+class ImagePolicy:
+    """Where images may come from: data: URLs always; local files and http(s) only when allowed."""
+
+    def __init__(self, allow_local: bool = False, allow_remote: bool = False, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self.allow_local, self.allow_remote, self.max_bytes = allow_local, allow_remote, max_bytes
+
+    def open(self, url: str, where: str):
+        url = url.strip()
+        if url.startswith("data:"):
+            return decode_data_url(url, where)
+        lowered = url.lower()
+        if lowered.startswith(("http://", "https://")):
+            if not self.allow_remote:
+                raise RequestError(f"{where}: http(s) image URLs are disabled on this server; send the image as a "
+                                   f"data: URL (data:image/png;base64,...) or start it with --allow_remote_images")
+            return self._fetch(url, where)
+        if lowered.startswith("file://") or url.startswith("/"):
+            if not self.allow_local:
+                raise RequestError(f"{where}: local image paths are disabled on this server; send the image as a "
+                                   f"data: URL (data:image/png;base64,...) or start it with --allow_local_images")
+            path = Path(urllib.request.url2pathname(url[7:]) if lowered.startswith("file://") else url)
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise RequestError(f"{where}: cannot read {path} ({exc.strerror or exc.__class__.__name__})") from None
+            return open_image_bytes(raw, where)
+        raise RequestError(f"{where}: unsupported image URL (expected a data: URL such as data:image/png;base64,...)")
+
+    def _fetch(self, url: str, where: str):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "vlmtune"}),
+                                        timeout=REMOTE_TIMEOUT_S) as response:
+                raw = response.read(self.max_bytes + 1)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise RequestError(f"{where}: cannot fetch the image ({getattr(exc, 'reason', exc)})") from None
+        if len(raw) > self.max_bytes:
+            raise RequestError(f"{where}: the image is larger than {self.max_bytes} bytes")
+        return open_image_bytes(raw, where)
+
+
+def convert_messages(messages, policy: ImagePolicy) -> tuple[list[Message], list]:
+    """OpenAI messages → vlmtune Messages with `<image>` placeholders, and the PIL images in order."""
+    roles = ["system" if m.role == "developer" else m.role for m in messages]
+    # The structure first: no image is decoded for a request that cannot be answered anyway.
+    if "system" in roles[1:]:
+        raise RequestError("messages: a system message is only accepted first")
+    if roles[-1] != "user":
+        raise RequestError("messages: the last message must have role 'user'")
+    out: list[Message] = []
+    images: list = []
+    for i, (role, message) in enumerate(zip(roles, messages)):
+        content = message.content
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            if IMAGE_PLACEHOLDER in content:
+                raise RequestError(f"messages[{i}].content: contains {IMAGE_PLACEHOLDER} but no image part; send "
+                                   f"images as image_url parts")
+            out.append(Message(role, content))
+            continue
+        texts = [part.text for part in content if part.type == "text"]
+        image_parts = [(j, part) for j, part in enumerate(content) if part.type == "image_url"]
+        if image_parts and role != "user":
+            raise RequestError(f"messages[{i}]: images are only accepted in user messages")
+        placeholders = sum(text.count(IMAGE_PLACEHOLDER) for text in texts)
+        if placeholders and placeholders != len(image_parts):
+            raise RequestError(f"messages[{i}].content: {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) in the "
+                               f"text but {len(image_parts)} image part(s)")
+        pieces = []
+        for j, part in enumerate(content):
+            if part.type == "text":
+                pieces.append(part.text)
+                continue
+            url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+            images.append(policy.open(url, f"messages[{i}].content[{j}].image_url"))
+            if not placeholders:
+                pieces.append(IMAGE_PLACEHOLDER)
+        out.append(Message(role, "".join(pieces)))
+    return out, images
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def apply_stop(text: str, stop) -> tuple[str, bool]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def completion_body(answer: Answer, text: str, finish: str, model: str, request_id: str, created: int) -> dict:
+    return {
+        "id": request_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": finish}],
+        "usage": usage(answer),
+        "vlmtune": {"mode": answer.mode, "scores": answer.scores},
+    }
+
+
+def usage(answer: Answer) -> dict:
+    return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+            "total_tokens": answer.prompt_tokens + answer.completion_tokens}
+
+
+def stream_events(answer: Answer, text: str, finish: str, model: str, request_id: str, created: int,
+                  include_usage: bool):
+    """SSE lines: role, content, finish (+ vlmtune scores), optional usage chunk, [DONE]."""
+    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+        body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    if text:
+        yield chunk({"content": text})
+    yield chunk({}, finish, vlmtune={"mode": answer.mode, "scores": answer.scores})
+    if include_usage:
+        body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [], "usage": usage(answer)}
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(service: ModelService, model_name: str, api_key: str | None = None,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, policy: ImagePolicy | None = None,
+               default_mode: str = "generate"):
+    """The FastAPI app around a loaded ModelService (tests build it in-process too)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import ValidationError
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    ChatRequest = _schema()
+    policy = policy or ImagePolicy(max_bytes=max_request_bytes)
+    created_at = int(time.time())
+    app = FastAPI(title="vlmtune", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError):
+        return JSONResponse(error_body(exc.message, exc.type, exc.code, exc.param), status_code=exc.status,
+                            headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), type_, code=str(exc.status_code)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError):
+        return JSONResponse(error_body(str(exc), "invalid_request_error", "invalid_request"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception):
+        log.exception("internal error while answering %s", request.url.path)
+        return JSONResponse(error_body("internal server error (details are in the server log)", "server_error",
+                                       "internal_error"), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if not api_key:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           "invalid_request_error", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: Request) -> bytes:
+        too_big = ApiError(413, f"request body larger than {max_request_bytes} bytes (this server's "
+                                f"--max_request_bytes)", "invalid_request_error", "request_too_large")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                declared_n = int(declared)
+            except ValueError:
+                raise ApiError(400, "invalid Content-Length header") from None
+        body = bytearray()
+        over = declared is not None and declared_n > max_request_bytes
+        received = 0
+        # An oversize body is read and dropped (up to a bound) before answering, so the client gets the
+        # 413 instead of a connection reset in the middle of its upload.
+        async for piece in request.stream():
+            received += len(piece)
+            if received > max_request_bytes:
+                over = True
+                body = bytearray()
+            if over:
+                if received > MAX_DRAIN_BYTES:
+                    break
+                continue
+            body += piece
+        if over:
+            raise too_big
+        return bytes(body)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created_at,
+                                            "owned_by": "vlmtune"}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        authorize(request)
+        raw = await read_body(request)
+        try:
+            payload = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"request body is not valid JSON ({exc})", code="invalid_json") from None
+        if not isinstance(payload, dict):
+            raise ApiError(400, "request body must be a JSON object", code="invalid_request")
+        try:
+            req = ChatRequest.model_validate(payload)
+        except ValidationError as exc:
+            where, message = describe_validation_error(exc)
+            raise ApiError(400, f"{where}: {message}" if where else message, code="invalid_request",
+                           param=where or None) from None
+
+        def work():
+            messages, pil_images = convert_messages(req.messages, policy)
+            images = [service.prepare_image(image) for image in pil_images]
+            return service.answer(messages, images, mode=req.vlmtune_mode or default_mode, labels=req.vlmtune_labels,
+                                  max_new_tokens=req.max_completion_tokens or req.max_tokens,
+                                  temperature=req.temperature or 0.0, seed=req.seed,
+                                  with_scores=req.vlmtune_scores)
+
+        try:
+            answer = await run_in_threadpool(work)
+        except RequestError as exc:
+            raise ApiError(400, str(exc), code="invalid_request") from None
+        text, stopped = apply_stop(answer.text, req.stop)
+        finish = "stop" if stopped else answer.finish_reason
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(stream_events(answer, text, finish, model_name, request_id, created, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return completion_body(answer, text, finish, model_name, request_id, created)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlmtune api", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.split("\n")[1:]))
+    add_model_args(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--served_model_name", default=None,
+                        help="the model id /v1/models lists and responses carry (default: adapter or model dir name)")
+    server.add_argument("--mode", choices=MODES, default="generate",
+                        help="how a request without vlmtune_mode is answered (score needs --labels)")
+    server.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                        help=f"largest request body accepted (413 above; default {DEFAULT_MAX_REQUEST_BYTES})")
+    server.add_argument("--allow_local_images", action="store_true",
+                        help="also accept file:// URLs and absolute paths (files the server process can read)")
+    server.add_argument("--allow_remote_images", action="store_true",
+                        help="also accept http(s) image URLs (the server fetches them: only where the server "
+                             "may reach every address a client names)")
+    server.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    labels = parse_labels(args.labels)
+    if args.mode == "score" and not labels:
+        raise VlmtuneError("--mode score needs --labels (the closed label set to score)")
+    if args.max_request_bytes < 1024:
+        raise VlmtuneError(f"--max_request_bytes {args.max_request_bytes} is too small (at least 1024)")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ModuleNotFoundError:
+        raise VlmtuneError("`vlmtune api` needs FastAPI and uvicorn: pip install 'vlmtune[api]'") from None
+    check_port_free(args.host, args.port)
+    api_key = os.environ.get(API_KEY_ENV) or None
+    if not is_loopback(args.host) and not api_key:
+        print(f"warning: binding {args.host} without {API_KEY_ENV}: anyone who can reach this address can use "
+              f"the model", file=sys.stderr)
+    try:
+        service = ModelService.from_args(args, labels)
+    except RequestError as exc:
+        raise VlmtuneError(f"--labels: {exc}") from None
+    name = args.served_model_name or model_label(service.engine)
+    app = create_app(service, name, api_key, args.max_request_bytes,
+                     ImagePolicy(args.allow_local_images, args.allow_remote_images, args.max_request_bytes), args.mode)
+    sources = "data: URLs" + (", local files" if args.allow_local_images else "") + \
+        (", http(s)" if args.allow_remote_images else "")
+    print(f"vlmtune api: http://{args.host}:{args.port}/v1 serving '{name}' "
+          f"(API key: {'required' if api_key else 'not required'}; labels: {', '.join(labels) if labels else 'none'}; "
+          f"default mode: {args.mode}; images from {sources})", flush=True)
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    try:
+        asyncio.run(server.serve())
+    except KeyboardInterrupt:
+        pass
+    if not server.started:
+        raise VlmtuneError(f"the server did not start on {args.host}:{args.port} (see the messages above)")
+    return 0

@@ -1,0 +1,298 @@
+"""What the web UI and the API share: the model loaded once behind a lock, images from uploads, answers.
+
+An answer comes one of two ways:
+
+- **score** (closed label sets): P(label | prompt) for every candidate label from one teacher-forced
+  pass (`infer.scoring`); the answer is the most probable label. No invalid answers, and the
+  probabilities come with it.
+- **generate**: greedy decoding by default (temperature 0), sampling with a seed when asked.
+
+With a label set configured, the probabilities are computed in both modes (two small forward passes),
+so a client that generates still sees how sure the model is.
+
+Images sent to the API never touch the disk: they are decoded from bytes, converted to RGB and
+resized exactly as training resizes files (`data.images.load_resized`; no EXIF rotation either), and
+handed to scoring/generation as tensors. The web page reads the uploaded file with `load_resized`
+itself.
+
+torch on a CPU is not made for concurrent calls on one model, so every model call holds one lock and
+runs on one dedicated thread (requests queue): web servers call from a pool of threads, and each
+thread that calls torch would get its own OpenMP team — dozens of them on two cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from vlmtune.errors import VlmtuneError
+
+if TYPE_CHECKING:
+    import torch
+
+    from vlmtune.infer.engine import Engine
+
+# Decoding a huge image costs memory before any resize: refuse above this many pixels (≈ 8k × 8k).
+MAX_IMAGE_PIXELS = 64_000_000
+MODES = ("score", "generate")
+
+
+class RequestError(ValueError):
+    """A problem with one request (bad image, placeholder count, unknown label): the client's fault."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Command-line options both servers take
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model_name_or_path", default=None,
+                       help="base model directory or hub id (may be omitted when the adapter records it)")
+    group.add_argument("--adapter_name_or_path", default=None, help="LoRA adapter directory (not merged)")
+    group.add_argument("--image_max_pixels", type=int, default=None,
+                       help="image pixel limit (default: the adapter's saved limit, else the model's)")
+    group.add_argument("--image_min_pixels", type=int, default=None)
+    group.add_argument("--bf16", action="store_true", help="load the model in bfloat16")
+    group.add_argument("--fp16", action="store_true", help="load the model in float16")
+    group.add_argument("--attn_implementation", default="auto", help="auto, sdpa, eager, flash_attention_2")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    group.add_argument("--labels", default=None,
+                       help="closed label set, comma separated (e.g. 满足要求,不满足要求): enables label scoring")
+    group.add_argument("--default_system", default=None,
+                       help="system prompt when a request has none (default: Qwen's 'You are a helpful assistant.')")
+    group.add_argument("--max_new_tokens", type=int, default=128, help="generation limit when a request sets none")
+
+
+def parse_labels(text: str | None) -> list[str] | None:
+    """`a,b` → ['a', 'b'] (stripped, order kept); None or empty → None. Duplicates are an error."""
+    if text is None or not str(text).strip():
+        return None
+    labels = [part.strip() for part in str(text).split(",") if part.strip()]
+    if len(labels) < 2:
+        raise VlmtuneError(f"--labels needs at least two labels separated by commas, got {text!r}")
+    if len(set(labels)) != len(labels):
+        raise VlmtuneError(f"--labels has duplicates: {text!r}")
+    return labels
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail in a second, before the (slow) model load, when the address is taken or invalid."""
+    if not 0 < port < 65536:
+        raise VlmtuneError(f"--port {port} is not a valid port")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise VlmtuneError(f"--host {host}: cannot resolve ({exc.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise VlmtuneError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def open_image_bytes(raw: bytes, what: str = "image") -> Image.Image:
+    """Decode image bytes (any format Pillow reads) into a loaded PIL image; RequestError if it is not one."""
+    if not raw:
+        raise RequestError(f"{what}: empty image data")
+    try:
+        image = Image.open(io.BytesIO(raw))
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise RequestError(f"{what}: {image.width}×{image.height} pixels is more than this server decodes "
+                               f"({MAX_IMAGE_PIXELS:,})")
+        image.load()
+    except RequestError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise RequestError(f"{what}: not a readable image ({exc.__class__.__name__})") from None
+    return image
+
+
+def decode_data_url(url: str, what: str = "image") -> Image.Image:
+    """`data:image/png;base64,....` → PIL image. Only base64 data URLs carry binary images sensibly."""
+    if not url.startswith("data:"):
+        raise RequestError(f"{what}: not a data: URL")
+    header, sep, data = url[5:].partition(",")
+    if not sep:
+        raise RequestError(f"{what}: malformed data: URL (no comma before the data)")
+    params = header.split(";")
+    if "base64" not in params[1:]:
+        raise RequestError(f"{what}: data: URL must be base64 encoded (data:image/png;base64,...)")
+    media_type = params[0].strip().lower()
+    if media_type and not media_type.startswith("image/") and media_type != "application/octet-stream":
+        raise RequestError(f"{what}: data: URL has media type {media_type!r}, expected image/*")
+    try:
+        raw = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(f"{what}: data: URL is not valid base64") from None
+    return open_image_bytes(raw, what)
+
+
+def resize_image(image: Image.Image, image_processor) -> "torch.Tensor":
+    """A PIL image → resized uint8 CHW tensor, exactly as `data.images.load_resized` does for files."""
+    import torch
+
+    rgb = image.convert("RGB")
+    chw = np.asarray(rgb).transpose(2, 0, 1)
+    factor = image_processor.patch_size * image_processor.merge_size
+    try:
+        resized = image_processor.resize(chw, size=image_processor.size, resample=image_processor.resample,
+                                         factor=factor)
+    except ValueError as exc:  # smart_resize: extreme aspect ratio, or too small to resize
+        raise RequestError(f"image of {image.width}×{image.height} cannot be used ({exc})") from None
+    return torch.from_numpy(np.ascontiguousarray(resized, dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class Answer:
+    text: str
+    mode: str  # score | generate
+    scores: dict[str, float] | None  # P(label) when a label set applies
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # stop | length
+    seconds: float = 0.0
+    image_tokens: list[int] = field(default_factory=list)
+
+
+class ModelService:
+    """The model, its processor, the label set and one lock; answers one conversation at a time."""
+
+    def __init__(self, engine: "Engine", labels: Sequence[str] | None = None, default_system: str | None = None,
+                 max_new_tokens: int = 128):
+        self.engine = engine
+        self.labels = list(labels) if labels else None
+        self.default_system = default_system
+        self.max_new_tokens = max_new_tokens
+        self.lock = threading.Lock()
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmtune-model")
+        if self.labels:
+            self.check_labels(self.labels)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, labels: Sequence[str] | None = None, log=print) -> "ModelService":
+        from vlmtune.infer.engine import load_engine
+
+        engine = load_engine(args.model_name_or_path, args.adapter_name_or_path, args.image_max_pixels,
+                             args.image_min_pixels, bf16=args.bf16, fp16=args.fp16,
+                             attn_implementation=args.attn_implementation, device=args.device, log=log)
+        return cls(engine, labels, args.default_system, args.max_new_tokens)
+
+    @property
+    def processor(self):
+        return self.engine.processor
+
+    def check_labels(self, labels: Sequence[str]) -> None:
+        """Labels must be distinct after tokenisation and start at a token boundary (scoring's rules)."""
+        from vlmtune.infer.scoring import label_token_ids
+
+        try:
+            label_token_ids(list(labels), self.processor)
+        except ValueError as exc:
+            raise RequestError(f"labels cannot be scored: {exc}") from None
+
+    def prepare_image(self, image: Image.Image) -> "torch.Tensor":
+        return resize_image(image, self.processor.image_processor)
+
+    def prepare_file(self, path: str | Path) -> "torch.Tensor":
+        """An image file, read exactly as training reads dataset images."""
+        from vlmtune.data.images import ImageError, load_resized
+
+        try:
+            return load_resized(path, self.processor.image_processor)
+        except ImageError as exc:
+            raise RequestError(f"{Path(path).name}: {exc}") from None
+        except ValueError as exc:  # smart_resize: extreme aspect ratio
+            raise RequestError(f"{Path(path).name}: cannot be used ({exc})") from None
+
+    def answer(self, messages: Sequence[Message], images: Sequence["torch.Tensor"], mode: str | None = None,
+               labels: Sequence[str] | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
+               seed: int | None = None, with_scores: bool = True) -> Answer:
+        """Answer the last user turn of `messages` (images in order of their `<image>` placeholders).
+
+        mode None: score when a label set applies, else generate. `labels` overrides the server's set.
+        with_scores False skips label scoring in generate mode (one model pass less).
+        """
+        from vlmtune.data.encode import encode_prompt, image_tokens
+        from vlmtune.infer.generation import generate_conversations
+        from vlmtune.infer.scoring import score_conversations
+
+        labels = list(labels) if labels else self.labels
+        if labels is not self.labels:
+            self.check_labels(labels)
+        mode = mode or ("score" if labels else "generate")
+        if mode not in MODES:
+            raise RequestError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "score" and not labels:
+            raise RequestError("score mode needs a closed label set (start the server with --labels a,b)")
+        if not messages or messages[-1].role != "user":
+            raise RequestError("the last message must be the user's")
+        placeholders = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
+        if placeholders != len(images):
+            raise RequestError(f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        conversation = Conversation(list(messages), images=[f"<request image {i}>" for i in range(len(images))],
+                                    source="request", index=0)
+        images = list(images)
+        try:
+            prompt_tokens = len(encode_prompt(list(messages), images, self.processor, self.default_system))
+        except ValueError as exc:
+            raise RequestError(str(exc)) from None
+
+        def run() -> tuple[str, dict[str, float] | None]:
+            with self.lock:
+                scores = None
+                if labels and (with_scores or mode == "score"):
+                    scores = score_conversations(self.engine.model, self.processor, [conversation], labels,
+                                                 batch_size=1, default_system=self.default_system, images=[images])[0]
+                if mode == "score":
+                    return max(scores, key=scores.get), scores
+                text = generate_conversations(self.engine.model, self.processor, [conversation], batch_size=1,
+                                              max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
+                                              default_system=self.default_system, images=[images])[0]
+                return text, scores
+
+        start = time.perf_counter()
+        text, scores = self.worker.submit(run).result()
+        seconds = time.perf_counter() - start
+        # Re-tokenised from the text (the stable generation API returns text): exact for labels, an
+        # estimate for generated text, capped at the limit; "length" when the limit was (about) reached.
+        completion_tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if mode == "generate":
+            completion_tokens = min(completion_tokens, max_new_tokens)
+        finish = "length" if mode == "generate" and completion_tokens >= max_new_tokens else "stop"
+        return Answer(text, mode, scores, prompt_tokens, completion_tokens, finish, seconds,
+                      image_tokens(images, self.processor))
+
+
+def model_label(engine: "Engine") -> str:
+    """A short name for the loaded model: the adapter's directory name, else the model's."""
+    path = engine.adapter_dir or engine.model_dir
+    return Path(path).resolve().name or str(path)

@@ -1,0 +1,129 @@
+"""`vlmtune sweep`: base model, every checkpoint-N and the final adapter, table + csv/json/png + best."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_one_line_error, make_dataset
+from vlmtune.cli import main as cli_main
+
+STEPS = (2, 4, 6)
+MAX_PIXELS = 112 * 112
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models: one thread is as fast as two on an idle machine and far faster on a busy one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_inline(capsys, *args) -> subprocess.CompletedProcess:
+    code = cli_main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A training output_dir: real (random, distinct) LoRA adapters in checkpoint-N and a final one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from vlmtune.data.processor import load_processor
+    from vlmtune.model.adapters import lora_target_regex
+    from vlmtune.model.load import load_model
+
+    run = tmp_path_factory.mktemp("sweep") / "my_task"
+    processor = load_processor(tiny_model_dir, max_pixels=MAX_PIXELS)
+    for step in STEPS:
+        torch.manual_seed(step)
+        model = load_model(tiny_model_dir)
+        regex, _ = lora_target_regex(model, "all")
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=regex,
+                                                      init_lora_weights=False))
+        out = run / f"checkpoint-{step}"
+        peft_model.save_pretrained(out)
+        processor.save_pretrained(out)
+    (run / "checkpoint-8").mkdir()  # an incomplete checkpoint (no adapter): not a sweep point
+    (run / "checkpoint-8" / "optimizer.pt").write_bytes(b"")
+    for item in (run / "checkpoint-4").iterdir():  # the final adapter is the step-4 one (load_best_model_at_end)
+        shutil.copy(item, run / item.name)
+    return run
+
+
+def test_sweep_evaluates_every_point_and_names_the_best(run_dir, tmp_path, capsys, tiny_model_dir):
+    data = make_dataset(tmp_path / "data", n=8)
+    result = run_inline(capsys, "sweep", run_dir, "--dataset", "my_dataset", "--dataset_dir", data,
+                        "--batch_size", "4")
+    assert result.returncode == 0, result.stderr
+
+    with open(run_dir / "sweep.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["name"] for r in rows] == ["base", "checkpoint-2", "checkpoint-4", "checkpoint-6", "final"]
+    assert [r["step"] for r in rows] == ["0", "2", "4", "6", "4"]  # final = the checkpoint it equals
+    assert all(r["n"] == "8" for r in rows)
+    assert len({r["roc_auc"] for r in rows[:4]}) == 4  # every adapter really changes the scores
+    summary = json.loads((run_dir / "sweep.json").read_text(encoding="utf-8"))
+    assert summary["metric"] == "f1" and len(summary["points"]) == 5
+    f1s = [float(r["f1"]) for r in rows]
+    best = rows[f1s.index(max(f1s))]
+    assert summary["best"]["name"] == best["name"]
+    assert f"best by f1: {best['name']}" in result.stdout
+    for name in ("base", "checkpoint-2", "checkpoint-6", "final"):
+        assert name in result.stdout
+    assert (run_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(run_dir.glob(".sweep*"))  # atomic writes leave no temp files
+
+    # Independent check of two points: the base model and the last checkpoint (loaded after two unloads).
+    from vlmtune.data.loader import load_datasets
+    from vlmtune.data.processor import load_processor
+    from vlmtune.evaluate.metrics import compute_metrics
+    from vlmtune.infer.engine import load_engine
+    from vlmtune.infer.scoring import score_conversations
+
+    convs = load_datasets("my_dataset", str(data), None).conversations
+    labels = ["满足要求", "不满足要求"]
+    for row, adapter in ((rows[0], None), (rows[3], run_dir / "checkpoint-6")):
+        engine = load_engine(str(tiny_model_dir), str(adapter) if adapter else None, image_max_pixels=MAX_PIXELS,
+                             log=lambda *_: None)
+        probs = score_conversations(engine.model, engine.processor, convs, labels, batch_size=3)
+        want = compute_metrics([c.answer for c in convs], [max(p, key=p.get) for p in probs],
+                               positive_scores=[p[labels[0]] for p in probs], label_set=labels)
+        for key in ("accuracy", "roc_auc", "pr_auc"):
+            assert float(row[key]) == pytest.approx(want[key], abs=1e-9), (row["name"], key)
+    assert load_processor(run_dir).max_pixels == MAX_PIXELS
+    # The final adapter is the step-4 checkpoint: same numbers.
+    assert {k: v for k, v in rows[4].items() if k not in ("name", "adapter", "seconds")} == \
+        {k: v for k, v in rows[2].items() if k not in ("name", "adapter", "seconds")}
+
+
+def test_sweep_errors(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    data = make_dataset(tmp_path / "data", n=3)
+    result = run_inline(capsys, "sweep", tmp_path / "empty", "--dataset", "my_dataset", "--dataset_dir", data)
+    assert_one_line_error(result, "no adapter found")
+    result = run_inline(capsys, "sweep", tmp_path / "absent", "--dataset", "my_dataset", "--dataset_dir", data)
+    assert_one_line_error(result, "absent", "not found")
+    result = run_inline(capsys, "sweep", tmp_path / "empty", "--dataset", "my_dataset", "--dataset_dir", data,
+                        "--metric", "loss")
+    assert_one_line_error(result, "--metric")
+
+
+def test_best_row_takes_the_earliest_of_equals_and_skips_undefined():
+    from vlmtune.evaluate.sweep import best_row
+
+    rows = [{"name": "base", "f1": None}, {"name": "checkpoint-2", "f1": 0.5}, {"name": "checkpoint-4", "f1": 0.8},
+            {"name": "checkpoint-6", "f1": 0.8}, {"name": "final", "f1": 0.7}]
+    assert best_row(rows, "f1")["name"] == "checkpoint-4"
+    assert best_row([{"name": "base", "f1": None}], "f1") is None

@@ -1,0 +1,214 @@
+"""`vlmtune predict` as a user runs it: output rows, eval on them, crash and resume, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import assert_one_line_error, make_dataset, run_cli
+from vlmtune.cli import main as cli_main
+from vlmtune.infer.command import DELAY_ENV
+
+POS, NEG = "满足要求", "不满足要求"
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def dataset_ids(data_dir: Path, name: str = "rules") -> list[str]:
+    from vlmtune.data.loader import load_datasets
+
+    return [c.id for c in load_datasets(name, str(data_dir), None).conversations]
+
+
+def run_inline(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`vlmtune ARGS` in this process (no 8 s of imports); the result looks like run_cli's."""
+    code = cli_main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+def predict_args(model_dir, adapter, data_dir, save, *extra) -> list[str]:
+    args = ["predict", "--model_name_or_path", str(model_dir), "--dataset", "rules", "--dataset_dir", str(data_dir),
+            "--save_name", str(save), *extra]
+    if adapter is not None:
+        args[3:3] = ["--adapter_name_or_path", str(adapter)]
+    return args
+
+
+def by_hand(rows: list[dict], positive: str = POS) -> dict:
+    """The metrics, counted directly from the rows (independent of vlmtune.evaluate)."""
+    tp = sum(r["label"] == positive and r["predict"] == positive for r in rows)
+    fp = sum(r["label"] != positive and r["predict"] == positive for r in rows)
+    fn = sum(r["label"] == positive and r["predict"] != positive for r in rows)
+    correct = sum(r["label"] == r["predict"] for r in rows)
+    precision = tp / (tp + fp) if tp + fp else None
+    recall = tp / (tp + fn) if tp + fn else None
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
+    return {"n": len(rows), "tp": tp, "fp": fp, "fn": fn, "accuracy": correct / len(rows), "precision": precision,
+            "recall": recall, "f1": f1}
+
+
+def test_predict_then_eval_end_to_end(tmp_path, tiny_model_dir, label_adapter, rules_dir):
+    save = tmp_path / "out" / "predictions.jsonl"
+    result = run_cli(*predict_args(tiny_model_dir, label_adapter, rules_dir, save, "--batch_size", "4"))
+    assert result.returncode == 0, result.stderr
+    assert "mode: score" in result.stdout and "samples/s" in result.stdout and "F1" in result.stdout
+    rows = read_rows(save)
+    assert [r["id"] for r in rows] == dataset_ids(rules_dir)
+    for row in rows:
+        assert set(row) == {"id", "images", "prompt", "predict", "label", "scores"}
+        assert list(row["scores"]) == [POS, NEG] and abs(sum(row["scores"].values()) - 1) < 1e-6
+        assert row["predict"] == max(row["scores"], key=row["scores"].get)
+        assert row["prompt"].count("<image>") == 1 and "<|image_pad|>" not in row["prompt"]
+        assert row["prompt"].endswith("<|im_start|>assistant\n")
+        assert len(row["images"]) == 1 and Path(row["images"][0]).is_file()
+    meta = json.loads(Path(f"{save}.meta.json").read_text(encoding="utf-8"))
+    assert meta["image_max_pixels"] == 112 * 112  # the adapter's pixel limit, not the model's default
+
+    result = run_cli("eval", str(save))
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((save.parent / "metrics.json").read_text(encoding="utf-8"))
+    want = by_hand(rows)
+    for key, value in want.items():
+        assert metrics[key] == pytest.approx(value), key
+    assert metrics["n_invalid"] == 0
+    assert want["accuracy"] > 0.9  # the trained adapter follows the rule in the prompt
+
+
+def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, capsys, tiny_model_dir, label_adapter,
+                                                        rules_dir):
+    save = tmp_path / "pred.jsonl"
+    args = predict_args(tiny_model_dir, label_adapter, rules_dir, save, "--batch_size", "1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{DELAY_ENV: "0.1"})
+    proc = subprocess.Popen([sys.executable, "-m", "vlmtune", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if save.is_file() and save.read_bytes().count(b"\n") >= 5:
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ids = dataset_ids(rules_dir)
+    done = read_rows(save)
+    assert 5 <= len(done) < len(ids), "the run was not killed half-way"
+    with open(save, "ab") as fh:  # as if the kill had landed in the middle of a write
+        fh.write(b'{"id": "rules-99", "images": ["/x.png"], "predi')
+
+    result = run_inline(capsys, *args)  # the rerun in-process: the same code, 8 s less of imports
+    assert result.returncode == 0, result.stderr
+    assert f"resuming: {len(done)} of {len(ids)}" in result.stdout
+    assert "torn last line" in result.stdout
+    rows = read_rows(save)
+    assert [r["id"] for r in rows] == ids  # every id exactly once, in dataset order
+    assert rows[:len(done)] == done  # the rows of the first run are kept as they were
+
+
+def test_rerun_of_a_finished_run_adds_nothing_and_a_different_run_is_refused(
+        tmp_path, capsys, tiny_model_dir, label_adapter, rules_dir):
+    save = tmp_path / "p.jsonl"
+    args = predict_args(tiny_model_dir, label_adapter, rules_dir, save, "--max_samples", "6")
+    assert run_inline(capsys, *args).returncode == 0
+    first = save.read_text(encoding="utf-8")
+    # More samples of the same dataset: the first 6 rows are kept, 4 are added.
+    result = run_inline(capsys, *predict_args(tiny_model_dir, label_adapter, rules_dir, save, "--max_samples", "10"))
+    assert result.returncode == 0 and "resuming: 6 of 10" in result.stdout
+    assert save.read_text(encoding="utf-8").startswith(first) and len(read_rows(save)) == 10
+    result = run_inline(capsys, *predict_args(tiny_model_dir, label_adapter, rules_dir, save, "--max_samples", "10"))
+    assert result.returncode == 0 and len(read_rows(save)) == 10
+
+    # Another model (no adapter), another mode: refused, the file untouched.
+    before = save.read_bytes()
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, rules_dir, save, "--max_samples", "10"))
+    assert_one_line_error(result, str(save), "adapter", "--overwrite")
+    result = run_inline(capsys, *predict_args(tiny_model_dir, label_adapter, rules_dir, save, "--mode", "generate"))
+    assert_one_line_error(result, "mode", "--overwrite")
+    assert save.read_bytes() == before
+    # Fewer samples than the file holds: refused rather than a file that disagrees with the dataset.
+    result = run_inline(capsys, *predict_args(tiny_model_dir, label_adapter, rules_dir, save, "--max_samples", "4"))
+    assert_one_line_error(result, "more rows than the dataset")
+
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, rules_dir, save, "--max_samples", "3",
+                                              "--overwrite"))
+    assert result.returncode == 0
+    assert len(read_rows(save)) == 3
+
+
+def test_generate_mode_and_yaml_config(tmp_path, capsys, tiny_model_dir, label_adapter, rules_dir):
+    cfg = tmp_path / "predict.yaml"
+    cfg.write_text(f"model_name_or_path: {tiny_model_dir}\nadapter_name_or_path: {label_adapter}\n"
+                   f"dataset: rules\ndataset_dir: {rules_dir}\ntemplate: qwen2_vl\nmode: generate\n"
+                   f"max_new_tokens: 6\nlearning_rate: 1.0e-4\n", encoding="utf-8")  # training keys are accepted
+    save = tmp_path / "gen.jsonl"
+    result = run_inline(capsys, "predict", cfg, f"save_name={save}", "max_samples=8", "--batch_size", "3")
+    assert result.returncode == 0, result.stderr
+    assert "mode: generate" in result.stdout
+    rows = read_rows(save)
+    assert len(rows) == 8 and all("scores" not in r for r in rows)
+    assert sum(r["predict"] == r["label"] for r in rows) >= 6
+
+
+def test_free_text_answers_default_to_generate_and_labels_force_score(tmp_path, capsys, tiny_model_dir):
+    from helpers import record, save_image, write_dataset
+
+    data = tmp_path / "data"
+    records = []
+    for i in range(3):
+        save_image(data / f"c{i}.png", (56, 56), seed=i)
+        records.append(record(f"c{i}.png", ["a red cube", "two rings", "满足要求"][i]))
+    write_dataset(data, "rules", records)
+    save = tmp_path / "free.jsonl"
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, data, save, "--max_new_tokens", "3"))
+    assert result.returncode == 0, result.stderr
+    assert "mode: generate" in result.stdout and "scores" not in read_rows(save)[0]
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, data, tmp_path / "s.jsonl", "--mode", "score"))
+    assert_one_line_error(result, "--labels")
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, data, tmp_path / "s.jsonl",
+                                              "--labels", "满足要求,不满足要求"))
+    assert result.returncode == 0 and "no metrics" in result.stdout  # answers outside the labels
+    assert list(read_rows(tmp_path / "s.jsonl")[0]["scores"]) == [POS, NEG]
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys, tiny_model_dir, label_adapter, rules_dir):
+    save = tmp_path / "p.jsonl"
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, tmp_path / "nowhere", save))
+    assert_one_line_error(result, "dataset_info.json", "not found")
+    result = run_inline(capsys, "predict", "--model_name_or_path", tiny_model_dir, "--dataset", "rulez",
+                        "--dataset_dir", rules_dir)
+    assert_one_line_error(result, "unknown dataset 'rulez'", "did you mean 'rules'")
+    result = run_inline(capsys, *predict_args(tiny_model_dir, tmp_path, rules_dir, save))
+    assert_one_line_error(result, str(tmp_path), "adapter_config.json")
+    result = run_inline(capsys, *predict_args(tmp_path / "no-model", None, rules_dir, save))
+    assert_one_line_error(result, "no-model", "not found")
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, rules_dir, save, "--vllm_config", "{tp: 4"))
+    assert_one_line_error(result, "vllm_config", "JSON")
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, rules_dir, save, "temprature=0.5"))
+    assert_one_line_error(result, "unknown key 'temprature'", "temperature")
+    # A missing image names file, record and field.
+    bad = make_dataset(tmp_path / "bad", n=3, name="rules")
+    (bad / "images" / "img_1.png").unlink()
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, bad, save))
+    assert_one_line_error(result, "rules.json", "record 1", "images[0]", "--skip_bad_records")
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, bad, save, "--skip_bad_records"))
+    assert result.returncode == 0 and [r["id"] for r in read_rows(save)] == ["rules-0", "rules-2"]
+    # The dataset file changed since: rows of the old content are not continued.
+    (bad / "rules.json").write_text((bad / "rules.json").read_text(encoding="utf-8") + " ", encoding="utf-8")
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, bad, save, "--skip_bad_records"))
+    assert_one_line_error(result, "rules.json changed since", "--overwrite")
+    # A file not written by vlmtune predict is not appended to.
+    foreign = tmp_path / "foreign.jsonl"
+    foreign.write_text('{"predict": "x", "label": "y"}\n', encoding="utf-8")
+    result = run_inline(capsys, *predict_args(tiny_model_dir, None, rules_dir, foreign))
+    assert_one_line_error(result, "not written by `vlmtune predict`")
+    assert save.exists() and not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,116 @@
+"""Label scoring equals one plain full forward per (sample, label), whatever the batch."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from vlmtune.data.conversation import Conversation, Message
+from vlmtune.data.encode import IGNORE_INDEX, Collator, encode, load_images
+from vlmtune.data.loader import load_datasets
+from vlmtune.data.processor import load_processor
+from vlmtune.infer.engine import load_engine
+from vlmtune.infer.scoring import (encode_prompts, evaluating, infer_label_set, label_token_ids, score_conversations,
+                                   score_samples, unwrap)
+from vlmtune.model.load import load_model
+
+POS, NEG = "满足要求", "不满足要求"
+# Two labels of one token each on the tiny tokenizer, plus multi-token ones of different lengths.
+LABELS = [POS, NEG, "立方体 圆柱体 的", " yes", "满足"]
+
+
+def naive_logprob(model, processor, conv: Conversation, label: str) -> float:
+    """log P(label + <|im_end|> | prompt) from one right-padded full forward of the whole conversation."""
+    conv = replace(conv, messages=list(conv.messages[:-1]) + [Message("assistant", label)])
+    batch = Collator(processor)([encode(conv, processor, None)])
+    labels = batch.pop("labels")[0, 1:]
+    with torch.no_grad():
+        logp = model(**batch).logits[0, :-1].float().log_softmax(-1)
+    keep = labels != IGNORE_INDEX
+    return float(logp[keep].gather(-1, labels[keep][:, None]).sum())
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    model.eval()
+    return model, load_processor(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def mixed_conversations(tmp_path_factory):
+    from helpers import make_dataset
+
+    data = make_dataset(tmp_path_factory.mktemp("mixed") / "data", n=5)  # 320×240 and 224×224 images
+    return load_datasets("my_dataset", str(data), None).conversations
+
+
+@pytest.fixture(scope="module")
+def naive(base, mixed_conversations):
+    model, processor = base
+    return torch.tensor([[naive_logprob(model, processor, c, label) for label in LABELS] for c in mixed_conversations])
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_scoring_equals_naive_forward(base, mixed_conversations, naive, batch_size):
+    model, processor = base
+    convs, want = mixed_conversations, naive
+    assert len({tuple(load_images(c, processor)[0].shape) for c in convs[:3]}) == 2  # sizes differ in a batch
+    ids = label_token_ids(LABELS, processor)
+    assert sorted(len(i) for i in ids) != [len(ids[0])] * len(ids)  # labels of different lengths
+    samples = encode_prompts(convs, processor)
+    with evaluating(model):
+        got = torch.cat([score_samples(model, processor, samples[i:i + batch_size], ids)
+                         for i in range(0, len(samples), batch_size)])
+    assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
+    probs = score_conversations(model, processor, convs, LABELS, batch_size=batch_size)
+    for row, logps in zip(probs, want):
+        assert list(row) == LABELS
+        assert abs(sum(row.values()) - 1) < 1e-6
+        assert torch.allclose(torch.tensor(list(row.values())), logps.softmax(-1), atol=1e-5)
+
+
+def test_scoring_a_peft_model_in_train_mode(tiny_model_dir, label_adapter, rules_dir):
+    """What the trainer does at each evaluation: a trainable peft model; its mode comes back unchanged."""
+    from peft import PeftModel
+
+    engine = load_engine(str(tiny_model_dir), str(label_adapter), log=lambda *_: None)
+    model, processor = engine.model, engine.processor
+    assert isinstance(model, PeftModel)
+    model.train()
+    unwrap(model).model.visual.eval()  # a trainer may keep frozen parts in eval mode: that must survive too
+    modes = [m.training for m in model.modules()]
+    convs = load_datasets("rules", str(rules_dir), 6).conversations
+    images = [load_images(c, processor) for c in convs]
+    probs = score_conversations(model, processor, convs, [POS, NEG], batch_size=4, images=images)
+    assert [m.training for m in model.modules()] == modes and model.training and False in modes
+    model.eval()
+    want = torch.tensor([[naive_logprob(model, processor, c, label) for label in (POS, NEG)] for c in convs])
+    got = torch.tensor([[p[POS], p[NEG]] for p in probs])
+    assert torch.allclose(got, want.softmax(-1), atol=1e-5)
+    # The adapter learned the rule: the answer each prompt asks for is the likelier one.
+    assert [max(p, key=p.get) for p in probs] == [c.answer for c in convs]
+
+
+def test_label_tokens_are_whole_sequences(base):
+    _, processor = base
+    pos, neg = label_token_ids([POS, NEG], processor)
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert pos[-1] == im_end and neg[-1] == im_end
+    assert pos != neg
+    with pytest.raises(ValueError):
+        label_token_ids([POS, POS], processor)
+
+
+def test_infer_label_set():
+    def convs(answers):
+        return [Conversation([Message("user", "q"), Message("assistant", a)], [], "f.json", i)
+                for i, a in enumerate(answers)]
+
+    assert infer_label_set(convs([NEG, POS, POS, " 不满足要求 "])) == [NEG, POS]
+    assert infer_label_set(convs([POS, POS])) is None  # one label is not a choice
+    assert infer_label_set(convs(["a cube", "two rings", "a lamp"])) is None  # all distinct: free text
+    assert infer_label_set(convs([str(i % 9) for i in range(40)])) is None  # more than 8 labels
+    assert infer_label_set(convs([str(i % 9) for i in range(40)]), max_labels=9) is not None

@@ -1,0 +1,180 @@
+"""The vLLM backend. The real runs need vllm and a CUDA device and are skipped without them; the
+parsing of prompt log-probs and the adapter check are tested everywhere against a stand-in engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+from helpers import assert_one_line_error, run_cli
+from vlmtune.cli import main as cli_main
+
+POS, NEG = "满足要求", "不满足要求"
+
+
+def _vllm_ready() -> tuple[bool, str]:
+    if importlib.util.find_spec("vllm") is None:
+        return False, "vllm is not installed (GPU-only optional extra)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    return True, ""
+
+
+VLLM_READY, VLLM_WHY = _vllm_ready()
+needs_vllm = pytest.mark.skipif(not VLLM_READY, reason=f"vLLM backend: {VLLM_WHY}")
+
+
+# --- everywhere: a stand-in for vllm.LLM -----------------------------------------------------
+
+
+class FakeLLM:
+    """Tokenises the prompt text like vLLM would and returns a made-up log-prob per prompt token.
+
+    log P(token) = -(id % 7) / 10, minus 1 when a LoRA request is applied and the engine honours it.
+    """
+
+    def __init__(self, tokenizer, honours_lora: bool = True):
+        self.tokenizer = tokenizer
+        self.honours_lora = honours_lora
+        self.calls = []
+
+    def logprob(self, token: int, lora) -> float:
+        return -(token % 7) / 10 - (1.0 if lora is not None and self.honours_lora else 0.0)
+
+    def generate(self, requests, params, lora_request=None, use_tqdm=False):
+        self.calls.append((len(requests), params.kwargs, lora_request))
+        out = []
+        for request in requests:
+            assert request["multi_modal_data"]["image"][0].size[0] % 28 == 0  # pre-resized to the 28-pixel grid
+            ids = self.tokenizer(request["prompt"], add_special_tokens=False)["input_ids"]
+            prompt_logprobs = None
+            if params.kwargs.get("prompt_logprobs") is not None:
+                prompt_logprobs = [None] + [{t: SimpleNamespace(logprob=self.logprob(t, lora_request))}
+                                            for t in ids[1:]]
+            out.append(SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=prompt_logprobs,
+                                       outputs=[SimpleNamespace(text=f" {POS}\n")]))
+        return out
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.SamplingParams = lambda **kwargs: SimpleNamespace(kwargs=kwargs)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    return module
+
+
+@pytest.fixture
+def predictor_parts(tiny_model_dir, rules_dir):
+    from vlmtune.data.loader import load_datasets
+    from vlmtune.data.processor import load_processor
+
+    processor = load_processor(tiny_model_dir, max_pixels=112 * 112)
+    return processor, load_datasets("rules", str(rules_dir), 4).conversations
+
+
+def test_score_sums_the_label_token_logprobs(fake_vllm, predictor_parts, tiny_model_dir):
+    from vlmtune.infer.scoring import label_token_ids
+    from vlmtune.infer.vllm_backend import VllmPredictor
+
+    processor, convs = predictor_parts
+    llm = FakeLLM(processor.tokenizer)
+    predictor = VllmPredictor(llm, processor, tiny_model_dir, None, "lora", "bfloat16", log=lambda *_: None)
+    probs = predictor.score(predictor.prepare(convs), [POS, NEG])
+    sums = [sum(llm.logprob(t, "lora") for t in ids) for ids in label_token_ids([POS, NEG], processor)]
+    import math
+
+    want = [math.exp(s) / sum(math.exp(v) for v in sums) for s in sums]
+    assert all(p == pytest.approx(want) for p in probs)
+    assert llm.calls[0][0] == 2 * len(convs)  # one request per (sample, label)
+    assert llm.calls[0][1]["prompt_logprobs"] == 0 and llm.calls[0][2] == "lora"
+    texts = predictor.generate(predictor.prepare(convs), max_new_tokens=4, temperature=0.0, seed=None)
+    assert texts == [POS] * len(convs)
+    params = llm.calls[-1][1]
+    assert params["temperature"] == 0.0 and params["repetition_penalty"] == 1.0 and params["max_tokens"] == 4
+
+
+def test_adapter_check_stops_when_vllm_ignores_the_adapter(fake_vllm, predictor_parts, tiny_model_dir, tmp_path):
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.infer.vllm_backend import VllmPredictor
+
+    processor, convs = predictor_parts
+    messages = []
+    honours = VllmPredictor(FakeLLM(processor.tokenizer), processor, tiny_model_dir, tmp_path, "lora", "bfloat16",
+                            log=messages.append)
+    honours.check(convs, [POS, NEG], "score")
+    assert "changes answer log-likelihoods by up to" in messages[0]
+    ignores = VllmPredictor(FakeLLM(processor.tokenizer, honours_lora=False), processor, tiny_model_dir, tmp_path,
+                            "lora", "bfloat16", log=lambda *_: None)
+    with pytest.raises(VlmtuneError, match="same with and without the adapter"):
+        ignores.check(convs, None, "generate")  # generate mode checks the dataset's own answers
+
+
+def test_vllm_backend_without_vllm_or_gpu_is_a_one_line_error(capsys, tiny_model_dir, rules_dir, tmp_path):
+    if VLLM_READY:
+        pytest.skip("vllm and a GPU are present")
+    code = cli_main(["predict", "--model_name_or_path", str(tiny_model_dir), "--dataset", "rules",
+                     "--dataset_dir", str(rules_dir), "--save_name", str(tmp_path / "p.jsonl"), "--backend", "vllm"])
+    out = capsys.readouterr()
+    assert_one_line_error(subprocess.CompletedProcess([], code, out.out, out.err), "--backend vllm",
+                          "--backend transformers")
+
+
+# --- with vllm and a GPU ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_adapter(tiny_model_dir, tmp_path_factory):
+    """A LoRA adapter with random (non-zero) weights on the language model only (vLLM-loadable)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from vlmtune.data.processor import load_processor
+    from vlmtune.model.adapters import lora_target_regex
+    from vlmtune.model.load import load_model
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_dir)
+    regex, _ = lora_target_regex(model, "all")
+    out = tmp_path_factory.mktemp("vllm") / "adapter"
+    get_peft_model(model, LoraConfig(r=8, lora_alpha=32, target_modules=regex, init_lora_weights=False)) \
+        .save_pretrained(out)
+    load_processor(tiny_model_dir, max_pixels=112 * 112).save_pretrained(out)
+    return out
+
+
+@needs_vllm
+@pytest.mark.gpu
+def test_vllm_scores_match_transformers(tmp_path, tiny_model_dir, random_adapter, rules_dir):
+    common = ["--model_name_or_path", str(tiny_model_dir), "--adapter_name_or_path", str(random_adapter),
+              "--dataset", "rules", "--dataset_dir", str(rules_dir), "--max_samples", "8", "--bf16"]
+    for backend in ("transformers", "vllm"):
+        result = run_cli("predict", *common, "--backend", backend, "--save_name", str(tmp_path / f"{backend}.jsonl"),
+                         "--vllm_config", json.dumps({"gpu_memory_utilization": 0.3, "enforce_eager": True}))
+        assert result.returncode == 0, result.stderr
+    assert "adapter check" in result.stdout
+    rows = {b: [json.loads(x) for x in (tmp_path / f"{b}.jsonl").read_text().splitlines()]
+            for b in ("transformers", "vllm")}
+    for hf, vl in zip(rows["transformers"], rows["vllm"]):
+        assert hf["id"] == vl["id"]
+        assert vl["scores"][POS] == pytest.approx(hf["scores"][POS], abs=0.05)  # bf16 on both sides
+
+
+@needs_vllm
+@pytest.mark.gpu
+def test_vllm_generate_mode(tmp_path, tiny_model_dir, random_adapter, rules_dir):
+    result = run_cli("predict", "--model_name_or_path", str(tiny_model_dir), "--adapter_name_or_path",
+                     str(random_adapter), "--dataset", "rules", "--dataset_dir", str(rules_dir), "--max_samples", "4",
+                     "--backend", "vllm", "--mode", "generate", "--max_new_tokens", "4",
+                     "--save_name", str(tmp_path / "g.jsonl"),
+                     "--vllm_config", json.dumps({"gpu_memory_utilization": 0.3, "enforce_eager": True}))
+    assert result.returncode == 0, result.stderr
+    assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 4
