@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.evaluate.atomic import write_atomic
+from vlmtune.files import write_atomic
 from vlmtune.evaluate.command import parse_labels
 from vlmtune.evaluate.metrics import POSITIVE, load_predictions, metrics_of_file
 from vlmtune.evaluate.report import build_report

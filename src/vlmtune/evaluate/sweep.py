@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.evaluate.atomic import write_atomic
+from vlmtune.files import write_atomic
 from vlmtune.evaluate.metrics import compute_metrics
 
 METRICS = ("f1", "accuracy", "precision", "recall", "specificity", "roc_auc", "pr_auc")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.evaluate.atomic import write_atomic
+from vlmtune.files import write_atomic
 
 META_VERSION = 1
 # Settings that change the rows; a rerun must match them all. (batch_size and max_samples may change:

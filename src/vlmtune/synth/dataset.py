@@ -19,13 +19,13 @@ import os
 import random
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import write_atomic
 from vlmtune.synth import draw
 from vlmtune.synth.rules import (
     PRESETS,
@@ -73,19 +73,6 @@ def choose_broken(rng: random.Random, active: Sequence[int], negative: bool, ext
     return broken
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory + rename, so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def register(out_dir: Path, name: str) -> Path:
     """Merge this dataset's entry into ``out_dir/dataset_info.json``, keeping the other entries."""
     info_path = out_dir / "dataset_info.json"
@@ -104,7 +91,7 @@ def register(out_dir: Path, name: str) -> Path:
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                  "assistant_tag": "assistant", "system_tag": "system"},
     }
-    _write_atomic(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    write_atomic(info_path, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
     return info_path
 
 
@@ -183,8 +170,8 @@ def generate(n: int, out_dir: str | os.PathLike, seed: int = 0, preset: str | No
         truths.append(truth)
 
     json_path = out / f"{name}.json"
-    _write_atomic(json_path, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
-    _write_atomic(out / f"{name}.truth.jsonl",
+    write_atomic(json_path, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
+    write_atomic(out / f"{name}.truth.jsonl",
                   "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in truths))
     register(out, name)
     return json_path

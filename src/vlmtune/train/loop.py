@@ -33,6 +33,7 @@ from vlmtune.config import Config, inert_settings
 from vlmtune.data.encode import IGNORE_INDEX, Collator, EncodedSample
 from vlmtune.data.processor import load_processor
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import write_atomic
 from vlmtune.model.adapters import apply_finetuning, parameter_summary
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 from vlmtune.train.batches import EpochBatches
@@ -445,6 +446,4 @@ def save_due(cfg: Config, step: int, epoch_ends: bool) -> bool:
 
 
 def write_json(path: Path, values: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values, indent=2, ensure_ascii=False), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(values, indent=2, ensure_ascii=False) + "\n")

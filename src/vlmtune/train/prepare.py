@@ -13,6 +13,7 @@ from vlmtune.data.encode import IGNORE_INDEX, EncodedSample, EncodeError, encode
 from vlmtune.data.loader import load_splits, refuse_or_skip
 from vlmtune.data.template import IMAGE_PAD
 from vlmtune.errors import VlmtuneError
+from vlmtune.infer.scoring import infer_label_set
 
 
 @dataclass
@@ -43,14 +44,6 @@ def encode_all(conversations: list[Conversation], processor, cfg: Config, worker
     return ([r for r in results if isinstance(r, EncodedSample)], [r for r in results if isinstance(r, Problem)])
 
 
-def infer_label_set(conversations: list[Conversation], configured: list[str] | None, max_labels: int = 8):
-    """The closed answer set for label scoring: as configured, or the answers when they are few."""
-    if configured:
-        return list(configured)
-    answers = sorted({c.answer for c in conversations if c.answer is not None})
-    return answers if 2 <= len(answers) <= max_labels else None
-
-
 def prepare_data(cfg: Config, processor, log, local_world_size: int = 1) -> PreparedData:
     splits = load_splits(cfg.data, cfg.train.seed, processor)
     refuse_or_skip(splits, cfg.data.skip_bad_records, log)
@@ -71,7 +64,7 @@ def prepare_data(cfg: Config, processor, log, local_world_size: int = 1) -> Prep
         log(f"skipping {len(problems)} record(s) that could not be encoded")
     if not train:
         raise VlmtuneError(f"{cfg.data.dataset}: no usable training records")
-    label_set = infer_label_set(splits.train + splits.val, cfg.data.labels)
+    label_set = list(cfg.data.labels) if cfg.data.labels else infer_label_set(splits.train + splits.val)
     log(f"Encoded {len(train)} training and {len(val)} validation samples ({workers} thread(s); each image "
         f"decoded once)")
     return PreparedData(train, val, label_set, splits.problems + problems)
