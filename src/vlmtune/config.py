@@ -306,7 +306,7 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     return value
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise VlmtuneError(f"command line: override '{item}' must look like key=value")
     key, raw = item.split("=", 1)
@@ -335,30 +335,31 @@ def build_config(values: dict[str, Any], origin: str = "config") -> Config:
     return cfg
 
 
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A flat YAML mapping, or a one-line error naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise VlmtuneError(f"{path}: config file not found")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise VlmtuneError(f"{path}: not valid YAML{at}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise VlmtuneError(f"{path}: expected a mapping of key: value at the top level")
+    return loaded
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a flat YAML file (or nothing) and apply `key=value` overrides."""
-    values: dict[str, Any] = {}
-    origin = "command line"
-    if path is not None:
-        path = Path(path)
-        origin = str(path)
-        if not path.is_file():
-            raise VlmtuneError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise VlmtuneError(f"{path}: not valid YAML{at}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise VlmtuneError(f"{path}: expected a mapping of key: value at the top level")
-        values.update(loaded)
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
     for item in overrides or []:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         values[key] = value
-    cfg = build_config(values, origin)
+    cfg = build_config(values, str(path) if path is not None else "command line")
     cfg.source = str(path) if path is not None else None
     return cfg
 

@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from vlmtune.config import Config, build_config, key_sections
+from vlmtune.config import Config, build_config, key_sections, parse_override, read_yaml
 from vlmtune.errors import VlmtuneError
 
 DEFAULT_SAVE_NAME = "generated_predictions.jsonl"  # LLaMA-Factory's default
@@ -93,33 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise VlmtuneError(f"command line: '{item}' must look like key=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().lstrip("-"), value
-
-
-def _read_yaml(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise VlmtuneError(f"{file}: config file not found")
-    try:
-        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise VlmtuneError(f"{file}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise VlmtuneError(f"{file}: expected a mapping of key: value at the top level")
-    return loaded
-
-
 def _coerce_predict(key: str, value: Any, origin: str) -> Any:
     kind = {"batch_size": int, "max_new_tokens": int, "temperature": float, "overwrite": bool}.get(key, str)
     try:
@@ -153,10 +125,10 @@ def parse_args(argv: list[str]) -> tuple[Config, PredictArgs, set[str]]:
     if config_path and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
         overrides.insert(0, config_path)
         config_path = None
-    values: dict[str, Any] = _read_yaml(config_path) if config_path else {}
+    values: dict[str, Any] = read_yaml(config_path) if config_path else {}
     origin = config_path or "command line"
     for item in overrides:
-        key, value = _parse_override(item)
+        key, value = parse_override(item)
         values[key] = value
     for key in (*SHARED_FLAGS, "save_name", "batch_size", "backend", "mode", "max_new_tokens", "temperature",
                 "vllm_config", "bf16", "fp16", "overwrite", "skip_bad_records"):
