@@ -15,11 +15,16 @@ from vlmtune.errors import VlmtuneError
 # command -> (module, one-line help). Modules are imported lazily. Commands join this table when they land.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("vlmtune.train.command", "fine-tune a model from a LLaMA-Factory-style YAML"),
+    "predict": ("vlmtune.infer.command", "predict a dataset with base model + adapter into a JSONL (label scores or text)"),
     "eval": ("vlmtune.evaluate.command", "metrics (accuracy, precision, recall, F1, AUC) of a predictions JSONL"),
     "report": ("vlmtune.evaluate.report_command", "self-contained HTML report of a predictions JSONL"),
+    "sweep": ("vlmtune.evaluate.sweep_command", "evaluate the base model, every checkpoint-N and the final adapter of a run"),
     "data": ("vlmtune.data.command", "check datasets before training (`vlmtune data check ...`)"),
     "inspect": ("vlmtune.model.inspect", "print the trainable-parameter summary of a model + adapter set-up"),
     "tiny-model": ("vlmtune.model.tiny", "build a tiny random Qwen2.5-VL for tests and demos"),
+    "webui": ("vlmtune.serve.webui", "a web page to try the model on single images (Gradio)"),
+    "api": ("vlmtune.serve.api", "an OpenAI-compatible HTTP API: /v1/chat/completions with images, label scores"),
+    "export": ("vlmtune.model.export", "merge a LoRA adapter into the base model and write a standard checkpoint"),
     "synth": ("vlmtune.synth.command", "generate synthetic compliance scenes with labels"),
 }
 
