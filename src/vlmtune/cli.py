@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "api": ("vlmtune.serve.api", "an OpenAI-compatible HTTP API: /v1/chat/completions with images, label scores"),
     "export": ("vlmtune.model.export", "merge a LoRA adapter into the base model and write a standard checkpoint"),
     "synth": ("vlmtune.synth.command", "generate synthetic compliance scenes with labels"),
+    "demo": ("vlmtune.demo.command", "the whole workflow on synthetic data and a tiny model, on CPU"),
 }
 
 

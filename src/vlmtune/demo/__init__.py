@@ -1,0 +1,1 @@
+"""`vlmtune demo`: the whole workflow on synthetic scenes and a tiny model, on a CPU."""
