@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 def test_demo_workflow_completes_and_reports(tmp_path):
     out = tmp_path / "demo"
-    result = run_cli("demo", "--out", str(out), "--steps", "8", "--n_train", "48", "--n_val", "16",
-                     "--n_test", "16", "--eval_steps", "4", timeout=900)
+    result = run_cli("demo", "--out", str(out), "--steps", "10", "--n_train", "48", "--n_val", "16",
+                     "--n_test", "16", "--eval_steps", "5", timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     before = json.loads((out / "before" / "metrics.json").read_text(encoding="utf-8"))
     after = json.loads((out / "after" / "metrics.json").read_text(encoding="utf-8"))
@@ -23,7 +23,7 @@ def test_demo_workflow_completes_and_reports(tmp_path):
     assert before["n_invalid"] == after["n_invalid"] == 0  # score mode: always one of the two labels
     run = out / "run"
     for name in ("adapter_model.safetensors", "adapter_config.json", "trainer_log.jsonl", "all_results.json",
-                 "training_loss.png"):
+                 "training_loss.png", "training_eval_loss.png", "training_eval_f1.png"):
         assert (run / name).is_file(), name
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Confusion matrix" in page

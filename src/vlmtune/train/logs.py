@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 LOG_FILE = "trainer_log.jsonl"
+PLOTTED_EVAL_KEYS = ("eval_loss", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1", "eval_roc_auc",
+                     "eval_pr_auc")
 
 
 class TrainLogger:
@@ -112,8 +114,8 @@ def plot_curves(output_dir: Path) -> list[Path]:
     written = []
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     series = {"loss": train}
-    eval_keys = sorted({k for r in rows for k in r if k.startswith("eval_") and isinstance(r[k], (int, float))
-                        and k not in ("eval_runtime", "eval_samples_per_second")})
+    # One plot per headline metric; counts, thresholds and timings stay in the log.
+    eval_keys = [k for k in PLOTTED_EVAL_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]
     for key in eval_keys:
         series[key] = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     for key, points in series.items():
