@@ -32,7 +32,7 @@ def test_shipped_base_loads_with_the_ordinary_code_and_has_the_tiny_architecture
 
     model = load_model(base)
     processor = load_processor(base)
-    expected = tiny_config(build_tokenizer()).to_dict()
+    expected = tiny_config(build_tokenizer(), vision_hidden=pretrain.VISION_HIDDEN).to_dict()
     got = model.config.to_dict()
     assert got["model_type"] == "qwen2_5_vl"
     for part, keys in (("text_config", ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -43,24 +43,73 @@ def test_shipped_base_loads_with_the_ordinary_code_and_has_the_tiny_architecture
             assert got[part][key] == expected[part][key], (part, key)
     for key in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
         assert got[key] == expected[key], key
-    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 2e6
+    assert 0.5e6 < sum(p.numel() for p in model.parameters()) < 3e6
     # the tokenizer is the tiny model's, and the images are sized as in pretraining: 224² -> 64 tokens
     assert processor.tokenizer.get_vocab() == build_tokenizer().get_vocab()
     assert processor.max_pixels == pretrain.MAX_PIXELS
     recipe = json.loads((base / "pretrain.json").read_text(encoding="utf-8"))
-    assert recipe["built_by"] == "python -m vlmtune.demo.pretrain" and recipe["steps"] >= 1000
+    assert recipe["built_by"] == "python -m vlmtune.demo.pretrain" and recipe["vision_hidden"] == pretrain.VISION_HIDDEN
+    assert recipe["vision_steps"] >= 1000 and recipe["caption_steps"] >= 500
 
 
-def _scene_conversation(data_dir: Path, prompt: str):
-    """The first scene of a small synthetic set, asked with `prompt` (no answer)."""
+def _scenes(data_dir: Path, n: int, seed: int = 99) -> list[dict]:
+    """Held-out easy-preset scenes (seeds the base never saw) and their truth records."""
+    from vlmtune.synth import generate
+
+    generate(n, data_dir, seed=seed, preset="easy", name="look", image_size=pretrain.IMAGE_SIZE)
+    return [json.loads(line) for line in (data_dir / "look.truth.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def test_region_classes_put_each_object_in_the_token_under_its_centre(tmp_path):
+    truths = _scenes(tmp_path, 40)
+    grid = pretrain.IMAGE_SIZE // pretrain.MERGED_PATCH
+    seen = set()
+    for t in truths:
+        classes = pretrain.region_classes(t)
+        assert len(classes) == grid * grid
+        expected = {}
+        in_ring = {o["ring"] for o in t["objects"] if o["kind"] == "star" and o.get("ring") is not None}
+        for i, o in enumerate(t["objects"]):
+            x0, y0, x1, y1 = o["bbox"]
+            token = int((y0 + y1) / 2 // 28) * grid + int((x0 + x1) / 2 // 28)
+            if o["kind"] == "star" and o.get("ring") is not None:
+                continue  # named with its ring
+            name = {"cube": "立方体", "cylinder": "圆柱体", "star": "五角星", "lamp": "台灯", "sphere": "球体",
+                    "cone": "圆锥", "pyramid": "金字塔"}.get(o["kind"]) or ("圆环+五角星" if i in in_ring else "圆环")
+            expected[token] = name
+        got = {token: pretrain.REGION_CLASSES[c] for token, c in enumerate(classes) if c}
+        assert got == expected, t["id"]
+        seen |= set(got.values())
+    assert seen == set(pretrain.REGION_CLASSES[1:]), "40 scenes of the easy mix show every kind"
+
+
+def test_describe_names_foreign_objects_and_lone_stars_first(tmp_path):
+    for t in _scenes(tmp_path, 20):
+        lone = sum(1 for o in t["objects"] if o["kind"] == "star" and not o["inside_ring"])
+        assert pretrain.describe(t) == f"其他物体{t['foreign']} 环外五角星{lone}。{t['caption']}"
+
+
+def test_shipped_base_sees_foreign_objects_and_lone_stars_in_held_out_scenes(base, tmp_path):
+    """The base's captions of scenes it never saw: the two quantities the demo's rules depend on."""
+    import re
+
     from vlmtune.data.conversation import Conversation, Message
-    from vlmtune.synth import SYSTEM_PROMPT, generate
+    from vlmtune.data.processor import load_processor
+    from vlmtune.infer.generation import generate_conversations
+    from vlmtune.model.load import load_model
+    from vlmtune.synth import SYSTEM_PROMPT
 
-    generate(8, data_dir, seed=99, preset="easy", name="look", image_size=pretrain.IMAGE_SIZE)
-    truths = [json.loads(line) for line in (data_dir / "look.truth.jsonl").read_text(encoding="utf-8").splitlines()]
-    convs = [Conversation(messages=[Message("system", SYSTEM_PROMPT), Message("user", prompt)],
-                          images=[str(data_dir / t["image"])]) for t in truths]
-    return convs, truths
+    truths = _scenes(tmp_path, 64)
+    convs = [Conversation([Message("system", SYSTEM_PROMPT), Message("user", pretrain.CAPTION_PROMPT)],
+                          [str(tmp_path / t["image"])], "look.json", i) for i, t in enumerate(truths)]
+    answers = generate_conversations(load_model(base), load_processor(base), convs, batch_size=16, max_new_tokens=12)
+    right = 0
+    for t, answer in zip(truths, answers):
+        found = re.match(r"其他物体(\d+) 环外五角星(\d+)", answer)
+        assert found, answer
+        lone = sum(1 for o in t["objects"] if o["kind"] == "star" and not o["inside_ring"])
+        right += (int(found[1]) > 0) == (t["foreign"] > 0) and (int(found[2]) > 0) == (lone > 0)
+    assert right / len(truths) >= 0.8, f"foreign object / lone star presence right in only {right}/{len(truths)}"
 
 
 def test_demo_training_config_is_shaped_like_the_users(tmp_path):

@@ -9,6 +9,7 @@ the language model, so the adapter is exactly the one users expect and vLLM can 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +104,11 @@ def _apply_lora(model: nn.Module, cfg: FinetuneConfig, log) -> nn.Module:
         target_modules=regex, modules_to_save=modules_to_save or None, use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora, task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora_config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; the FutureWarning is
+        # theirs to fix and says nothing to our user.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(model, lora_config)
     if not cfg.freeze_vision_tower:
         for name, param in model.named_parameters():
             if f"{parts.vision_tower}." in name and f"{parts.projector}." not in name:
