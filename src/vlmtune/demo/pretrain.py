@@ -241,7 +241,7 @@ def train_config(model_dir: Path, data_dir: Path, output_dir: Path, steps: int, 
     }
 
 
-def pretrain(out: str | Path, vision_steps: int = 1500, caption_steps: int = 1000, batch_size: int = 16,
+def pretrain(out: str | Path, vision_steps: int = 1200, caption_steps: int = 800, batch_size: int = 16,
              vision_learning_rate: float = 2e-3, learning_rate: float = 1e-3, n_scenes: int = 4000,
              qa_fraction: float = 0.15, seed: int = 0, work_dir: str | Path | None = None, log=print) -> Path:
     """Build the stage-1 base model into `out` and return it."""
@@ -301,8 +301,8 @@ def _final_loss(run_dir: Path) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vlmtune.demo.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write the base model into")
-    parser.add_argument("--vision_steps", type=int, default=1500, help="stage 1a optimisation steps (default 1500)")
-    parser.add_argument("--caption_steps", type=int, default=1000, help="stage 1b optimisation steps (default 1000)")
+    parser.add_argument("--vision_steps", type=int, default=1200, help="stage 1a optimisation steps (default 1200)")
+    parser.add_argument("--caption_steps", type=int, default=800, help="stage 1b optimisation steps (default 800)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--vision_learning_rate", type=float, default=2e-3)
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="stage 1b learning rate")
