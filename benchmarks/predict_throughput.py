@@ -14,8 +14,9 @@ predict the same label wherever generation gave a valid label is not trivial.
 
 Prints seconds per sample and samples/s for each mode and batch size, timing the loop `vlmtune predict`
 runs (image decoding one batch ahead in a helper thread, encoding, the model; not model loading or
-the JSONL), the speed-up over the reference, and the agreement check. Also times
-the naive way of scoring (one full forward per label) for comparison. Run it on a quiet machine.
+the JSONL; the adapter merged, as `vlmtune predict` loads it), median of --repeats runs, the
+speed-up over the reference, and the agreement check. Also times the naive way of scoring (one full
+forward per label) and the vision tower alone. Run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -92,13 +93,15 @@ def train_adapter(model_dir: Path, conversations, out: Path, steps: int) -> None
 
 
 def timed(fn, n: int, repeats: int) -> float:
-    """Best of `repeats` runs, in seconds per sample."""
-    best = float("inf")
+    """Median of `repeats` runs, in seconds per sample."""
+    import statistics
+
+    runs = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best / n
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs) / n
 
 
 def main() -> None:
@@ -107,7 +110,7 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=448)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train_steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=2, help="time each configuration this often, keep the best")
+    parser.add_argument("--repeats", type=int, default=3, help="time each configuration this often, keep the median")
     args = parser.parse_args()
 
     import torch
@@ -127,7 +130,8 @@ def main() -> None:
         started = time.perf_counter()
         train_adapter(model_dir, convs, tmp / "adapter", args.train_steps)
         print(f"adapter trained in {time.perf_counter() - started:.1f} s ({args.train_steps} steps of batch 8)")
-        engine = load_engine(str(model_dir), str(tmp / "adapter"), image_max_pixels=args.image_size ** 2, log=print)
+        engine = load_engine(str(model_dir), str(tmp / "adapter"), image_max_pixels=args.image_size ** 2,
+                             merge_adapter=True, log=print)  # as `vlmtune predict` loads it
         model, processor = engine.model, engine.processor
         n = len(convs)
         n_image_tokens = image_tokens(load_images(convs[0], processor), processor)[0]
@@ -152,6 +156,7 @@ def main() -> None:
 
         naive = timed(lambda: naive_scores(model, processor, convs, labels), n, 1)
         vision = timed(vision_only(model, processor, convs), n, args.repeats)
+        vision_library = timed(vision_only(model, processor, convs, library=True), n, args.repeats)
 
         print(f"{'mode':<10} {'batch':>5} {'s/sample':>9} {'samples/s':>10} {'vs LLaMA-Factory':>17}")
         for (mode, batch), seconds in results.items():
@@ -161,7 +166,8 @@ def main() -> None:
               f"   (* naive: one full forward per label, for comparison)")
         print(f"reference: LLaMA-Factory 0.9.5 generate, batch 1: {REFERENCE_S_PER_SAMPLE} s/sample")
         print(f"of which the vision tower alone (batch 8): {vision:.4f} s/sample "
-              f"({vision / results[('score', 8)]:.0%} of score mode at batch 8)")
+              f"({vision / results[('score', 8)]:.0%} of score mode at batch 8); transformers' own forward of "
+              f"the same tower: {vision_library:.4f} s/sample")
         print(f"load average during the run: {os.getloadavg()[0]:.2f} (1 min); numbers are only comparable on a "
               f"quiet machine")
 
@@ -178,22 +184,29 @@ def main() -> None:
         print(f"score-mode predictions: {counts}; {truth}/{n} equal the reference answer")
 
 
-def vision_only(model, processor, conversations, batch_size: int = 8):
+def vision_only(model, processor, conversations, batch_size: int = 8, library: bool = False):
     """A function running just the vision tower on the (already prepared) images: the part of every
-    mode that no mode can skip."""
+    mode that no mode can skip. As prediction runs it (`model.vision.VisionEncoder` on one-frame
+    patches), or with `library=True` as transformers' `visual(pixel_values, grid_thw)`."""
     import torch
 
     from vlmtune.data.encode import Collator
     from vlmtune.infer.scoring import encode_prompts, unwrap
+    from vlmtune.model.vision import vision_encoder
 
     visual = unwrap(model).model.visual
-    batches = [Collator(processor, padding_side="left")(encode_prompts(conversations[i:i + batch_size], processor))
+    encoder = vision_encoder(visual)
+    collate = Collator(processor, padding_side="right", image_frames=not library)
+    batches = [collate(encode_prompts(conversations[i:i + batch_size], processor))
                for i in range(0, len(conversations), batch_size)]
 
     def run() -> None:
         with torch.no_grad():
             for batch in batches:
-                visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+                if library:
+                    visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+                else:
+                    encoder.images(batch["image_frames"], batch["image_grid_thw"])
     return run
 
 

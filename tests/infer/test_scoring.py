@@ -114,3 +114,14 @@ def test_infer_label_set():
     assert infer_label_set(convs(["a cube", "two rings", "a lamp"])) is None  # all distinct: free text
     assert infer_label_set(convs([str(i % 9) for i in range(40)])) is None  # more than 8 labels
     assert infer_label_set(convs([str(i % 9) for i in range(40)]), max_labels=9) is not None
+
+
+def test_merged_adapter_scores_as_the_unmerged_one(tiny_model_dir, label_adapter, rules_dir):
+    """`vlmtune predict` merges the adapter into the weights (load_engine(merge_adapter=True))."""
+    convs = load_datasets("rules", str(rules_dir), 6).conversations
+    probs = []
+    for merge in (False, True):
+        engine = load_engine(str(tiny_model_dir), str(label_adapter), merge_adapter=merge, log=lambda *_: None)
+        probs.append(torch.tensor([[p[POS], p[NEG]] for p in score_conversations(engine.model, engine.processor,
+                                                                                   convs, [POS, NEG])]))
+    assert torch.allclose(probs[0], probs[1], atol=1e-5)

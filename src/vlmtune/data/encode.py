@@ -114,11 +114,16 @@ class Collator:
     `mm_token_type_ids` (1 at image tokens) must reach the model: without it transformers 5 silently
     falls back to 1-D positions for the image tokens. Samples with cached image features pass them as
     `mm_encoder_outputs` (the vision tower does not run) plus `image_grid_thw` for the positions.
+
+    `image_frames=True` (prediction): the images go out as `image_frames`, patches with their one
+    frame (not repeated over the temporal patch), for `model.vision.VisionEncoder.images`; a model's
+    forward does not take them.
     """
 
-    def __init__(self, processor: Processor, padding_side: str = "right"):
+    def __init__(self, processor: Processor, padding_side: str = "right", image_frames: bool = False):
         self.processor = processor
         self.padding_side = padding_side
+        self.image_frames = image_frames
 
     def __call__(self, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
         longest = max(len(s) for s in samples)
@@ -148,5 +153,7 @@ class Collator:
             return batch
         images = [im for s in samples for im in s.images]
         if images:
-            batch["pixel_values"], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor)
+            key = "image_frames" if self.image_frames else "pixel_values"
+            batch[key], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor,
+                                                             repeat_frames=not self.image_frames)
         return batch

@@ -55,49 +55,64 @@ def token_count(width: int, height: int, image_processor) -> int:
 
 
 def load_resized(path: str | Path, image_processor) -> "torch.Tensor":
-    """Decode an image once, convert to RGB and resize it exactly as the processor does (uint8 CHW)."""
+    """Decode an image once, convert to RGB and resize it exactly as the processor does (uint8 CHW).
+
+    The processor's PIL backend turns its array back into a PIL image, resizes it with PIL and
+    converts again; resizing the decoded PIL image directly gives the same bytes without the two
+    conversions, and an image already at its target size (PIL's resize is then a copy) is not resized.
+    """
     import torch
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")
-            chw = np.asarray(image).transpose(2, 0, 1)
+            image = image.convert("RGB") if image.mode != "RGB" else image.copy()  # copy: decodes, detaches the file
     except FileNotFoundError:
         raise ImageError("image not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageError(f"unreadable image ({exc.__class__.__name__}: {exc})") from None
-    factor = image_processor.patch_size * image_processor.merge_size
-    resized = image_processor.resize(chw, size=image_processor.size, resample=image_processor.resample,
-                                     factor=factor)
-    return torch.from_numpy(np.ascontiguousarray(resized, dtype=np.uint8))
+    height, width = resized_size(image.width, image.height, image_processor)
+    if (width, height) != image.size:
+        image = image.resize((width, height), resample=image_processor.resample)
+    return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
-
-def to_patches(images: list["torch.Tensor"], image_processor) -> tuple["torch.Tensor", "torch.Tensor"]:
+def to_patches(images: list["torch.Tensor"], image_processor,
+               repeat_frames: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Resized uint8 images → (pixel_values [patches, C·T·P·P], image_grid_thw [n, 3]).
 
     Same arithmetic and layout as Qwen2VLImageProcessorPil: rescale, normalise, then split into
-    merge-ordered patches with the single frame repeated over the temporal patch.
+    merge-ordered patches with the single frame repeated over the temporal patch. The patches are cut
+    from the uint8 image (a quarter of the bytes to move) and normalised in place afterwards.
+
+    `repeat_frames=False` leaves out the repetition: [patches, C·P·P], one frame per patch, for
+    `model.vision.VisionEncoder.images`, which folds the temporal half of the patch kernel instead.
     """
     import torch
 
     ip = image_processor
     patch, merge, temporal = ip.patch_size, ip.merge_size, ip.temporal_patch_size
-    mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(-1, 1, 1)
-    std = torch.tensor(ip.image_std, dtype=torch.float32).view(-1, 1, 1)
-    all_patches, grids = [], []
+    frames = temporal if repeat_frames else 1
+    channels = images[0].shape[0] if images else 3
+    grids = []
+    counts = []
     for image in images:
-        x = image.to(torch.float32)
-        if ip.do_rescale:
-            x = x * ip.rescale_factor
-        if ip.do_normalize:
-            x = (x - mean) / std
-        c, h, w = x.shape
-        gh, gw = h // patch, w // patch
-        x = x.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch)
+        c, h, w = image.shape
+        grids.append([1, h // patch, w // patch])
+        counts.append((h // patch) * (w // patch))
+    first = torch.empty(sum(counts), channels, patch * patch, dtype=torch.float32)  # one frame per patch
+    row = 0
+    for image, (_, gh, gw), n in zip(images, grids, counts):
+        c = image.shape[0]
+        x = image.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch)
         x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
-        x = x.unsqueeze(5).expand(*x.shape[:5], temporal, patch, patch)
-        all_patches.append(x.reshape(gh * gw, c * temporal * patch * patch))
-        grids.append([1, gh, gw])
-    if not all_patches:
-        return torch.zeros(0, 3 * temporal * patch * patch), torch.zeros(0, 3, dtype=torch.long)
-    return torch.cat(all_patches), torch.tensor(grids, dtype=torch.long)
+        first[row:row + n] = x.reshape(n, c, patch * patch)  # uint8 → float32 in the copy
+        row += n
+    if ip.do_rescale:
+        first.mul_(ip.rescale_factor)
+    if ip.do_normalize:
+        mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, -1, 1)
+        std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, -1, 1)
+        first.sub_(mean).div_(std)
+    out = first.unsqueeze(2).expand(-1, -1, frames, -1)
+    if not images:
+        return torch.zeros(0, 3 * frames * patch * patch), torch.zeros(0, 3, dtype=torch.long)
+    return out.reshape(out.shape[0], -1), torch.tensor(grids, dtype=torch.long)

@@ -264,7 +264,7 @@ def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversa
     engine = load_engine(cfg.model.model_name_or_path, cfg.model.adapter_name_or_path, max_pixels, min_pixels,
                          bf16=cfg.train.bf16, fp16=cfg.train.fp16,
                          attn_implementation=cfg.model.attn_implementation, cache_dir=cfg.model.cache_dir,
-                         revision=cfg.model.model_revision, log=log)
+                         revision=cfg.model.model_revision, merge_adapter=True, log=log)
     return TransformersPredictor(engine)
 
 

@@ -48,8 +48,15 @@ def generate_samples(model: torch.nn.Module, processor: Processor, samples: Sequ
 
     The caller puts the model in eval mode under no_grad (see `scoring.evaluating`).
     """
+    batch = Collator(processor, padding_side="left", image_frames=True)(list(samples))
+    return generate_batch(model, processor, batch, max_new_tokens, temperature, seed)
+
+
+def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, max_new_tokens: int = 32,
+                   temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    """`generate_samples` for an already collated, LEFT-padded batch."""
     core = unwrap(model)
-    batch = to_model(Collator(processor, padding_side="left")(list(samples)), core)
+    batch = to_model(batch, core)  # the images go through the vision tower here, once
     if seed is not None:
         torch.manual_seed(seed)
     stops = stop_token_ids(processor)

@@ -2,9 +2,10 @@
 
 A predictor (transformers here, vLLM in `vllm_backend`) has three steps per batch:
 
-* `prepare(conversations, default_system)`: CPU work — decode and resize the images, tokenise the
-  prompts. It runs in a helper thread one batch ahead, so image decoding overlaps the model.
-  (PIL and the tokenizer release the GIL; nothing in it starts torch's thread pool.)
+* `prepare(conversations, default_system, mode)`: CPU work — decode and resize the images, tokenise
+  the prompts, pad the batch and cut the image patches. It runs in a helper thread one batch ahead,
+  so it overlaps the model. (PIL and the tokenizer release the GIL; the patch cutting is a few
+  element-wise torch ops.)
 * `score(prepared, labels)` → P(label) rows, or `generate(prepared, ...)` → texts: the model.
 * `check(...)` once before the run (vLLM: does the adapter change anything?).
 """
@@ -46,12 +47,12 @@ def predict_batches(predictor, conversations: Sequence[Conversation], mode: str,
     if not chunks:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmtune-prepare") as pool:
-        upcoming = pool.submit(predictor.prepare, chunks[0], default_system)
+        upcoming = pool.submit(predictor.prepare, chunks[0], default_system, mode)
         offset = first_index
         for k, chunk in enumerate(chunks):
             prepared = upcoming.result()
             if k + 1 < len(chunks):
-                upcoming = pool.submit(predictor.prepare, chunks[k + 1], default_system)
+                upcoming = pool.submit(predictor.prepare, chunks[k + 1], default_system, mode)
             if mode == "score":
                 probs = predictor.score(prepared, labels)
                 rows = [row_of(c, default_system, labels[max(range(len(p)), key=p.__getitem__)], dict(zip(labels, p)))
@@ -82,9 +83,11 @@ class TransformersPredictor:
         self.min_pixels = engine.processor.min_pixels
         self.dtype_name = str(engine.dtype).replace("torch.", "")
 
-    def prepare(self, conversations: Sequence[Conversation], default_system: str | None = None):
-        """Encoded prompt samples (images decoded and resized once)."""
-        from vlmtune.data.encode import EncodeError, encode_prompt, load_images, prompt_messages
+    def prepare(self, conversations: Sequence[Conversation], default_system: str | None = None,
+                mode: str = "score") -> dict:
+        """The model-ready batch: images decoded and resized once, prompts encoded, padded for `mode`
+        (right for scoring, left for generation), images as one-frame patches."""
+        from vlmtune.data.encode import Collator, EncodeError, encode_prompt, load_images, prompt_messages
 
         samples = []
         for conv in conversations:
@@ -93,24 +96,26 @@ class TransformersPredictor:
                                              default_system))
             except (EncodeError, ValueError) as exc:
                 raise record_error(conv, exc) from None
-        return samples
+        padding = "right" if mode == "score" else "left"
+        return Collator(self.processor, padding_side=padding, image_frames=True)(samples)
 
     def check(self, conversations, labels, mode, default_system=None) -> None:
         """Nothing to check: peft applies the adapter itself."""
 
-    def score(self, samples, labels: list[str]) -> list[list[float]]:
-        from vlmtune.infer.scoring import evaluating, label_token_ids, score_samples
+    def score(self, batch: dict, labels: list[str]) -> list[list[float]]:
+        from vlmtune.infer.scoring import evaluating, label_logprobs, label_token_ids
 
         with evaluating(self.engine.model):
-            logp = score_samples(self.engine.model, self.processor, samples, label_token_ids(labels, self.processor))
+            logp = label_logprobs(self.engine.model, batch, label_token_ids(labels, self.processor))
         return logp.softmax(-1).tolist()
 
-    def generate(self, samples, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> list[str]:
-        from vlmtune.infer.generation import generate_samples
+    def generate(self, batch: dict, max_new_tokens: int, temperature: float = 0.0,
+                 seed: int | None = None) -> list[str]:
+        from vlmtune.infer.generation import generate_batch
         from vlmtune.infer.scoring import evaluating
 
         with evaluating(self.engine.model):
-            return generate_samples(self.engine.model, self.processor, samples, max_new_tokens, temperature, seed)
+            return generate_batch(self.engine.model, self.processor, batch, max_new_tokens, temperature, seed)
 
     def close(self) -> None:
         pass

@@ -9,12 +9,15 @@ Whole sequences are scored, not first tokens: with Qwen's tokenizer 满足要求
 
 How (two forward passes per batch, whatever K):
 
-1. The prompt batch, left padded, runs once with the KV cache on, keeping only the last position's
-   logits: log P(first label token | prompt) for every label at once. The vision tower and the long
-   prompt (hundreds of image tokens) are paid once, not K times.
+1. The prompt batch, right padded, runs once with the KV cache on, keeping only each row's last
+   prompt position's logits: log P(first label token | prompt) for every label at once. The vision
+   tower and the long prompt (hundreds of image tokens) are paid once, not K times. Right padding
+   puts no pad before a real token, so the prompt runs as plain causal attention with no mask.
+   The images go through `model.vision.VisionEncoder` (the model's own vision tower, fewer and
+   larger ops) and reach the model as `mm_encoder_outputs`.
 2. The cache is repeated K times along the batch (row b·K + k) and the K continuations (label k's
-   tokens except the last, right padded) run in one small forward; their logits score the
-   remaining tokens of each label.
+   tokens except the last, right padded) run in one small forward, masking the prompt's pads;
+   their logits score the remaining tokens of each label.
 
 Qwen2-VL's 3-D rope: image tokens get (t, h, w) positions, so a text token after the prompt sits at
 `max(prompt positions) + 1`, not at its index (the model stores the difference as `rope_deltas`).
@@ -139,11 +142,25 @@ def model_device(core: torch.nn.Module) -> torch.device:
     return next(core.parameters()).device
 
 
-def to_model(batch: dict[str, torch.Tensor], core: torch.nn.Module) -> dict[str, torch.Tensor]:
+def to_model(batch: dict, core: torch.nn.Module) -> dict:
+    """The batch on the model's device, the images already through the vision tower.
+
+    Images (`pixel_values`, or `image_frames` from `Collator(..., image_frames=True)`) become
+    `mm_encoder_outputs` computed by `model.vision.VisionEncoder` — the model's own vision tower and
+    merger, run in fewer and larger ops — so the model's forward (and `generate`) skip the tower.
+    """
     device = model_device(core)
-    out = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-    if "pixel_values" in out:
-        out["pixel_values"] = out["pixel_values"].to(core.dtype)
+    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
+    frames, pixels = out.pop("image_frames", None), out.pop("pixel_values", None)
+    if frames is not None or pixels is not None:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        from vlmtune.model.vision import vision_encoder
+
+        encoder = vision_encoder(rope_module(core).visual)
+        grid = out["image_grid_thw"]
+        features = encoder.images(frames, grid) if frames is not None else encoder(pixels, grid)
+        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoder.split(features, grid))}
     return out
 
 
@@ -161,22 +178,30 @@ def prompt_positions(core: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 
 def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
                    label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Summed log P(label tokens + <|im_end|> | prompt): (B, K) float32, for a LEFT-padded prompt batch.
+    """Summed log P(label tokens + <|im_end|> | prompt): (B, K) float32, for a padded prompt batch.
 
     `model` must already be in eval mode under no_grad (see :func:`evaluating`); `batch` comes from
-    `Collator(processor, padding_side="left")` over `encode_prompt` samples.
+    `Collator(processor, padding_side="right")` over `encode_prompt` samples (left padding works too,
+    a little slower: the prompt forward then needs a padding mask).
     """
     core = unwrap(model)
     batch = to_model(batch, core)
-    if bool((batch["attention_mask"][:, -1] == 0).any()):
-        raise ValueError("label_logprobs needs a left-padded batch (Collator(padding_side='left'))")
-    n_rows, k = batch["input_ids"].shape[0], len(label_ids)
+    mask = batch["attention_mask"]
+    n_rows, width, k = mask.shape[0], mask.shape[1], len(label_ids)
     device = batch["input_ids"].device
+    lengths = mask.sum(-1)
+    right_padded = bool((mask == (torch.arange(width, device=device) < lengths[:, None])).all())
+    if not right_padded and bool((mask[:, -1] == 0).any()):
+        raise ValueError("label_logprobs needs a right- or left-padded batch")
     positions = prompt_positions(core, batch)
     cache_name = cache_kwarg(core)
 
-    # 1. The prompt, once: cache + log P(first label token).
-    out = core(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # 1. The prompt, once: cache + log P(first label token) at each row's last prompt token. Right
+    # padded, no row has a pad before a real token, so plain causal attention needs no mask (the
+    # attention kernels skip the upper triangle instead of reading a B×S×S mask).
+    last = (lengths - 1 if right_padded else torch.full_like(lengths, width - 1))[:, None]
+    out = core(**{**batch, "attention_mask": None if right_padded else mask}, position_ids=positions,
+               use_cache=True, logits_to_keep=last)
     first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
     first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
     scores = first[:, first_ids]  # (B, K)
@@ -197,10 +222,10 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     cont, targets, valid = cont.to(device), targets.to(device), valid.to(device)
     cache = output_cache(out)
     cache.batch_repeat_interleave(k)
-    start = positions.amax(dim=(0, 2)) + 1  # first text position after each prompt (3-D rope)
+    start = positions.masked_fill(mask[None] == 0, 0).amax(dim=(0, 2)) + 1  # first position after the prompt
     cont_positions = (start.repeat_interleave(k)[:, None] + torch.arange(cont_len, device=device))
     cont_positions = cont_positions[None].expand(3, -1, -1)
-    attention = torch.cat([batch["attention_mask"].repeat_interleave(k, dim=0),
+    attention = torch.cat([mask.repeat_interleave(k, dim=0),
                            valid.long().repeat(n_rows, 1)], dim=1)
     out = core(input_ids=cont.repeat(n_rows, 1), attention_mask=attention, position_ids=cont_positions,
                use_cache=True, **{cache_name: cache})
@@ -224,7 +249,7 @@ def encode_prompts(conversations: Sequence[Conversation], processor: Processor,
 def score_samples(model: torch.nn.Module, processor: Processor, samples: Sequence[EncodedSample],
                   label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """(B, K) summed label log-probs of encoded prompt samples (caller handles eval mode/no_grad)."""
-    batch = Collator(processor, padding_side="left")(list(samples))
+    batch = Collator(processor, padding_side="right", image_frames=True)(list(samples))
     return label_logprobs(model, batch, label_ids)
 
 

@@ -132,7 +132,7 @@ class VllmPredictor:
         return cls(llm, processor, model_dir, adapter_dir, lora, dtype, log)
 
     # -- requests -----------------------------------------------------------------------------
-    def prepare(self, conversations, default_system=None) -> list[tuple[str, list]]:
+    def prepare(self, conversations, default_system=None, mode: str = "score") -> list[tuple[str, list]]:
         """(prompt text, PIL images) per conversation: images decoded and resized here, once."""
         from vlmtune.data.encode import prompt_messages
 

@@ -1,0 +1,210 @@
+"""Qwen2.5-VL's vision tower for inference: transformers' weights and math, in fewer and larger ops.
+
+Why not just call `model.visual(pixel_values, grid_thw)`: with sdpa or eager attention, transformers'
+`Qwen2_5_VisionTransformerPretrainedModel.forward` (5.x)
+
+* runs one attention call per window per image in every windowed layer (a 448×448 image has 16
+  windows: 128 calls per layer for a batch of 8) and one per image in the full-attention layers —
+  with two torch threads on a busy machine each small call can cost a millisecond of waiting;
+* recomputes the window order, the rotary table and the segment lengths from `grid_thw` with Python
+  loops on every call;
+* embeds patches with a Conv3d whose kernel equals its stride: a plain matmul, which the Conv3d path
+  runs about 2× slower on a CPU, and for a still image half of it is redundant: the image processor
+  repeats the frame over the temporal patch (`temporal_patch_size` 2), so the two halves of the
+  kernel see the same pixels.
+
+Here, with the same result (tests/infer/test_vision.py: ≤ 1e-5 against `visual(...)`, mixed image
+sizes, LoRA on the vision blocks):
+
+* patches are embedded by one matmul with the Conv3d kernel flattened; `VisionEncoder.images` takes
+  still images' patches with their single frame (`to_patches(..., repeat_frames=False)`) and sums
+  the kernel's temporal slices instead: W₀·x + W₁·x = (W₀ + W₁)·x;
+* windows (and images) of equal length attend in one batched `scaled_dot_product_attention` call;
+* the per-grid tables (window order and its inverse, rotary cos/sin in window order, segment groups)
+  come from transformers' own functions (`vision_utils.get_vision_*`, the model's rotary module) and
+  are cached per `grid_thw`;
+* everything with weights is the model's own module (norms, qkv / proj / MLP linears — LoRA-wrapped
+  ones included —, the merger), called as transformers calls it.
+
+Flash-attention models keep transformers' forward (their varlen kernel is already one call per
+layer), as does any vision tower this does not recognise, and a patch embedding that is not a plain
+Conv3d (a LoRA on it). Inference only in spirit — it is differentiable, but training keeps the
+library's forward.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("Qwen2_5_VisionTransformerPretrainedModel",)
+PLAIN_ATTENTION = (None, "sdpa", "eager")
+
+
+@dataclass
+class Segments:
+    """How a layer's tokens split into attention segments: runs of equal length, batched together."""
+
+    equal_length: int | None  # all segments this long and contiguous: a plain view, no gather
+    groups: list[tuple[int, torch.Tensor]]  # otherwise (length, token index (n, length)) per length
+
+
+@dataclass
+class Plan:
+    """Everything the forward needs that depends on `grid_thw` only (not on pixels or weights)."""
+
+    window_index: torch.Tensor  # merge-unit order of the windowed layers (transformers' window_index)
+    reverse_index: torch.Tensor
+    cos: torch.Tensor  # rotary tables in window order, (tokens, head_dim)
+    sin: torch.Tensor
+    windows: Segments
+    full: Segments
+
+
+def segments(lengths: list[int], device: torch.device) -> Segments:
+    lengths = [n for n in lengths if n > 0]
+    if len(set(lengths)) == 1:
+        return Segments(lengths[0], [])
+    starts, offset = {}, 0
+    for n in lengths:
+        starts.setdefault(n, []).append(offset)
+        offset += n
+    groups = [(n, (torch.tensor(s, device=device)[:, None] + torch.arange(n, device=device)))
+              for n, s in starts.items()]
+    return Segments(None, groups)
+
+
+def usable(visual: torch.nn.Module) -> bool:
+    """True when `encode_images` may replace `visual(...)` for this tower."""
+    attn = getattr(getattr(visual, "config", None), "_attn_implementation", None)
+    proj = getattr(getattr(visual, "patch_embed", None), "proj", None)
+    return (type(visual).__name__ in SUPPORTED and attn in PLAIN_ATTENTION
+            and type(proj) is torch.nn.Conv3d and proj.kernel_size == proj.stride and proj.padding == (0, 0, 0))
+
+
+class VisionEncoder:
+    """`encoder(pixel_values, grid_thw)` → image features (tokens, out_hidden), as `visual(...).pooler_output`.
+
+    Wraps a vision tower without changing it; the plan cache holds tables for the last `cache_size`
+    distinct `grid_thw` batches.
+    """
+
+    def __init__(self, visual: torch.nn.Module, cache_size: int = 16):
+        self.visual = visual
+        self.fast = usable(visual)
+        self.cache_size = cache_size
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+
+    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """From `pixel_values` as the image processor makes them ([patches, C·T·P·P])."""
+        visual = self.visual
+        if not self.fast:
+            return visual(pixel_values.to(visual.dtype), grid_thw=grid_thw).pooler_output
+        proj = visual.patch_embed.proj
+        x = pixel_values.to(proj.weight.dtype).reshape(pixel_values.shape[0], -1)
+        return self._blocks(F.linear(x, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias), grid_thw)
+
+    def images(self, frames: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """From still images' patches with ONE frame each ([patches, C·P·P], `to_patches(..., repeat_frames=False)`).
+
+        The processor repeats a still image's frame over the temporal patch, so the Conv3d sees the
+        same pixels in each temporal slice of its kernel: W₀·x + W₁·x = (W₀ + W₁)·x. Half the matmul,
+        half the patch bytes to build and read.
+        """
+        visual = self.visual
+        embed = visual.patch_embed
+        if not self.fast:
+            repeated = frames.reshape(frames.shape[0], embed.in_channels, 1, -1).expand(
+                -1, -1, embed.temporal_patch_size, -1)
+            return visual(repeated.reshape(frames.shape[0], -1).to(visual.dtype), grid_thw=grid_thw).pooler_output
+        proj = embed.proj
+        folded = proj.weight.sum(dim=2).reshape(proj.weight.shape[0], -1)  # (E, C, T, P, P) → (E, C·P·P)
+        return self._blocks(F.linear(frames.to(folded.dtype), folded, proj.bias), grid_thw)
+
+    def _blocks(self, x: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The rest of Qwen2_5_VisionTransformerPretrainedModel.forward after the patch embedding."""
+        visual = self.visual
+        plan = self.plan(grid_thw, x.device)
+        unit = visual.spatial_merge_unit
+        x = x.reshape(-1, unit, x.shape[-1])[plan.window_index].reshape(x.shape)
+        position = (plan.cos, plan.sin)  # float32, as transformers keeps them (rotary runs in float32)
+        for layer, block in enumerate(visual.blocks):
+            layout = plan.full if layer in visual.fullatt_block_indexes else plan.windows
+            x = x + self.attention(block.attn, block.norm1(x), position, layout)
+            x = x + block.mlp(block.norm2(x))
+        return visual.merger(x)[plan.reverse_index]
+
+    def split(self, features: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """Per-image features, as `get_image_features(...).pooler_output`."""
+        return list(torch.split(features, (grid_thw.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()))
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    @staticmethod
+    def attention(attn: torch.nn.Module, hidden: torch.Tensor, position: tuple[torch.Tensor, torch.Tensor],
+                  layout: Segments) -> torch.Tensor:
+        """Qwen2_5_VLVisionAttention.forward with segments of equal length batched."""
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        tokens = hidden.shape[0]
+        q, k, v = attn.qkv(hidden).reshape(tokens, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *position)
+        if layout.equal_length is not None:
+            n = layout.equal_length
+
+            def batched(t):  # (tokens, heads, dim) → (segments, heads, n, dim)
+                return t.reshape(tokens // n, n, t.shape[1], t.shape[2]).transpose(1, 2)
+
+            out = F.scaled_dot_product_attention(batched(q), batched(k), batched(v), scale=attn.scaling)
+            out = out.transpose(1, 2).reshape(tokens, -1)
+        else:
+            out = q.new_empty(tokens, q.shape[1], v.shape[2])
+            for _, index in layout.groups:
+                part = F.scaled_dot_product_attention(q[index].transpose(1, 2), k[index].transpose(1, 2),
+                                                      v[index].transpose(1, 2), scale=attn.scaling)
+                out[index] = part.transpose(1, 2)
+            out = out.reshape(tokens, -1)
+        return attn.proj(out)
+
+    def plan(self, grid_thw: torch.Tensor, device: torch.device) -> Plan:
+        key = (tuple(map(tuple, grid_thw.tolist())), str(device))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(grid_thw.to(device), device)
+            while len(self._plans) > self.cache_size:
+                self._plans.popitem(last=False)
+        else:
+            self._plans.move_to_end(key)
+        return plan
+
+    def _make_plan(self, grid_thw: torch.Tensor, device: torch.device) -> Plan:
+        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+
+        visual = self.visual
+        unit = visual.spatial_merge_unit
+        window_index, cu_windows = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                           window_size=visual.window_size,
+                                                           patch_size=visual.patch_size)
+        window_index = window_index.to(device)
+        cu_full = get_vision_cu_seqlens(grid_thw)
+        position_ids = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
+        tokens = int(cu_full[-1])
+        anchor = torch.empty(0, device=device)  # the rotary module only reads its device
+        cos, sin = visual.rotary_pos_emb(anchor, position_ids.to(device))
+        cos, sin = (t.reshape(tokens // unit, unit, -1)[window_index].reshape(tokens, -1) for t in (cos, sin))
+        return Plan(window_index, torch.argsort(window_index), cos, sin,
+                    windows=segments(cu_windows.diff().tolist(), device),
+                    full=segments(cu_full.diff().tolist(), device))
+
+
+def vision_encoder(visual: torch.nn.Module) -> VisionEncoder:
+    """The encoder of a vision tower (`model.visual`), kept on it so that its plan cache lives as long."""
+    encoder = visual.__dict__.get("_vlmtune_encoder")
+    if encoder is None:
+        encoder = VisionEncoder(visual)
+        visual.__dict__["_vlmtune_encoder"] = encoder  # a plain attribute: not a submodule, not in state_dict
+    encoder.fast = usable(visual)  # the attention implementation may have been switched since
+    return encoder

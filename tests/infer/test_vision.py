@@ -1,0 +1,84 @@
+"""model.vision.VisionEncoder gives transformers' vision-tower output (≤ 1e-5), whatever the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vlmtune.data.images import to_patches
+from vlmtune.data.processor import load_processor
+from vlmtune.model.load import load_model
+from vlmtune.model.vision import VisionEncoder, usable, vision_encoder
+
+# (height, width) after the resize (multiples of 28): 448² has 16 equal windows; the others have
+# windows of several sizes (the grid is not a multiple of the 4×4-token window) and differ per image.
+MIXED = [(448, 448), (224, 308), (56, 84), (252, 196)]
+EQUAL = [(448, 448)] * 3
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    model.eval()
+    return model, load_processor(tiny_model_dir)
+
+
+def images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+
+
+def library(visual, pixel_values, grid):
+    return visual(pixel_values, grid_thw=grid).pooler_output
+
+
+@pytest.mark.parametrize("sizes", [MIXED, EQUAL, MIXED[1:2]], ids=["mixed", "equal", "one"])
+def test_encoder_equals_the_vision_tower(tiny, sizes):
+    model, processor = tiny
+    visual = model.model.visual
+    encoder = VisionEncoder(visual)
+    assert encoder.fast and visual.config._attn_implementation == "sdpa"
+    pixels, grid = to_patches(images(sizes), processor.image_processor)
+    frames, grid_again = to_patches(images(sizes), processor.image_processor, repeat_frames=False)
+    assert torch.equal(grid, grid_again) and frames.shape[1] * 2 == pixels.shape[1]
+    with torch.no_grad():
+        want = library(visual, pixels, grid)
+        for _ in range(2):  # the second call runs from the cached plan
+            assert (encoder(pixels, grid) - want).abs().max() <= 1e-5
+            assert (encoder.images(frames, grid) - want).abs().max() <= 1e-5
+    parts = encoder.split(want, grid)
+    assert [p.shape[0] for p in parts] == [h * w // 28 ** 2 for h, w in sizes]
+
+
+def test_lora_on_the_vision_tower_is_applied(tiny, tiny_model_dir):
+    """LoRA layers on the blocks run inside the encoder; one on the patch embedding sends it back to
+    transformers' forward (the fast path reads the Conv3d weight directly)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = tiny
+    pixels, grid = to_patches(images(MIXED, seed=1), processor.image_processor)
+    frames, _ = to_patches(images(MIXED, seed=1), processor.image_processor, repeat_frames=False)
+    for targets, fast in ((r".*visual.*\.(qkv|attn\.proj|up_proj|down_proj)", True),
+                          (r".*visual\.patch_embed\.proj", False)):
+        peft_model = get_peft_model(load_model(tiny_model_dir),
+                                    LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+        visual = peft_model.get_base_model().model.visual
+        encoder = vision_encoder(visual)
+        assert encoder.fast is fast and usable(visual) is fast
+        with torch.no_grad():
+            want = library(visual, pixels, grid)
+            with peft_model.disable_adapter():
+                assert (library(visual, pixels, grid) - want).abs().max() > 1e-3  # the LoRA does something
+            assert (encoder(pixels, grid) - want).abs().max() <= 1e-5
+            assert (encoder.images(frames, grid) - want).abs().max() <= 1e-5
+
+
+def test_flash_attention_keeps_the_library_forward(tiny):
+    visual = tiny[0].model.visual
+    before = visual.config._attn_implementation
+    try:
+        visual.config._attn_implementation = "flash_attention_2"
+        assert not usable(visual) and not vision_encoder(visual).fast
+    finally:
+        visual.config._attn_implementation = before
+    assert vision_encoder(visual).fast
