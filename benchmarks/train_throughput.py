@@ -5,10 +5,12 @@ peak RSS 939 MiB, 12 s from start to the first step): a tiny Qwen2.5-VL (text hi
 vision depth 2, hidden 64), 96 ShareGPT samples with 448×448 images, batch 1, gradient accumulation 8,
 2 epochs, val_size 0.1, LoRA r=8 on all language-model linears, fp32.
 
-    python benchmarks/train_throughput.py [--samples 96] [--image_size 448]
+    python benchmarks/train_throughput.py [--repeat 3] [--threads 2] [--samples 96] [--image_size 448] [key=value ...]
 
-Prints: train samples/s and tokens/s (from vlmtune's own log), peak RSS of the training process, and
-the time from process start to the end of the first optimisation step. Run it on a quiet machine.
+Prints: train samples/s and tokens/s (from vlmtune's own log), peak RSS of the training process, the
+time from process start to the end of the first optimisation step, and the load average around each
+run. With --repeat N it prints every run and the medians. Run it on a quiet machine, or compare
+variants interleaved in the same conditions.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--image_size", type=int, default=448)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="runs; medians are printed when more than one")
     parser.add_argument("overrides", nargs="*", help="key=value settings for the training YAML")
     args = parser.parse_args()
 
@@ -48,33 +51,51 @@ def main() -> None:
             "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "num_train_epochs": 2,
             "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "val_size": 0.1,
             "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
-            "disable_tqdm": True, "bf16": False,
+            "disable_tqdm": True, "bf16": False, "overwrite_output_dir": True,
         }
         (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        start = time.time()
-        process = subprocess.Popen([sys.executable, "-m", "vlmtune", "train", str(tmp / "cfg.yaml"), *args.overrides],
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        first_step = None
-        for line in process.stdout:
-            if first_step is None and line.startswith("[train step 1/"):
-                first_step = time.time() - start
-        process.wait()
-        wall = time.time() - start
-        if process.returncode != 0:
-            raise SystemExit(f"training failed with exit code {process.returncode}")
-        peak_rss_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        results = json.loads((tmp / "out" / "train_results.json").read_text())
-        rows = [json.loads(r) for r in (tmp / "out" / "trainer_log.jsonl").read_text().splitlines()]
-        rows = [r for r in rows if "tokens_per_second" in r]
-        tokens_per_second = sum(r["tokens_per_second"] for r in rows) / len(rows)
         print(f"config: {args.samples} samples {args.image_size}x{args.image_size}, batch 1 x accumulation 8, "
-              f"2 epochs, val_size 0.1, {args.threads} threads {' '.join(args.overrides)}")
-        print(f"train samples/s:          {results['train_samples_per_second']:.1f}")
-        print(f"train tokens/s:           {tokens_per_second:.0f}")
-        print(f"peak RSS (training proc): {peak_rss_mib:.0f} MiB")
-        print(f"start to first step:      {first_step:.1f} s")
-        print(f"wall time:                {wall:.1f} s")
+              f"2 epochs, val_size 0.1, {args.threads} threads, OMP_WAIT_POLICY="
+              f"{os.environ.get('OMP_WAIT_POLICY', 'unset (vlmtune picks PASSIVE when load >= cores)')} "
+              f"{' '.join(args.overrides)}")
+        runs = [run_once(tmp, args.threads, args.overrides) for _ in range(args.repeat)]
+        for i, run in enumerate(runs, 1):
+            print(f"run {i}: " + ", ".join(f"{k} {v}" for k, v in run.items()))
+        median = {k: statistics.median(run[k] for run in runs) for k in runs[0] if k != "load"}
+        print(("median of %d runs" % len(runs)) if len(runs) > 1 else "result")
+        print(f"train samples/s:          {median['samples_per_s']:.1f}")
+        print(f"train tokens/s:           {median['tokens_per_s']:.0f}")
+        print(f"peak RSS (training proc): {median['peak_rss_mib']:.0f} MiB")
+        print(f"start to first step:      {median['first_step_s']:.1f} s")
+        print(f"wall time:                {median['wall_s']:.1f} s")
+        print(f"load average (1 min):     {', '.join(run['load'] for run in runs)}")
+
+
+def run_once(tmp: Path, threads: int, overrides: list[str]) -> dict:
+    """One `vlmtune train` in a fresh process; its numbers and the load average before → after."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    load_before = os.getloadavg()[0]
+    start = time.time()
+    process = subprocess.Popen([sys.executable, "-m", "vlmtune", "train", str(tmp / "cfg.yaml"), *overrides],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    first_step, tail = None, []
+    for line in process.stdout:
+        tail = (tail + [line])[-40:]
+        if first_step is None and line.startswith("[train step 1/"):
+            first_step = time.time() - start
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own resource usage
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - start
+    if process.returncode != 0:
+        raise SystemExit("".join(tail) + f"training failed with exit code {process.returncode}")
+    peak_rss = usage.ru_maxrss / 1024  # Linux reports KiB
+    results = json.loads((tmp / "out" / "train_results.json").read_text())
+    rows = [json.loads(r) for r in (tmp / "out" / "trainer_log.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "tokens_per_second" in r]
+    return {"samples_per_s": results["train_samples_per_second"],
+            "tokens_per_s": round(sum(r["tokens_per_second"] for r in rows) / len(rows)),
+            "peak_rss_mib": round(peak_rss), "first_step_s": round(first_step, 2), "wall_s": round(wall, 1),
+            "load": f"{load_before:.2f}→{os.getloadavg()[0]:.2f}"}
 
 
 if __name__ == "__main__":

@@ -190,8 +190,10 @@ class TrainConfig:
         "no process group.", 1800)
     ddp_find_unused_parameters: bool | None = _help("Passed to DistributedDataParallel.")
     deepspeed: str | None = _help(
-        "DeepSpeed JSON config (ZeRO-2/3). Not supported yet: a run with this key stops with a clear error; "
-        "LoRA on a 7B model fits one GPU per rank with plain DDP.")
+        "DeepSpeed JSON config (ZeRO-2/3), handed to accelerate's DeepSpeedPlugin; its \"auto\" values are "
+        "filled from this config (batch size, gradient accumulation, max_grad_norm, bf16/fp16). Needs CUDA and "
+        "the `deepspeed` extra (pip install 'vlmtune[deepspeed]'). LoRA on a 7B model fits one GPU per rank "
+        "with plain DDP; ZeRO helps full fine-tuning.")
     optim: str = _help("Optimizer. adamw_torch is the one supported (adamw_torch_fused on GPU is the same).",
                        "adamw_torch")
     disable_tqdm: bool = _help("Hide the progress bar.", False)

@@ -3,7 +3,9 @@
 A checkpoint holds the adapter (or trainable weights) in the usual peft/transformers format, the
 processor files, and — unless save_only_model — optimizer, scheduler and per-rank RNG state plus
 `trainer_state.json`, which is written last. A crash mid-write leaves only `.tmp-checkpoint-N`, which
-is never mistaken for a checkpoint and is cleaned up by the next run.
+is never mistaken for a checkpoint and is cleaned up by the next run. Under DeepSpeed the optimizer
+state is partitioned over the ranks: the engine writes it (with the weights) under `deepspeed/`
+through accelerate's save_state.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def uses_deepspeed(accelerator) -> bool:
+    return getattr(accelerator.state, "deepspeed_plugin", None) is not None
+
+
+def model_state_dict(accelerator, model) -> dict | None:
+    """None (the model's own) except under DeepSpeed, where ZeRO-3 must gather the partitioned weights
+    on every rank first."""
+    return accelerator.get_state_dict(model) if uses_deepspeed(accelerator) else None
+
+
 def save_checkpoint(accelerator, model, processor, optimizer, scheduler, state: TrainerState, output_dir: Path,
                     save_only_model: bool) -> Path:
     """Write checkpoint-{step} atomically (all ranks call this)."""
@@ -64,13 +76,17 @@ def save_checkpoint(accelerator, model, processor, optimizer, scheduler, state: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    weights = model_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(tmp, safe_serialization=True)
+        unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         processor.save_pretrained(tmp)
     if not save_only_model:
         torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
-        if accelerator.is_main_process:
+        if uses_deepspeed(accelerator):
+            accelerator.save_state(str(tmp / "deepspeed"))  # every rank writes its optimizer partition
+        elif accelerator.is_main_process:
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if accelerator.is_main_process:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -86,10 +102,16 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) 
     """Restore trainable weights, optimizer, scheduler, RNG and the trainer state."""
     if not (checkpoint / STATE_FILE).is_file():
         raise VlmtuneError(f"{checkpoint}: not a complete checkpoint (no {STATE_FILE})")
-    if not (checkpoint / "optimizer.pt").is_file():
+    if uses_deepspeed(accelerator):
+        if not (checkpoint / "deepspeed").is_dir():
+            raise VlmtuneError(f"{checkpoint}: has no DeepSpeed state (saved with save_only_model or without "
+                               f"DeepSpeed); it cannot resume a DeepSpeed run")
+        accelerator.load_state(str(checkpoint / "deepspeed"))  # weights and optimizer, through the engine
+    elif not (checkpoint / "optimizer.pt").is_file():
         raise VlmtuneError(f"{checkpoint}: saved with save_only_model, it has no optimizer state to resume from")
-    load_trainable_weights(accelerator.unwrap_model(model), checkpoint)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
+    else:
+        load_trainable_weights(accelerator.unwrap_model(model), checkpoint)
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=False))
     rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pth"
     if rng_file.is_file():

@@ -33,7 +33,12 @@ class ImageFeatureCache:
             with self.accelerator.autocast():
                 features = core.get_image_features(pixels.to(self.accelerator.device), grids.to(self.accelerator.device),
                                                    return_dict=True).pooler_output
-            features = iter(f.to("cpu") for f in features)
+            features = [f.to("cpu") for f in features]
+            del pixels
+            # Copied once the forward's temporaries are freed, so the kept copies land in the holes they
+            # left, not above them: kept tensors at the top of the heap pin everything below them (glibc
+            # returns only the top), which grew the RSS by ~4 MB per cached 448² image (~200 MiB here).
+            features = iter([f.clone() for f in features])
             for sample in todo:
                 n = len(sample.images)
                 sample.image_features = [next(features) for _ in range(n)]

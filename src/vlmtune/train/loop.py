@@ -10,6 +10,9 @@ Features and their trade-offs:
   with Qwen's 152k vocabulary the full logits of an 880-token sample would be ~270 MB.
 - Data order is a pure function of (seed, epoch) (batches.py); a checkpoint stores how far into the
   epoch the run got, so resuming replays no sample and skips none.
+- DeepSpeed (ZeRO-2/3) when `deepspeed:` names a JSON config: accelerate's DeepSpeedPlugin, and the
+  engine owns the optimiser step (`backward`). Needs CUDA and the `deepspeed` extra.
+- Start-up: the model loads in a thread while the data is checked and encoded (`Background`).
 - Evaluation: eval_loss on the validation split, and — when answers form a closed label set — the
   task metrics from label scoring (accuracy, precision, recall, F1, AUC), which also pick the best
   checkpoint (metric_for_best_model) and drive early stopping.
@@ -18,6 +21,7 @@ Features and their trade-offs:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,11 +41,11 @@ from vlmtune.files import write_atomic
 from vlmtune.model.adapters import apply_finetuning, parameter_summary
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 from vlmtune.train.batches import EpochBatches
-from vlmtune.train.checkpoint import (latest_checkpoint, load_checkpoint, remove_stale_temporaries,
-                                      rotate_checkpoints, save_checkpoint)
+from vlmtune.train.checkpoint import (latest_checkpoint, load_checkpoint, model_state_dict, remove_stale_temporaries,
+                                      rotate_checkpoints, save_checkpoint, uses_deepspeed)
 from vlmtune.train.image_features import ImageFeatureCache, can_cache
 from vlmtune.train.logs import TrainLogger, plot_curves, truncate_log
-from vlmtune.train.prepare import describe_example, prepare_data
+from vlmtune.train.prepare import Background, describe_example, prepare_data
 from vlmtune.train.state import TrainerState
 
 
@@ -61,15 +65,67 @@ def make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    if cfg.train.deepspeed:
-        raise VlmtuneError(f"deepspeed: {cfg.train.deepspeed}: DeepSpeed is not supported yet; LoRA on a 7B model "
-                           f"fits one GPU per rank with plain DDP (remove the deepspeed key)")
     handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout))]
     if cfg.train.ddp_find_unused_parameters is not None:
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=cfg.train.ddp_find_unused_parameters))
     has_cuda = torch.cuda.is_available()
     precision = "bf16" if cfg.train.bf16 else ("fp16" if cfg.train.fp16 and has_cuda else "no")
-    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not has_cuda)
+    plugin = deepspeed_plugin(cfg, has_cuda) if cfg.train.deepspeed else None
+    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not has_cuda, deepspeed_plugin=plugin)
+
+
+def deepspeed_plugin(cfg: Config, has_cuda: bool):
+    """accelerate's DeepSpeedPlugin for the `deepspeed:` JSON, its "auto" batch values filled from our config.
+
+    DeepSpeed owns the optimiser step: it divides the loss by its gradient_accumulation_steps, steps at
+    the accumulation boundary and clips by its gradient_clipping (see `backward` below).
+    """
+    from accelerate.utils import is_deepspeed_available
+
+    path = Path(cfg.train.deepspeed)
+    if not is_deepspeed_available():
+        raise VlmtuneError(f"deepspeed: {path}: DeepSpeed is not installed; pip install 'vlmtune[deepspeed]' "
+                           f"(or remove the deepspeed key: LoRA on a 7B model fits one GPU per rank with plain DDP)")
+    if not has_cuda:
+        raise VlmtuneError(f"deepspeed: {path}: DeepSpeed needs CUDA GPUs; on a CPU remove the deepspeed key")
+    try:
+        ds_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise VlmtuneError(f"deepspeed: {path}: cannot read the DeepSpeed config ({exc})") from None
+    if not isinstance(ds_config, dict):
+        raise VlmtuneError(f"deepspeed: {path}: a DeepSpeed config is a JSON object")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
+    filled = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": accum,
+              "train_batch_size": batch * accum * world,
+              "gradient_clipping": cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else 0.0}
+    for key, value in filled.items():
+        if ds_config.get(key, "auto") == "auto":
+            ds_config[key] = value
+        elif ds_config[key] != value:
+            raise VlmtuneError(f"deepspeed: {path}: {key} is {ds_config[key]} there but {value} from this config; "
+                               f"set it to \"auto\"")
+    from accelerate.utils import DeepSpeedPlugin
+
+    return DeepSpeedPlugin(hf_ds_config=ds_config, gradient_accumulation_steps=accum,
+                           gradient_clipping=filled["gradient_clipping"])
+
+
+def zero_stage(accelerator) -> int:
+    return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else 0
+
+
+def backward(accelerator, loss: torch.Tensor, last_micro_batch: bool, accum: int) -> None:
+    """Backward of one micro-batch whose loss is already normalised for the whole step.
+
+    Under DeepSpeed the engine divides the loss by its gradient_accumulation_steps (undone here) and runs
+    the optimiser step itself at the boundary we mark; elsewhere optimizer.step() follows the window.
+    """
+    if uses_deepspeed(accelerator):
+        accelerator.gradient_state._set_sync_gradients(last_micro_batch)  # the engine's accumulation boundary
+        accelerator.backward(loss * accum)
+    else:
+        accelerator.backward(loss)
 
 
 def check_output_dir(cfg: Config) -> Path | None:
@@ -113,6 +169,9 @@ def train(cfg: Config) -> dict:
         # (and never use more threads than asked for with OMP_NUM_THREADS / torch.set_num_threads).
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // local_world)))
+    if zero_stage(accelerator) == 3 and cfg.train.load_best_model_at_end:
+        raise VlmtuneError("load_best_model_at_end does not work with ZeRO-3 (the weights are partitioned over the "
+                           "ranks); drop it and take the best checkpoint-N named in the log")
     dtype = compute_dtype(cfg.train.bf16, cfg.train.fp16 and torch.cuda.is_available())
     print(f"Process rank: {rank}, world size: {world}, device: {accelerator.device}, "
           f"distributed training: {world > 1}, compute dtype: {dtype}", flush=True)
@@ -125,18 +184,24 @@ def train(cfg: Config) -> dict:
     log = print if is_main else (lambda *_: None)
     for note in inert_settings(cfg, world, torch.cuda.is_available()):
         log(f"note: {note}")
-    from transformers import set_seed
-
-    set_seed(cfg.train.seed)
-
-    # ---- data: checked, split, each image decoded once ------------------------------------------
+    # ---- data and model, side by side ----------------------------------------------------------
+    # Loading the model is mostly importing transformers' modelling code (seconds) and reading weights;
+    # it runs in a thread while this one reads, checks and encodes the data, each image decoded once
+    # (PIL and tokenizers release the GIL). Data errors still stop the run before any training. The
+    # processor comes first: transformers' lazy imports are not safe to run from two threads at once.
     model_dir = resolve_model_dir(cfg.model.model_name_or_path, cfg.model.cache_dir, cfg.model.model_revision)
     processor = load_processor(model_dir, cfg.model.image_max_pixels, cfg.model.image_min_pixels)
+    # (ZeRO-3 partitions the weights while they load, with collectives: that stays on this thread.)
+    model_loading = Background(load_model, model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
+                               in_thread=zero_stage(accelerator) < 3)
     data = prepare_data(cfg, processor, log, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     log(describe_example(data.train[0], processor.tokenizer))
+    model = model_loading.result()
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)  # the adapter's initialisation starts from the seed, whatever ran before
 
     # ---- model ----------------------------------------------------------------------------------
-    model = load_model(model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -186,7 +251,9 @@ def train(cfg: Config) -> dict:
         tensorboard_dir = Path(cfg.train.logging_dir or output_dir / "runs")
     logger = TrainLogger(output_dir, is_main, tensorboard_dir, total_steps, state.global_step)
     evaluator = Evaluator(cfg, data, processor, collate, accelerator)
-    feature_cache = ImageFeatureCache(model, processor, accelerator, enabled=can_cache(cfg))
+    # Not under ZeRO-3: every rank would have to run the vision tower together, cached or not.
+    feature_cache = ImageFeatureCache(model, processor, accelerator,
+                                      enabled=can_cache(cfg) and zero_stage(accelerator) < 3)
     if feature_cache.enabled:
         log("  Vision tower frozen: each image's features are computed once and reused every epoch")
 
@@ -221,13 +288,13 @@ def train(cfg: Config) -> dict:
                 # DDP averages gradients over ranks, hence × world: the sum over ranks is what we want.
                 with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
                     loss_sum, _ = token_loss_sum(model, batch)
-                    accelerator.backward(loss_sum * world / max(n_tokens_all, 1))
+                    backward(accelerator, loss_sum * world / max(n_tokens_all, 1), last, accum)
                 step_loss += loss_sum.detach()
                 window_stats["samples"] += batch["input_ids"].shape[0]
                 window_stats["tokens"] += int(batch["attention_mask"].sum())
             max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)
-            optimizer.step()
+            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)  # under DeepSpeed: the engine's norm
+            optimizer.step()  # a no-op under DeepSpeed, whose engine stepped in backward
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.global_step += 1
@@ -243,7 +310,7 @@ def train(cfg: Config) -> dict:
                 elapsed = max(time.time() - window_stats["start"], 1e-9)
                 logger.log(step, {
                     "loss": sum(window_stats["loss"]) / len(window_stats["loss"]),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": float("nan" if grad_norm is None else grad_norm),
                     "epoch": round(state.epoch + state.micro_batches_done / batches.micro_batches_per_epoch, 4),
                     "samples_per_second": window_stats["samples"] * world / elapsed,
                     "tokens_per_second": window_stats["tokens"] * world / elapsed,
@@ -303,8 +370,9 @@ def train(cfg: Config) -> dict:
         "train_steps_per_second": round(steps_run / train_runtime, 3),
     }
     accelerator.wait_for_everyone()
+    final_weights = model_state_dict(accelerator, model)
     if is_main:
-        unwrapped.save_pretrained(output_dir, safe_serialization=True)
+        unwrapped.save_pretrained(output_dir, safe_serialization=True, state_dict=final_weights)
         processor.save_pretrained(output_dir)
         state.save(output_dir / "trainer_state.json")
         write_json(output_dir / "train_results.json", train_metrics)
@@ -337,6 +405,13 @@ class Evaluator:
         self.cfg, self.processor, self.collate, self.accelerator = cfg, processor, collate, accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
         self.shard: list[EncodedSample] = data.val[rank::world]
+        self.n_real = len(self.shard)
+        if zero_stage(accelerator) == 3 and data.val:
+            # ZeRO-3 gathers each layer's weights from all ranks in every forward, so every rank must run
+            # as many: a short shard is topped up with a copy of a sample that has no labelled tokens
+            # (it adds nothing to eval_loss) and whose task-metric row is dropped.
+            filler = dataclasses.replace(data.val[-1], labels=torch.full_like(data.val[-1].labels, IGNORE_INDEX))
+            self.shard += [filler] * (math.ceil(len(data.val) / world) - self.n_real)
         self.has_val = bool(data.val)
         self.label_set = data.label_set
         positive = cfg.data.positive_label
@@ -382,7 +457,8 @@ class Evaluator:
                                          batch_size=self.cfg.train.per_device_eval_batch_size,
                                          default_system=self.cfg.data.default_system,
                                          images=[s.images for s in self.shard])
-        rows = [(s.conversation.answer, max(p, key=p.get), p[self.positive]) for s, p in zip(self.shard, scores)]
+        rows = [(s.conversation.answer, max(p, key=p.get), p[self.positive])
+                for s, p in zip(self.shard[:self.n_real], scores)]
         rows = [r for part in self.accelerator.gather_for_metrics([rows], use_gather_object=True) for r in part]
         labels, predicts, positive_scores = (list(x) for x in zip(*rows))
         metrics = compute_metrics(labels, predicts, self.positive, self.label_set, positive_scores)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,6 +23,36 @@ class PreparedData:
     val: list[EncodedSample]
     label_set: list[str] | None = None
     skipped: list[Problem] = field(default_factory=list)
+
+
+class Background:
+    """`fn(*args, **kwargs)` in a daemon thread; `result()` waits for it and re-raises its error.
+
+    A daemon thread, so an error on the main thread (bad data) ends the process at once instead of
+    waiting for, say, a 7B model to finish loading. With in_thread=False it simply runs here and now.
+    """
+
+    def __init__(self, fn, *args, in_thread: bool = True, **kwargs):
+        self._value, self._error = None, None
+
+        def run():
+            try:
+                self._value = fn(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 — handed to the caller by result()
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"vlmtune-{fn.__name__}", daemon=True)
+        if in_thread:
+            self._thread.start()
+        else:
+            run()
+
+    def result(self):
+        if self._thread.ident is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def worker_count(requested: int | None, local_world_size: int) -> int:
