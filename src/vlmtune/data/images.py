@@ -75,6 +75,7 @@ def load_resized(path: str | Path, image_processor) -> "torch.Tensor":
         image = image.resize((width, height), resample=image_processor.resample)
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
+
 def to_patches(images: list["torch.Tensor"], image_processor,
                repeat_frames: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Resized uint8 images → (pixel_values [patches, C·T·P·P], image_grid_thw [n, 3]).
@@ -91,7 +92,9 @@ def to_patches(images: list["torch.Tensor"], image_processor,
     ip = image_processor
     patch, merge, temporal = ip.patch_size, ip.merge_size, ip.temporal_patch_size
     frames = temporal if repeat_frames else 1
-    channels = images[0].shape[0] if images else 3
+    if not images:
+        return torch.zeros(0, 3 * frames * patch * patch), torch.zeros(0, 3, dtype=torch.long)
+    channels = images[0].shape[0]
     grids = []
     counts = []
     for image in images:
@@ -113,6 +116,4 @@ def to_patches(images: list["torch.Tensor"], image_processor,
         std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, -1, 1)
         first.sub_(mean).div_(std)
     out = first.unsqueeze(2).expand(-1, -1, frames, -1)
-    if not images:
-        return torch.zeros(0, 3 * frames * patch * patch), torch.zeros(0, 3, dtype=torch.long)
     return out.reshape(out.shape[0], -1), torch.tensor(grids, dtype=torch.long)
