@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from vlmtune.data.image_settings import ImageSettings
 from vlmtune.data.images import header_size, load_resized, to_patches, token_count
 
 
@@ -12,11 +13,12 @@ from vlmtune.data.images import header_size, load_resized, to_patches, token_cou
 ])
 def test_token_counts_match_qwen(size, max_pixels, tokens):
     ip = Qwen2VLImageProcessorPil(**({"max_pixels": max_pixels} if max_pixels else {}))
-    assert token_count(*size, ip) == tokens
+    assert token_count(*size, ImageSettings.from_dict(ip.to_dict())) == tokens
 
 
 def test_fast_patches_equal_the_processor(tmp_path):
     ip = Qwen2VLImageProcessorPil(max_pixels=262144, min_pixels=3136)
+    settings = ImageSettings.from_dict(ip.to_dict())
     rng = np.random.default_rng(0)
     paths = []
     for i, (w, h) in enumerate([(1024, 768), (300, 500), (64, 40)]):
@@ -24,10 +26,10 @@ def test_fast_patches_equal_the_processor(tmp_path):
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
         paths.append(path)
         assert header_size(path) == (w, h)
-    ours_pixels, ours_grid = to_patches([load_resized(p, ip) for p in paths], ip)
+    ours_pixels, ours_grid = to_patches([load_resized(p, settings) for p in paths], settings)
     reference = ip(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
     assert torch.equal(ours_grid, reference["image_grid_thw"])
     assert ours_pixels.shape == reference["pixel_values"].shape
     assert torch.allclose(ours_pixels, reference["pixel_values"], atol=1e-5)
     # The grid follows from the resized image: tokens = patches / merge²
-    assert [int(g.prod()) // 4 for g in ours_grid] == [token_count(*Image.open(p).size, ip) for p in paths]
+    assert [int(g.prod()) // 4 for g in ours_grid] == [token_count(*Image.open(p).size, settings) for p in paths]

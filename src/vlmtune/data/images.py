@@ -3,6 +3,7 @@
 A sample keeps its image as the resized uint8 tensor (3 × H × W) — a quarter of the memory of the
 float patches — and the collator turns it into Qwen's flat patches with torch ops. The result is
 identical to `Qwen2VLImageProcessorPil` (tests/data/test_images.py), which is 20× slower at this step.
+The settings (patch size, pixel limits, mean, std) come from `data.image_settings.ImageSettings`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from vlmtune.data.image_settings import ImageSettings
 
 if TYPE_CHECKING:
     import torch
@@ -35,34 +38,22 @@ def header_size(path: str | Path) -> tuple[int, int]:
         raise ImageError(f"unreadable image ({exc.__class__.__name__})") from None
 
 
-def resized_size(width: int, height: int, image_processor) -> tuple[int, int]:
-    """(height, width) after Qwen's smart resize with this processor's pixel limits."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    factor = image_processor.patch_size * image_processor.merge_size
+def resized_size(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
+    """(height, width) after Qwen's smart resize with these pixel limits."""
     try:
-        return smart_resize(height, width, factor=factor, min_pixels=image_processor.size["shortest_edge"],
-                            max_pixels=image_processor.size["longest_edge"])
+        return settings.resized_size(height, width)
     except ValueError as exc:  # extreme aspect ratio
         raise ImageError(str(exc)) from None
 
 
-def token_count(width: int, height: int, image_processor) -> int:
+def token_count(width: int, height: int, settings: ImageSettings) -> int:
     """Image tokens the language model sees for an image of this size."""
-    h, w = resized_size(width, height, image_processor)
-    patch = image_processor.patch_size
-    return (h // patch) * (w // patch) // image_processor.merge_size ** 2
+    h, w = resized_size(width, height, settings)
+    return (h // settings.factor) * (w // settings.factor)
 
 
-def load_resized(path: str | Path, image_processor) -> "torch.Tensor":
-    """Decode an image once, convert to RGB and resize it exactly as the processor does (uint8 CHW).
-
-    The processor's PIL backend turns its array back into a PIL image, resizes it with PIL and
-    converts again; resizing the decoded PIL image directly gives the same bytes without the two
-    conversions, and an image already at its target size (PIL's resize is then a copy) is not resized.
-    """
-    import torch
-
+def load_resized(path: str | Path, settings: ImageSettings) -> "torch.Tensor":
+    """Decode an image once, convert to RGB and resize it exactly as the processor does (uint8 CHW)."""
     try:
         with Image.open(path) as image:
             image = image.convert("RGB") if image.mode != "RGB" else image.copy()  # copy: decodes, detaches the file
@@ -70,13 +61,25 @@ def load_resized(path: str | Path, image_processor) -> "torch.Tensor":
         raise ImageError("image not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise ImageError(f"unreadable image ({exc.__class__.__name__}: {exc})") from None
-    height, width = resized_size(image.width, image.height, image_processor)
+    return resize_decoded(image, settings)
+
+
+def resize_decoded(image: Image.Image, settings: ImageSettings) -> "torch.Tensor":
+    """A decoded RGB PIL image → resized uint8 CHW tensor.
+
+    transformers' PIL backend turns its array back into a PIL image, resizes it with PIL and converts
+    again; resizing the decoded PIL image directly gives the same bytes without the two conversions,
+    and an image already at its target size (PIL's resize is then a copy) is not resized.
+    """
+    import torch
+
+    height, width = resized_size(image.width, image.height, settings)
     if (width, height) != image.size:
-        image = image.resize((width, height), resample=image_processor.resample)
+        image = image.resize((width, height), resample=settings.resample)
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
 
-def to_patches(images: list["torch.Tensor"], image_processor,
+def to_patches(images: list["torch.Tensor"], settings: ImageSettings,
                repeat_frames: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Resized uint8 images → (pixel_values [patches, C·T·P·P], image_grid_thw [n, 3]).
 
@@ -89,7 +92,7 @@ def to_patches(images: list["torch.Tensor"], image_processor,
     """
     import torch
 
-    ip = image_processor
+    ip = settings
     patch, merge, temporal = ip.patch_size, ip.merge_size, ip.temporal_patch_size
     frames = temporal if repeat_frames else 1
     if not images:

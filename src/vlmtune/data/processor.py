@@ -1,9 +1,11 @@
-"""Tokenizer + image processor for Qwen2-VL / Qwen2.5-VL, without needing torchvision.
+"""Tokenizer + image settings for Qwen2-VL / Qwen2.5-VL, without needing torchvision.
 
 transformers' `AutoProcessor` for Qwen2.5-VL also builds a video processor, which requires
-torchvision; the CPU build of torch has no matching torchvision. vlmtune reads images only, so it
-pairs the tokenizer with the PIL-backed `Qwen2VLImageProcessorPil` directly, on every machine, which
-also keeps pixel values identical between the machines that train and those that predict.
+torchvision; the CPU build of torch has no matching torchvision. vlmtune reads images only and
+resizes and patchifies them itself (`data.images`, equal to `Qwen2VLImageProcessorPil`), so it pairs
+the tokenizer with the image settings of `preprocessor_config.json` read as plain JSON
+(`data.image_settings`: importing transformers' image processor costs seconds of start-up). The
+same code on every machine keeps pixel values identical between those that train and those that predict.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlmtune.data.image_settings import ImageSettings
 from vlmtune.data.template import IMAGE_PAD, QWEN2_VL_CHAT_TEMPLATE
 from vlmtune.errors import VlmtuneError
 
@@ -19,7 +22,7 @@ from vlmtune.errors import VlmtuneError
 @dataclass
 class Processor:
     tokenizer: Any
-    image_processor: Any
+    image_processor: ImageSettings  # named as in transformers' processors
 
     @property
     def image_token_id(self) -> int:
@@ -36,11 +39,11 @@ class Processor:
 
     @property
     def min_pixels(self) -> int:
-        return int(self.image_processor.size["shortest_edge"])
+        return self.image_processor.min_pixels
 
     @property
     def max_pixels(self) -> int:
-        return int(self.image_processor.size["longest_edge"])
+        return self.image_processor.max_pixels
 
     def save_pretrained(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(directory)
@@ -48,9 +51,8 @@ class Processor:
 
 
 def load_processor(model_dir: str | Path, max_pixels: int | None = None, min_pixels: int | None = None) -> Processor:
-    """Tokenizer and image processor of a local model directory, with pixel limits applied."""
+    """Tokenizer and image settings of a local model directory, with pixel limits applied."""
     import transformers
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     model_dir = Path(model_dir)
     try:
@@ -61,13 +63,5 @@ def load_processor(model_dir: str | Path, max_pixels: int | None = None, min_pix
         raise VlmtuneError(f"{model_dir}: the tokenizer has no {IMAGE_PAD} token; not a Qwen2-VL model")
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    kwargs = {}
-    if max_pixels is not None:
-        kwargs["max_pixels"] = max_pixels
-    if min_pixels is not None:
-        kwargs["min_pixels"] = min_pixels
-    if (model_dir / "preprocessor_config.json").is_file():
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(model_dir), **kwargs)
-    else:
-        image_processor = Qwen2VLImageProcessorPil(**kwargs)
-    return Processor(tokenizer=tokenizer, image_processor=image_processor)
+    image_settings = ImageSettings.from_pretrained(model_dir, max_pixels, min_pixels)
+    return Processor(tokenizer=tokenizer, image_processor=image_settings)

@@ -151,19 +151,14 @@ def decode_data_url(url: str, what: str = "image") -> Image.Image:
     return open_image_bytes(raw, what)
 
 
-def resize_image(image: Image.Image, image_processor) -> "torch.Tensor":
+def resize_image(image: Image.Image, settings) -> "torch.Tensor":
     """A PIL image → resized uint8 CHW tensor, exactly as `data.images.load_resized` does for files."""
-    import torch
+    from vlmtune.data.images import ImageError, resize_decoded
 
-    rgb = image.convert("RGB")
-    chw = np.asarray(rgb).transpose(2, 0, 1)
-    factor = image_processor.patch_size * image_processor.merge_size
     try:
-        resized = image_processor.resize(chw, size=image_processor.size, resample=image_processor.resample,
-                                         factor=factor)
-    except ValueError as exc:  # smart_resize: extreme aspect ratio, or too small to resize
+        return resize_decoded(image.convert("RGB"), settings)
+    except ImageError as exc:  # smart_resize: extreme aspect ratio
         raise RequestError(f"image of {image.width}×{image.height} cannot be used ({exc})") from None
-    return torch.from_numpy(np.ascontiguousarray(resized, dtype=np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,138 @@
+"""Qwen2-VL image settings (`preprocessor_config.json`) without importing transformers' image processor.
+
+vlmtune resizes and cuts patches itself (`data.images`); from the image processor it needs only the
+numbers: patch, merge and temporal patch size, pixel limits, rescale factor, mean and std, resample
+filter. Importing `Qwen2VLImageProcessorPil` costs ≈2.5 s on these machines, because transformers'
+`image_processing_utils` pulls in `modeling_utils`, `torch.distributed.tensor`, sympy and
+`torch._dynamo`; that import sat on the critical path of every command before the first batch. Read
+as plain JSON, the same settings load in milliseconds and the model's modelling code is imported
+once, by the model loader (in training, in a thread beside data encoding).
+
+The file is read and written in transformers' format: every key of the original file is kept as it
+was, pixel limits are written as `size: {shortest_edge, longest_edge}` (transformers 5) and the
+legacy `min_pixels` / `max_pixels` keys (earlier releases, LLaMA-Factory, vLLM), so a saved adapter
+directory loads in `AutoImageProcessor` with the same values (tests/data/test_image_settings.py
+checks both directions against `Qwen2VLImageProcessorPil`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmtune.errors import VlmtuneError
+
+CONFIG_NAME = "preprocessor_config.json"
+# transformers' defaults for Qwen2-VL / Qwen2.5-VL (Qwen2VLImageProcessor's class attributes).
+DEFAULTS: dict[str, Any] = {
+    "do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+    "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": 14, "temporal_patch_size": 2,
+    "merge_size": 2, "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
+    "image_processor_type": "Qwen2VLImageProcessor",
+}
+
+
+@dataclass
+class ImageSettings:
+    """What vlmtune reads from a Qwen2-VL `preprocessor_config.json` (attribute names as transformers')."""
+
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
+    resample: int = 3  # PIL.Image.Resampling.BICUBIC
+    # The file as read (unknown keys included), so that saving writes back what came in.
+    raw: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS), repr=False)
+
+    @property
+    def size(self) -> dict[str, int]:
+        """Pixel limits in transformers 5's form."""
+        return {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+
+    @property
+    def factor(self) -> int:
+        """Image sides are multiples of this: one merged token covers factor × factor pixels."""
+        return self.patch_size * self.merge_size
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], max_pixels: int | None = None,
+                  min_pixels: int | None = None) -> "ImageSettings":
+        """Settings from a config dict; `max_pixels` / `min_pixels` given here win over the file.
+
+        Precedence as in transformers: explicit arguments, then the legacy `min_pixels` /
+        `max_pixels` keys, then `size`, then the defaults.
+        """
+        size = dict(config.get("size") or DEFAULTS["size"])
+        lower = min_pixels if min_pixels is not None else config.get("min_pixels", size.get("shortest_edge"))
+        upper = max_pixels if max_pixels is not None else config.get("max_pixels", size.get("longest_edge"))
+        value = {**DEFAULTS, **config}.__getitem__
+        return cls(patch_size=int(value("patch_size")), merge_size=int(value("merge_size")),
+                   temporal_patch_size=int(value("temporal_patch_size")),
+                   min_pixels=int(lower), max_pixels=int(upper), do_rescale=bool(value("do_rescale")),
+                   rescale_factor=float(value("rescale_factor")), do_normalize=bool(value("do_normalize")),
+                   image_mean=tuple(float(x) for x in value("image_mean")),
+                   image_std=tuple(float(x) for x in value("image_std")), resample=int(value("resample")),
+                   raw=dict(config))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, max_pixels: int | None = None,
+                        min_pixels: int | None = None) -> "ImageSettings":
+        """Settings of a model or adapter directory (transformers' defaults when it has no config file)."""
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            return cls.from_dict({}, max_pixels, min_pixels)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(config, dict):
+                raise ValueError("expected a JSON object")
+            return cls.from_dict(config, max_pixels, min_pixels)
+        except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+            raise VlmtuneError(f"{path}: not a usable image processor config ({exc})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as saved: the file's own keys, with these settings' values written over them."""
+        out = {**DEFAULTS, **self.raw}
+        out.update(patch_size=self.patch_size, merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
+                   do_rescale=self.do_rescale, rescale_factor=self.rescale_factor, do_normalize=self.do_normalize,
+                   image_mean=list(self.image_mean), image_std=list(self.image_std), resample=self.resample,
+                   size=self.size, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return out
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        (directory / CONFIG_NAME).write_text(text, encoding="utf-8")
+
+    def resized_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after Qwen's `smart_resize`: sides multiples of `factor`, pixels within the
+        limits, aspect ratio kept as well as that allows. ValueError for an aspect ratio over 200.
+
+        The same arithmetic as `transformers.models.qwen2_vl.image_processing_pil_qwen2_vl.smart_resize`
+        (compared over thousands of sizes in tests/data/test_image_settings.py); written out here
+        because importing that module costs seconds (see the module docstring).
+        """
+        factor = self.factor
+        if max(height, width) / min(height, width) > 200:
+            raise ValueError(f"absolute aspect ratio must be smaller than 200, got "
+                             f"{max(height, width) / min(height, width)}")
+        h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+        if h_bar * w_bar > self.max_pixels:
+            beta = math.sqrt((height * width) / self.max_pixels)
+            h_bar = max(factor, math.floor(height / beta / factor) * factor)
+            w_bar = max(factor, math.floor(width / beta / factor) * factor)
+        elif h_bar * w_bar < self.min_pixels:
+            beta = math.sqrt(self.min_pixels / (height * width))
+            h_bar = math.ceil(height * beta / factor) * factor
+            w_bar = math.ceil(width * beta / factor) * factor
+        return h_bar, w_bar

@@ -1,0 +1,77 @@
+"""ImageSettings reads and writes preprocessor_config.json as transformers' Qwen2-VL image processor
+does, and its smart resize equals transformers' (the reference here is transformers itself)."""
+
+import json
+import random
+
+import pytest
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+
+from vlmtune.data.image_settings import CONFIG_NAME, ImageSettings
+from vlmtune.errors import VlmtuneError
+
+
+def test_resized_size_equals_transformers_smart_resize():
+    rng = random.Random(0)
+    sizes = [(rng.randint(1, 4000), rng.randint(1, 4000)) for _ in range(3000)]
+    sizes += [(28, 28), (27, 29), (1, 199), (448, 448), (4000, 21), (3, 3)]
+    for max_pixels, min_pixels in [(28 * 28 * 1280, 56 * 56), (448 * 448, 28 * 28), (262144, 3136), (784, 784)]:
+        settings = ImageSettings(max_pixels=max_pixels, min_pixels=min_pixels)
+        for h, w in sizes:
+            try:
+                expected = smart_resize(h, w, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+            except ValueError:
+                with pytest.raises(ValueError):
+                    settings.resized_size(h, w)
+                continue
+            assert settings.resized_size(h, w) == expected, (h, w, max_pixels, min_pixels)
+
+
+def attributes(ip) -> dict:
+    return {"patch_size": ip.patch_size, "merge_size": ip.merge_size, "temporal_patch_size": ip.temporal_patch_size,
+            "min_pixels": ip.size["shortest_edge"], "max_pixels": ip.size["longest_edge"],
+            "do_rescale": ip.do_rescale, "rescale_factor": ip.rescale_factor, "do_normalize": ip.do_normalize,
+            "image_mean": tuple(ip.image_mean), "image_std": tuple(ip.image_std), "resample": int(ip.resample)}
+
+
+# The file as Qwen2.5-VL-7B-Instruct ships it (legacy keys), as transformers 5 writes it, and a mix.
+QWEN_RELEASE = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2,
+                "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+                "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Qwen2VLImageProcessor",
+                "processor_class": "Qwen2_5_VLProcessor"}
+TRANSFORMERS_5 = {"size": {"shortest_edge": 784, "longest_edge": 200704}, "do_normalize": True, "resample": 3,
+                  "rescale_factor": 0.00392156862745098, "image_processor_type": "Qwen2VLImageProcessor",
+                  "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2}
+MIXED = {**TRANSFORMERS_5, "max_pixels": 50176, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+
+
+@pytest.mark.parametrize("config", [QWEN_RELEASE, TRANSFORMERS_5, MIXED, {}])
+@pytest.mark.parametrize("overrides", [{}, {"max_pixels": 448 * 448}, {"max_pixels": 401408, "min_pixels": 1024}])
+def test_loading_matches_transformers(tmp_path, config, overrides):
+    if config:
+        (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
+        reference = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path), **overrides)
+    else:
+        reference = Qwen2VLImageProcessorPil(**overrides)
+    assert attributes(ImageSettings.from_pretrained(tmp_path, **overrides)) == attributes(reference)
+
+
+def test_saved_settings_load_in_transformers_unchanged(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / CONFIG_NAME).write_text(json.dumps(QWEN_RELEASE))
+    ours = ImageSettings.from_pretrained(tmp_path / "model", max_pixels=448 * 448)
+    ours.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / CONFIG_NAME).read_text())
+    assert saved["processor_class"] == "Qwen2_5_VLProcessor"  # keys we do not use survive
+    assert saved["max_pixels"] == saved["size"]["longest_edge"] == 448 * 448
+    reloaded = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path / "adapter"))
+    assert attributes(reloaded) == attributes(ours)
+    assert attributes(ImageSettings.from_pretrained(tmp_path / "adapter")) == attributes(ours)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[1, 2]", '{"patch_size": "big"}'])
+def test_bad_config_is_one_line_error_naming_the_file(tmp_path, text):
+    (tmp_path / CONFIG_NAME).write_text(text)
+    with pytest.raises(VlmtuneError, match=CONFIG_NAME) as info:
+        ImageSettings.from_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
