@@ -113,6 +113,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="time each configuration this often, keep the median")
     args = parser.parse_args()
 
+    from vlmtune import allocator
+
+    allocator.for_prediction()  # as `vlmtune predict` starts
     import torch
 
     torch.set_num_threads(args.threads)

@@ -120,3 +120,26 @@ def test_encode_with_images_and_cutoff(tiny_model_dir, small_dataset):
     prompt = encode_prompt(prompt_messages(conv), sample.images, processor)
     assert torch.equal(prompt.input_ids, sample.input_ids[: len(prompt)])
     assert bool((prompt.labels == IGNORE_INDEX).all())
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+@pytest.mark.parametrize("generation_prompt", [False, True])
+def test_collapsed_pads_give_the_same_ids_and_labels(tokenizers, which, generation_prompt):
+    """tokenize_rendered (one pad per image, repeated afterwards) equals tokenising every pad written out."""
+    from vlmtune.data.encode import tokenize_rendered
+    from vlmtune.data.image_settings import ImageSettings
+
+    tok = tokenizers[which]
+    processor = Processor(tokenizer=tok, image_processor=ImageSettings())
+    images = [torch.zeros(3, 224, 224, dtype=torch.uint8), torch.zeros(3, 448, 308, dtype=torch.uint8)]
+    counts = [64, 176]
+    messages = [Message("system", SYSTEM), Message("user", "<image>左图<image>右图:" + RULES_PROMPT.replace("<image>", "")),
+                Message("assistant", "不满足要求"), Message("user", "再看一次"), Message("assistant", "满足要求")]
+    if generation_prompt:
+        messages = messages[:-1]
+    ids, labels = tokenize_rendered(messages, images, processor, None, generation_prompt)
+    full = render(messages, counts, add_generation_prompt=generation_prompt)
+    reference_ids, reference_labels = tokenize(full.text, full.label_spans, processor)
+    assert int((reference_ids == tok.convert_tokens_to_ids(IMAGE_PAD)).sum()) == sum(counts)
+    assert torch.equal(ids, reference_ids)
+    assert torch.equal(labels, reference_labels)

@@ -79,13 +79,34 @@ def tokenize(text: str, spans: list[tuple[int, int]], processor: Processor) -> t
     return ids, labels
 
 
+def tokenize_rendered(messages: list[Message], images: list[torch.Tensor], processor: Processor,
+                      default_system: str | None, add_generation_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Render and tokenise with ONE `<|image_pad|>` per image, then repeat each pad to the image's token count.
+
+    The same ids as tokenising the text with every pad written out (`<|image_pad|>` is a special
+    token: the text between special tokens is tokenised the same either way; tests/data/test_encode.py),
+    without making the tokenizer match hundreds of special tokens per image (a third of the time).
+    """
+    counts = image_tokens(images, processor)
+    rendered = render(messages, [1] * len(counts), default_system, add_generation_prompt=add_generation_prompt)
+    ids, labels = tokenize(rendered.text, rendered.label_spans, processor)
+    if not counts:
+        return ids, labels
+    pads = ids == processor.image_token_id
+    if int(pads.sum()) != len(counts):  # e.g. the text itself spells out <|image_pad|>
+        raise EncodeError(f"{int(pads.sum())} image pad tokens for {len(counts)} images", field="messages")
+    repeats = torch.ones_like(ids)
+    repeats[pads] = torch.tensor(counts)
+    return ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+
+
 def encode(conversation: Conversation, processor: Processor, cutoff_len: int | None,
            default_system: str | None = None, images: list[torch.Tensor] | None = None) -> EncodedSample:
     """A training sample: the whole conversation, answers labelled."""
     if images is None:
         images = load_images(conversation, processor)
-    rendered = render(conversation.messages, image_tokens(images, processor), default_system)
-    ids, labels = tokenize(rendered.text, rendered.label_spans, processor)
+    ids, labels = tokenize_rendered(conversation.messages, images, processor, default_system,
+                                    add_generation_prompt=False)
     if cutoff_len is not None and len(ids) > cutoff_len:
         raise EncodeError(f"{len(ids)} tokens (with {sum(image_tokens(images, processor))} image tokens) "
                           f"exceed cutoff_len {cutoff_len}", field="messages")
@@ -95,8 +116,7 @@ def encode(conversation: Conversation, processor: Processor, cutoff_len: int | N
 def encode_prompt(messages: list[Message], images: list[torch.Tensor], processor: Processor,
                   default_system: str | None = None) -> EncodedSample:
     """A prediction sample: the messages up to an open assistant turn, nothing labelled."""
-    rendered = render(messages, image_tokens(images, processor), default_system, add_generation_prompt=True)
-    ids, labels = tokenize(rendered.text, [], processor)
+    ids, labels = tokenize_rendered(messages, images, processor, default_system, add_generation_prompt=True)
     return EncodedSample(ids, labels, images)
 
 

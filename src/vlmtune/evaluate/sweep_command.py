@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vlmtune import allocator
+
+    allocator.for_prediction()  # before torch allocates: see vlmtune/allocator.py
     from vlmtune.config import build_config
     from vlmtune.evaluate.command import parse_labels
     from vlmtune.evaluate.sweep import (evaluate_points, find_points, format_sweep_table, normalise_metric,

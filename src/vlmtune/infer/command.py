@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 
+from vlmtune import allocator
 from vlmtune.config import Config, build_config, key_sections, parse_override, read_yaml
 from vlmtune.errors import VlmtuneError
 
@@ -44,6 +45,9 @@ class PredictArgs:
 
     save_name: str = field(default=DEFAULT_SAVE_NAME, metadata={"help": "Output JSONL path."})
     batch_size: int = field(default=8, metadata={"help": "Samples per forward pass (vLLM: per request batch)."})
+    workers: int = field(default=0, metadata={
+        "help": "transformers backend, score mode: batches scored at once, each on its share of the torch "
+                "threads. 0 = auto: 2 on a CPU, 1 on a GPU."})
     backend: str = field(default="transformers", metadata={"help": "transformers (CPU or GPU) or vllm (GPU)."})
     mode: str | None = field(default=None, metadata={
         "help": "score (label probabilities) or generate (text). Default: score when the answers form a "
@@ -83,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         text = shared[key][1].metadata.get("help", "") if key in shared else ""
         text = own_help.get(key) or (text.split(". ")[0].rstrip(".") + "." if text else None)
         parser.add_argument(f"--{key}", default=None, help=text)
-    for key in ("save_name", "batch_size", "backend", "mode", "max_new_tokens", "temperature", "vllm_config"):
+    for key in ("save_name", "batch_size", "workers", "backend", "mode", "max_new_tokens", "temperature",
+                "vllm_config"):
         parser.add_argument(f"--{key}", default=None, help=PREDICT_KEYS[key].metadata["help"])
     for key, help_text in (("bf16", "load the model in bfloat16"), ("fp16", "load the model in float16"),
                            ("overwrite", PREDICT_KEYS["overwrite"].metadata["help"]),
@@ -93,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _coerce_predict(key: str, value: Any, origin: str) -> Any:
-    kind = {"batch_size": int, "max_new_tokens": int, "temperature": float, "overwrite": bool}.get(key, str)
+    kind = {"batch_size": int, "workers": int, "max_new_tokens": int, "temperature": float, "overwrite": bool}.get(key, str)
     try:
         if key == "vllm_config":
             parsed = json.loads(value) if isinstance(value, str) else value
@@ -130,8 +135,8 @@ def parse_args(argv: list[str]) -> tuple[Config, PredictArgs, set[str]]:
     for item in overrides:
         key, value = parse_override(item)
         values[key] = value
-    for key in (*SHARED_FLAGS, "save_name", "batch_size", "backend", "mode", "max_new_tokens", "temperature",
-                "vllm_config", "bf16", "fp16", "overwrite", "skip_bad_records"):
+    for key in (*SHARED_FLAGS, "save_name", "batch_size", "workers", "backend", "mode", "max_new_tokens",
+                "temperature", "vllm_config", "bf16", "fp16", "overwrite", "skip_bad_records"):
         if getattr(args, key) is not None:
             values[key] = getattr(args, key)
     if isinstance(values.get("labels"), str):
@@ -151,6 +156,8 @@ def parse_args(argv: list[str]) -> tuple[Config, PredictArgs, set[str]]:
     for key in ("batch_size", "max_new_tokens"):
         if getattr(pargs, key) <= 0:
             raise VlmtuneError(f"{origin}: '{key}' must be > 0, got {getattr(pargs, key)}")
+    if pargs.workers < 0:
+        raise VlmtuneError(f"{origin}: 'workers' must be >= 0 (0 = auto), got {pargs.workers}")
     if pargs.temperature < 0:
         raise VlmtuneError(f"{origin}: 'temperature' must be >= 0, got {pargs.temperature}")
     return cfg, pargs, set(values)
@@ -265,7 +272,7 @@ def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversa
                          bf16=cfg.train.bf16, fp16=cfg.train.fp16,
                          attn_implementation=cfg.model.attn_implementation, cache_dir=cfg.model.cache_dir,
                          revision=cfg.model.model_revision, merge_adapter=True, log=log)
-    return TransformersPredictor(engine)
+    return TransformersPredictor(engine, workers=pargs.workers)
 
 
 def print_summary(path: Path, n_new: int, n_done_before: int, seconds: float, labels, positive: str, log=print):
@@ -293,6 +300,7 @@ def print_summary(path: Path, n_new: int, n_done_before: int, seconds: float, la
 
 def main(argv: list[str]) -> int:
     cfg, pargs, explicit = parse_args(argv)
+    allocator.for_prediction()  # before torch allocates: see vlmtune/allocator.py
     log = print
     conversations = load_test_data(cfg, log)
     if cfg.model.adapter_name_or_path:

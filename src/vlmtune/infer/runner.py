@@ -8,10 +8,21 @@ A predictor (transformers here, vLLM in `vllm_backend`) has three steps per batc
   element-wise torch ops.)
 * `score(prepared, labels)` → P(label) rows, or `generate(prepared, ...)` → texts: the model.
 * `check(...)` once before the run (vLLM: does the adapter change anything?).
+
+On a CPU, score mode runs `predictor.workers` batches at once (default two), each prepared and
+scored by its own thread with its share of torch's threads. Why: with a small model most of torch's
+ops are too short to keep two cores busy from one calling thread (two intra-op threads finish a
+batch only ≈1.6× faster than one), and the decoding / tokenising of the next batch then competes
+with the model for the same cores; two whole batches side by side keep both cores busy
+(docs/benchmarks.md, "Prediction"). torch releases the GIL inside its ops, and scoring keeps no
+state on the model (explicit position ids, its own KV cache per call). Rows still come out in
+dataset order. Generation stays on one thread: transformers' Qwen2-VL `generate` keeps its rope
+offsets on the model between steps.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
@@ -46,6 +57,10 @@ def predict_batches(predictor, conversations: Sequence[Conversation], mode: str,
     chunks = [list(conversations[i:i + batch_size]) for i in range(0, len(conversations), batch_size)]
     if not chunks:
         return
+    workers = getattr(predictor, "workers", 1)
+    if mode == "score" and workers > 1 and len(chunks) > 1:
+        yield from score_concurrently(predictor, chunks, labels, default_system, workers)
+        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmtune-prepare") as pool:
         upcoming = pool.submit(predictor.prepare, chunks[0], default_system, mode)
         offset = first_index
@@ -55,7 +70,7 @@ def predict_batches(predictor, conversations: Sequence[Conversation], mode: str,
                 upcoming = pool.submit(predictor.prepare, chunks[k + 1], default_system, mode)
             if mode == "score":
                 probs = predictor.score(prepared, labels)
-                rows = [row_of(c, default_system, labels[max(range(len(p)), key=p.__getitem__)], dict(zip(labels, p)))
+                rows = [row_of(c, default_system, best_label(labels, p), dict(zip(labels, p)))
                         for c, p in zip(chunk, probs)]
             else:
                 batch_seed = seed + offset if temperature > 0 and seed is not None else None
@@ -63,6 +78,33 @@ def predict_batches(predictor, conversations: Sequence[Conversation], mode: str,
                 rows = [row_of(c, default_system, t, None) for c, t in zip(chunk, texts)]
             offset += len(chunk)
             yield chunk, rows
+
+
+def score_concurrently(predictor, chunks: list[list[Conversation]], labels: list[str], default_system: str | None,
+                       workers: int) -> Iterator[tuple[list[Conversation], list[dict[str, Any]]]]:
+    """Score mode with `workers` batches in flight, each prepared and scored on its own thread; in order."""
+    import torch
+
+    def prepare_and_score(chunk):
+        return predictor.score(predictor.prepare(chunk, default_system, "score"), labels)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))  # every worker's ops get this many threads
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlmtune-score") as pool:
+            pending = deque(pool.submit(prepare_and_score, chunk) for chunk in chunks[:workers])
+            for k, chunk in enumerate(chunks):
+                probs = pending.popleft().result()
+                if k + workers < len(chunks):
+                    pending.append(pool.submit(prepare_and_score, chunks[k + workers]))
+                yield chunk, [row_of(c, default_system, best_label(labels, p), dict(zip(labels, p)))
+                              for c, p in zip(chunk, probs)]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def best_label(labels: list[str], probs: list[float]) -> str:
+    return labels[max(range(len(probs)), key=probs.__getitem__)]
 
 
 def record_error(conv: Conversation, exc) -> VlmtuneError:
@@ -74,8 +116,15 @@ def record_error(conv: Conversation, exc) -> VlmtuneError:
 class TransformersPredictor:
     """Score or generate batches with the transformers engine (see `infer.engine.load_engine`)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, workers: int = 0):
+        """`workers`: score-mode batches in flight (see the module docstring); 0 = two on a CPU with at
+        least two torch threads, else one."""
+        import torch
+
         self.engine = engine
+        if workers <= 0:
+            workers = 2 if engine.device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+        self.workers = workers
         self.processor = engine.processor
         self.model_dir = engine.model_dir
         self.adapter_dir = engine.adapter_dir

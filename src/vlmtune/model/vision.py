@@ -34,6 +34,7 @@ library's forward.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ class VisionEncoder:
         self.fast = usable(visual)
         self.cache_size = cache_size
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._plans_lock = threading.Lock()  # prediction scores batches from several threads
 
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """From `pixel_values` as the image processor makes them ([patches, C·T·P·P])."""
@@ -171,13 +173,16 @@ class VisionEncoder:
 
     def plan(self, grid_thw: torch.Tensor, device: torch.device) -> Plan:
         key = (tuple(map(tuple, grid_thw.tolist())), str(device))
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._make_plan(grid_thw.to(device), device)
+        with self._plans_lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = self._make_plan(grid_thw.to(device), device)
+        with self._plans_lock:
+            self._plans[key] = plan
             while len(self._plans) > self.cache_size:
                 self._plans.popitem(last=False)
-        else:
-            self._plans.move_to_end(key)
         return plan
 
     def _make_plan(self, grid_thw: torch.Tensor, device: torch.device) -> Plan:

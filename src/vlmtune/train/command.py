@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from vlmtune import allocator
 from vlmtune.config import load_config
 
 
@@ -21,7 +22,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)  # validate before launching anything
     quiet_waiting_threads()
-    keep_large_buffers_off_the_heap()
+    allocator.for_training()  # before torch allocates: see vlmtune/allocator.py
     if _should_launch_torchrun():
         import torch
 
@@ -57,27 +58,6 @@ def quiet_waiting_threads() -> None:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"note: the CPU is busy (load {load:.1f} on {cores} cores): torch's OpenMP threads wait passively "
                   f"(OMP_WAIT_POLICY=PASSIVE; set it or GOMP_SPINCOUNT to choose)", flush=True)
-
-
-def keep_large_buffers_off_the_heap(threshold: int = 4 << 20) -> None:
-    """Allocations of `threshold` bytes or more get their own mmap, so a freed activation goes back to the OS.
-
-    glibc raises its mmap threshold each time a large mmapped block is freed; after a few steps every
-    activation and gradient buffer comes from the heap, where fragmentation keeps freed memory resident.
-    Measured with benchmarks/train_throughput.py (2 cores, quiet): peak RSS 543-851 MiB by default (it
-    depends on thread timing), 497 MiB with a fixed 4 MiB threshold at the same speed; a 128 KiB threshold
-    cost a third of the speed in page faults. MALLOC_MMAP_THRESHOLD_ in the environment wins. glibc only.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    import ctypes
-    import ctypes.util
-
-    M_MMAP_THRESHOLD = -3  # malloc.h
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(M_MMAP_THRESHOLD, threshold)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _should_launch_torchrun() -> bool:
