@@ -209,7 +209,7 @@ def vision_only(model, processor, conversations, batch_size: int = 8, library: b
                 if library:
                     visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
                 else:
-                    encoder.images(batch["image_frames"], batch["image_grid_thw"])
+                    encoder.images(batch["image_frames"], batch["image_grid_thw"], batch["image_frames_affine"])
     return run
 
 

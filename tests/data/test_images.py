@@ -33,3 +33,17 @@ def test_fast_patches_equal_the_processor(tmp_path):
     assert torch.allclose(ours_pixels, reference["pixel_values"], atol=1e-5)
     # The grid follows from the resized image: tokens = patches / merge²
     assert [int(g.prod()) // 4 for g in ours_grid] == [token_count(*Image.open(p).size, settings) for p in paths]
+
+
+@pytest.mark.parametrize("config", [{}, {"do_normalize": False}, {"do_rescale": False, "image_mean": [0.5] * 3}])
+def test_pixel_affine_turns_raw_patches_into_normalised_ones(config):
+    from vlmtune.data.images import pixel_affine
+
+    settings = ImageSettings.from_dict(config)
+    images = [torch.randint(0, 256, (3, 56, 84), dtype=torch.uint8)]
+    normalised, _ = to_patches(images, settings, repeat_frames=False)
+    raw, _ = to_patches(images, settings, repeat_frames=False, normalize=False)
+    scale, shift = pixel_affine(settings)
+    folded = (raw.view(raw.shape[0], 3, -1) * scale.view(1, 3, 1) + shift.view(1, 3, 1)).view(raw.shape)
+    assert torch.allclose(folded, normalised, atol=1e-4, rtol=1e-6)
+    assert not torch.equal(raw, normalised) or config == {"do_normalize": False, "do_rescale": False}

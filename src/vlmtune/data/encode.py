@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmtune.data.conversation import Conversation, Message
-from vlmtune.data.images import ImageError, load_resized, to_patches
+from vlmtune.data.images import ImageError, load_resized, pixel_affine, to_patches
 from vlmtune.data.processor import Processor
 from vlmtune.data.template import render
 
@@ -136,8 +136,9 @@ class Collator:
     `mm_encoder_outputs` (the vision tower does not run) plus `image_grid_thw` for the positions.
 
     `image_frames=True` (prediction): the images go out as `image_frames`, patches with their one
-    frame (not repeated over the temporal patch), for `model.vision.VisionEncoder.images`; a model's
-    forward does not take them.
+    frame (not repeated over the temporal patch) and raw pixel values, plus `image_frames_affine`
+    (the normalisation, per channel), for `model.vision.VisionEncoder.images`, which folds both into
+    its patch embedding; a model's forward does not take them.
     """
 
     def __init__(self, processor: Processor, padding_side: str = "right", image_frames: bool = False):
@@ -172,8 +173,11 @@ class Collator:
             batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
             return batch
         images = [im for s in samples for im in s.images]
-        if images:
-            key = "image_frames" if self.image_frames else "pixel_values"
-            batch[key], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor,
-                                                             repeat_frames=not self.image_frames)
+        if images and self.image_frames:
+            settings = self.processor.image_processor
+            batch["image_frames"], batch["image_grid_thw"] = to_patches(images, settings, repeat_frames=False,
+                                                                        normalize=False)
+            batch["image_frames_affine"] = pixel_affine(settings)
+        elif images:
+            batch["pixel_values"], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor)
         return batch

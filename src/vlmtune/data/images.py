@@ -79,8 +79,8 @@ def resize_decoded(image: Image.Image, settings: ImageSettings) -> "torch.Tensor
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
 
-def to_patches(images: list["torch.Tensor"], settings: ImageSettings,
-               repeat_frames: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
+def to_patches(images: list["torch.Tensor"], settings: ImageSettings, repeat_frames: bool = True,
+               normalize: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Resized uint8 images → (pixel_values [patches, C·T·P·P], image_grid_thw [n, 3]).
 
     Same arithmetic and layout as Qwen2VLImageProcessorPil: rescale, normalise, then split into
@@ -88,6 +88,8 @@ def to_patches(images: list["torch.Tensor"], settings: ImageSettings,
 
     `repeat_frames=False` leaves out the repetition: [patches, C·P·P], one frame per patch, for
     `model.vision.VisionEncoder.images`, which folds the temporal half of the patch kernel instead.
+    `normalize=False` leaves the pixel values as they are (0–255): the encoder can fold the
+    rescale and normalisation (`pixel_affine`) into the patch embedding too.
     """
     import torch
 
@@ -110,11 +112,28 @@ def to_patches(images: list["torch.Tensor"], settings: ImageSettings,
             x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P): Qwen's merge order
         row += n
     first = torch.from_numpy(cut).float()  # one frame per patch
-    if ip.do_rescale:
+    if normalize and ip.do_rescale:
         first.mul_(ip.rescale_factor)
-    if ip.do_normalize:
+    if normalize and ip.do_normalize:
         mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, -1, 1)
         std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, -1, 1)
         first.sub_(mean).div_(std)
     out = first.unsqueeze(2).expand(-1, -1, frames, -1)
     return out.reshape(out.shape[0], -1), torch.tensor(grids, dtype=torch.long)
+
+
+def pixel_affine(settings: ImageSettings) -> "torch.Tensor":
+    """(2, C): per channel the scale and shift that turn raw pixel values into normalised ones.
+
+    normalised = raw · scale + shift, i.e. (raw · rescale − mean) / std, as `to_patches` computes it.
+    """
+    import torch
+
+    channels = len(settings.image_mean)
+    scale = torch.full((channels,), settings.rescale_factor if settings.do_rescale else 1.0, dtype=torch.float64)
+    shift = torch.zeros(channels, dtype=torch.float64)
+    if settings.do_normalize:
+        mean = torch.tensor(settings.image_mean, dtype=torch.float64)
+        std = torch.tensor(settings.image_std, dtype=torch.float64)
+        scale, shift = scale / std, -mean / std
+    return torch.stack([scale, shift]).float()

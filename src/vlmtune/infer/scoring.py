@@ -159,7 +159,8 @@ def to_model(batch: dict, core: torch.nn.Module) -> dict:
 
         encoder = vision_encoder(rope_module(core).visual)
         grid = out["image_grid_thw"]
-        features = encoder.images(frames, grid) if frames is not None else encoder(pixels, grid)
+        affine = out.pop("image_frames_affine", None)
+        features = encoder.images(frames, grid, affine) if frames is not None else encoder(pixels, grid)
         out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoder.split(features, grid))}
     return out
 

@@ -109,22 +109,34 @@ class VisionEncoder:
         x = pixel_values.to(proj.weight.dtype).reshape(pixel_values.shape[0], -1)
         return self._blocks(F.linear(x, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias), grid_thw)
 
-    def images(self, frames: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def images(self, frames: torch.Tensor, grid_thw: torch.Tensor, affine: torch.Tensor | None = None) -> torch.Tensor:
         """From still images' patches with ONE frame each ([patches, C·P·P], `to_patches(..., repeat_frames=False)`).
 
         The processor repeats a still image's frame over the temporal patch, so the Conv3d sees the
         same pixels in each temporal slice of its kernel: W₀·x + W₁·x = (W₀ + W₁)·x. Half the matmul,
-        half the patch bytes to build and read.
+        half the patch bytes to build and read. With `affine` ((2, C): per-channel scale and shift,
+        `data.images.pixel_affine`) the frames are raw pixel values and the normalisation is folded
+        into the kernel as well: W·(x·a + b) = (W·a)·x + W·b, saving three passes over the patches.
         """
         visual = self.visual
         embed = visual.patch_embed
         if not self.fast:
+            if affine is not None:
+                frames = normalized(frames, affine)
             repeated = frames.reshape(frames.shape[0], embed.in_channels, 1, -1).expand(
                 -1, -1, embed.temporal_patch_size, -1)
             return visual(repeated.reshape(frames.shape[0], -1).to(visual.dtype), grid_thw=grid_thw).pooler_output
         proj = embed.proj
-        folded = proj.weight.sum(dim=2).reshape(proj.weight.shape[0], -1)  # (E, C, T, P, P) → (E, C·P·P)
-        return self._blocks(F.linear(frames.to(folded.dtype), folded, proj.bias), grid_thw)
+        dtype = proj.weight.dtype
+        folded = proj.weight.sum(dim=2)  # (E, C, T, P, P) → (E, C, P, P)
+        bias = proj.bias
+        if affine is not None:  # folded in float32, then back to the weights' dtype
+            scale, shift = (a.view(1, -1, 1, 1) for a in affine.to(folded.device, torch.float32))
+            shifted = (folded.float() * shift).sum(dim=(1, 2, 3))
+            bias = (shifted if bias is None else shifted + bias.float()).to(dtype)
+            folded = (folded.float() * scale).to(dtype)
+        folded = folded.reshape(folded.shape[0], -1)
+        return self._blocks(F.linear(frames.to(dtype), folded, bias), grid_thw)
 
     def _blocks(self, x: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """The rest of Qwen2_5_VisionTransformerPretrainedModel.forward after the patch embedding."""
@@ -203,6 +215,13 @@ class VisionEncoder:
         return Plan(window_index, torch.argsort(window_index), cos, sin,
                     windows=segments(cu_windows.diff().tolist(), device),
                     full=segments(cu_full.diff().tolist(), device))
+
+
+def normalized(frames: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
+    """Raw one-frame patches ([patches, C·P·P]) normalised with a (2, C) per-channel scale and shift."""
+    scale, shift = (a.to(frames.device).view(1, -1, 1) for a in affine)
+    channels = affine.shape[1]
+    return (frames.reshape(frames.shape[0], channels, -1) * scale + shift).reshape(frames.shape)
 
 
 def vision_encoder(visual: torch.nn.Module) -> VisionEncoder:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from vlmtune.data.encode import EncodedSample
-from vlmtune.data.images import to_patches
+from vlmtune.data.images import pixel_affine, to_patches
+from vlmtune.model.vision import vision_encoder
 
 
 class ImageFeatureCache:
@@ -28,13 +29,18 @@ class ImageFeatureCache:
             return samples
         todo = [s for s in samples if s.image_features is None and s.images]
         if todo:
-            pixels, grids = to_patches([im for s in todo for im in s.images], self.processor.image_processor)
-            core = _vision_owner(self.accelerator.unwrap_model(self.model))
+            # Still images with their one frame, through `model.vision.VisionEncoder`: transformers'
+            # vision tower and merger in fewer, larger ops (equal to `get_image_features` within 1e-5).
+            settings = self.processor.image_processor
+            frames, grids = to_patches([im for s in todo for im in s.images], settings, repeat_frames=False,
+                                       normalize=False)
+            encoder = vision_encoder(_vision_owner(self.accelerator.unwrap_model(self.model)).visual)
+            device = self.accelerator.device
             with self.accelerator.autocast():
-                features = core.get_image_features(pixels.to(self.accelerator.device), grids.to(self.accelerator.device),
-                                                   return_dict=True).pooler_output
+                features = encoder.images(frames.to(device), grids.to(device), pixel_affine(settings))
+            features = encoder.split(features, grids)
             features = [f.to("cpu") for f in features]
-            del pixels
+            del frames
             # Copied once the forward's temporaries are freed, so the kept copies land in the holes they
             # left, not above them: kept tensors at the top of the heap pin everything below them (glibc
             # returns only the top), which grew the RSS by ~4 MB per cached 448² image (~200 MiB here).
@@ -49,7 +55,7 @@ class ImageFeatureCache:
 
 
 def _vision_owner(model):
-    """The module whose get_image_features runs vision tower + projector (under peft wrappers)."""
+    """The module that owns the vision tower (`.visual`, with its merger) under peft wrappers."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.model if hasattr(inner, "model") and hasattr(inner.model, "get_image_features") else inner
 
