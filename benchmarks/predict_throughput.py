@@ -189,8 +189,8 @@ def main() -> None:
 
 def vision_only(model, processor, conversations, batch_size: int = 8, library: bool = False):
     """A function running just the vision tower on the (already prepared) images: the part of every
-    mode that no mode can skip. As prediction runs it (`model.vision.VisionEncoder` on one-frame
-    patches), or with `library=True` as transformers' `visual(pixel_values, grid_thw)`."""
+    mode that no mode can skip. As prediction runs it (`model.vision.VisionEncoder` on the
+    resized images), or with `library=True` as transformers' `visual(pixel_values, grid_thw)`."""
     import torch
 
     from vlmtune.data.encode import Collator
@@ -199,7 +199,7 @@ def vision_only(model, processor, conversations, batch_size: int = 8, library: b
 
     visual = unwrap(model).model.visual
     encoder = vision_encoder(visual)
-    collate = Collator(processor, padding_side="right", image_frames=not library)
+    collate = Collator(processor, padding_side="right", raw_images=not library)
     batches = [collate(encode_prompts(conversations[i:i + batch_size], processor))
                for i in range(0, len(conversations), batch_size)]
 
@@ -209,7 +209,7 @@ def vision_only(model, processor, conversations, batch_size: int = 8, library: b
                 if library:
                     visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
                 else:
-                    encoder.images(batch["image_frames"], batch["image_grid_thw"], batch["image_frames_affine"])
+                    encoder.still_images(batch["image_pixels"], batch["image_grid_thw"], batch["image_affine"])
     return run
 
 

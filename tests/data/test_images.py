@@ -36,14 +36,15 @@ def test_fast_patches_equal_the_processor(tmp_path):
 
 
 @pytest.mark.parametrize("config", [{}, {"do_normalize": False}, {"do_rescale": False, "image_mean": [0.5] * 3}])
-def test_pixel_affine_turns_raw_patches_into_normalised_ones(config):
+def test_pixel_affine_is_the_processors_normalisation(config):
+    """x · scale + shift equals the processor's (x · rescale − mean) / std for every uint8 value."""
     from vlmtune.data.images import pixel_affine
 
     settings = ImageSettings.from_dict(config)
-    images = [torch.randint(0, 256, (3, 56, 84), dtype=torch.uint8)]
-    normalised, _ = to_patches(images, settings, repeat_frames=False)
-    raw, _ = to_patches(images, settings, repeat_frames=False, normalize=False)
-    scale, shift = pixel_affine(settings)
-    folded = (raw.view(raw.shape[0], 3, -1) * scale.view(1, 3, 1) + shift.view(1, 3, 1)).view(raw.shape)
-    assert torch.allclose(folded, normalised, atol=1e-4, rtol=1e-6)
-    assert not torch.equal(raw, normalised) or config == {"do_normalize": False, "do_rescale": False}
+    ip = Qwen2VLImageProcessorPil(**settings.to_dict())
+    values = np.arange(256, dtype=np.float64)
+    scale, shift = pixel_affine(settings).double()
+    for c in range(3):
+        x = values * ip.rescale_factor if ip.do_rescale else values
+        expected = (x - ip.image_mean[c]) / ip.image_std[c] if ip.do_normalize else x
+        assert np.allclose(values * scale[c].item() + shift[c].item(), expected, atol=1e-5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmtune.data.images import pixel_affine, to_patches
+from vlmtune.data.images import image_grids, pixel_affine, to_patches
 from vlmtune.data.processor import load_processor
 from vlmtune.model.load import load_model
 from vlmtune.model.vision import VisionEncoder, usable, vision_encoder
@@ -38,18 +38,17 @@ def test_encoder_equals_the_vision_tower(tiny, sizes):
     visual = model.model.visual
     encoder = VisionEncoder(visual)
     assert encoder.fast and visual.config._attn_implementation == "sdpa"
-    pixels, grid = to_patches(images(sizes), processor.image_processor)
-    frames, grid_again = to_patches(images(sizes), processor.image_processor, repeat_frames=False)
-    raw, _ = to_patches(images(sizes), processor.image_processor, repeat_frames=False, normalize=False)
-    assert torch.equal(grid, grid_again) and frames.shape[1] * 2 == pixels.shape[1]
-    assert raw.max() > 200 and torch.equal(raw, raw.round())  # pixel values as they are
+    raw = images(sizes)
+    pixels, grid = to_patches(raw, processor.image_processor)  # as the image processor makes them
     affine = pixel_affine(processor.image_processor)
+    assert torch.equal(image_grids(raw, processor.image_processor), grid)
+    assert (encoder.pixel_values(raw, affine) - pixels).abs().max() <= 1e-5  # the fallback's input
     with torch.no_grad():
         want = library(visual, pixels, grid)
         for _ in range(2):  # the second call runs from the cached plan
             assert (encoder(pixels, grid) - want).abs().max() <= 1e-5
-            assert (encoder.images(frames, grid) - want).abs().max() <= 1e-5
-            assert (encoder.images(raw, grid, affine) - want).abs().max() <= 1e-5  # normalisation folded in
+            # uint8 images, conv patch embedding with the normalisation folded in
+            assert (encoder.still_images(raw, grid, affine) - want).abs().max() <= 1e-5
     parts = encoder.split(want, grid)
     assert [p.shape[0] for p in parts] == [h * w // 28 ** 2 for h, w in sizes]
 
@@ -60,9 +59,8 @@ def test_lora_on_the_vision_tower_is_applied(tiny, tiny_model_dir):
     from peft import LoraConfig, get_peft_model
 
     model, processor = tiny
-    pixels, grid = to_patches(images(MIXED, seed=1), processor.image_processor)
-    frames, _ = to_patches(images(MIXED, seed=1), processor.image_processor, repeat_frames=False)
-    raw, _ = to_patches(images(MIXED, seed=1), processor.image_processor, repeat_frames=False, normalize=False)
+    raw = images(MIXED, seed=1)
+    pixels, grid = to_patches(raw, processor.image_processor)
     affine = pixel_affine(processor.image_processor)
     for targets, fast in ((r".*visual.*\.(qkv|attn\.proj|up_proj|down_proj)", True),
                           (r".*visual\.patch_embed\.proj", False)):
@@ -76,8 +74,7 @@ def test_lora_on_the_vision_tower_is_applied(tiny, tiny_model_dir):
             with peft_model.disable_adapter():
                 assert (library(visual, pixels, grid) - want).abs().max() > 1e-3  # the LoRA does something
             assert (encoder(pixels, grid) - want).abs().max() <= 1e-5
-            assert (encoder.images(frames, grid) - want).abs().max() <= 1e-5
-            assert (encoder.images(raw, grid, affine) - want).abs().max() <= 1e-5  # the fallback normalises
+            assert (encoder.still_images(raw, grid, affine) - want).abs().max() <= 1e-5  # fast, or the fallback
 
 
 def test_flash_attention_keeps_the_library_forward(tiny):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmtune.data.conversation import Conversation, Message
-from vlmtune.data.images import ImageError, load_resized, pixel_affine, to_patches
+from vlmtune.data.images import ImageError, image_grids, load_resized, pixel_affine, to_patches
 from vlmtune.data.processor import Processor
 from vlmtune.data.template import render
 
@@ -135,16 +135,16 @@ class Collator:
     falls back to 1-D positions for the image tokens. Samples with cached image features pass them as
     `mm_encoder_outputs` (the vision tower does not run) plus `image_grid_thw` for the positions.
 
-    `image_frames=True` (prediction): the images go out as `image_frames`, patches with their one
-    frame (not repeated over the temporal patch) and raw pixel values, plus `image_frames_affine`
-    (the normalisation, per channel), for `model.vision.VisionEncoder.images`, which folds both into
-    its patch embedding; a model's forward does not take them.
+    `raw_images=True` (prediction): the resized uint8 images go out as they are (`image_pixels`, a
+    list) with `image_grid_thw` and `image_affine` (the normalisation, per channel), for
+    `model.vision.VisionEncoder.still_images`, which embeds them without cutting patches; a
+    model's forward does not take them.
     """
 
-    def __init__(self, processor: Processor, padding_side: str = "right", image_frames: bool = False):
+    def __init__(self, processor: Processor, padding_side: str = "right", raw_images: bool = False):
         self.processor = processor
         self.padding_side = padding_side
-        self.image_frames = image_frames
+        self.raw_images = raw_images
 
     def __call__(self, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
         longest = max(len(s) for s in samples)
@@ -173,11 +173,10 @@ class Collator:
             batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
             return batch
         images = [im for s in samples for im in s.images]
-        if images and self.image_frames:
+        if images and self.raw_images:
             settings = self.processor.image_processor
-            batch["image_frames"], batch["image_grid_thw"] = to_patches(images, settings, repeat_frames=False,
-                                                                        normalize=False)
-            batch["image_frames_affine"] = pixel_affine(settings)
+            batch["image_pixels"], batch["image_grid_thw"] = images, image_grids(images, settings)
+            batch["image_affine"] = pixel_affine(settings)
         elif images:
             batch["pixel_values"], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor)
         return batch

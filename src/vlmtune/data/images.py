@@ -79,25 +79,18 @@ def resize_decoded(image: Image.Image, settings: ImageSettings) -> "torch.Tensor
     return torch.from_numpy(np.asarray(image).transpose(2, 0, 1).copy())
 
 
-def to_patches(images: list["torch.Tensor"], settings: ImageSettings, repeat_frames: bool = True,
-               normalize: bool = True) -> tuple["torch.Tensor", "torch.Tensor"]:
+def to_patches(images: list["torch.Tensor"], settings: ImageSettings) -> tuple["torch.Tensor", "torch.Tensor"]:
     """Resized uint8 images → (pixel_values [patches, C·T·P·P], image_grid_thw [n, 3]).
 
     Same arithmetic and layout as Qwen2VLImageProcessorPil: rescale, normalise, then split into
     merge-ordered patches with the single frame repeated over the temporal patch.
-
-    `repeat_frames=False` leaves out the repetition: [patches, C·P·P], one frame per patch, for
-    `model.vision.VisionEncoder.images`, which folds the temporal half of the patch kernel instead.
-    `normalize=False` leaves the pixel values as they are (0–255): the encoder can fold the
-    rescale and normalisation (`pixel_affine`) into the patch embedding too.
     """
     import torch
 
     ip = settings
     patch, merge, temporal = ip.patch_size, ip.merge_size, ip.temporal_patch_size
-    frames = temporal if repeat_frames else 1
     if not images:
-        return torch.zeros(0, 3 * frames * patch * patch), torch.zeros(0, 3, dtype=torch.long)
+        return torch.zeros(0, 3 * temporal * patch * patch), torch.zeros(0, 3, dtype=torch.long)
     channels = images[0].shape[0]
     grids = [[1, image.shape[1] // patch, image.shape[2] // patch] for image in images]
     counts = [gh * gw for _, gh, gw in grids]
@@ -112,14 +105,22 @@ def to_patches(images: list["torch.Tensor"], settings: ImageSettings, repeat_fra
             x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P): Qwen's merge order
         row += n
     first = torch.from_numpy(cut).float()  # one frame per patch
-    if normalize and ip.do_rescale:
+    if ip.do_rescale:
         first.mul_(ip.rescale_factor)
-    if normalize and ip.do_normalize:
+    if ip.do_normalize:
         mean = torch.tensor(ip.image_mean, dtype=torch.float32).view(1, -1, 1)
         std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, -1, 1)
         first.sub_(mean).div_(std)
-    out = first.unsqueeze(2).expand(-1, -1, frames, -1)
+    out = first.unsqueeze(2).expand(-1, -1, temporal, -1)
     return out.reshape(out.shape[0], -1), torch.tensor(grids, dtype=torch.long)
+
+
+def image_grids(images: list["torch.Tensor"], settings: ImageSettings) -> "torch.Tensor":
+    """`image_grid_thw` ([n, 3]: frames, patch rows, patch columns) of resized still images."""
+    import torch
+
+    patch = settings.patch_size
+    return torch.tensor([[1, im.shape[1] // patch, im.shape[2] // patch] for im in images], dtype=torch.long).view(-1, 3)
 
 
 def pixel_affine(settings: ImageSettings) -> "torch.Tensor":

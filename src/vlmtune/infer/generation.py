@@ -48,7 +48,7 @@ def generate_samples(model: torch.nn.Module, processor: Processor, samples: Sequ
 
     The caller puts the model in eval mode under no_grad (see `scoring.evaluating`).
     """
-    batch = Collator(processor, padding_side="left", image_frames=True)(list(samples))
+    batch = Collator(processor, padding_side="left", raw_images=True)(list(samples))
     return generate_batch(model, processor, batch, max_new_tokens, temperature, seed)
 
 

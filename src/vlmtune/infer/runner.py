@@ -146,7 +146,7 @@ class TransformersPredictor:
             except (EncodeError, ValueError) as exc:
                 raise record_error(conv, exc) from None
         padding = "right" if mode == "score" else "left"
-        return Collator(self.processor, padding_side=padding, image_frames=True)(samples)
+        return Collator(self.processor, padding_side=padding, raw_images=True)(samples)
 
     def check(self, conversations, labels, mode, default_system=None) -> None:
         """Nothing to check: peft applies the adapter itself."""

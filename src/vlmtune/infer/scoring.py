@@ -145,22 +145,21 @@ def model_device(core: torch.nn.Module) -> torch.device:
 def to_model(batch: dict, core: torch.nn.Module) -> dict:
     """The batch on the model's device, the images already through the vision tower.
 
-    Images (`pixel_values`, or `image_frames` from `Collator(..., image_frames=True)`) become
+    Images (`pixel_values`, or the raw `image_pixels` of `Collator(..., raw_images=True)`) become
     `mm_encoder_outputs` computed by `model.vision.VisionEncoder` — the model's own vision tower and
     merger, run in fewer and larger ops — so the model's forward (and `generate`) skip the tower.
     """
     device = model_device(core)
     out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
-    frames, pixels = out.pop("image_frames", None), out.pop("pixel_values", None)
-    if frames is not None or pixels is not None:
+    raw, pixels, affine = out.pop("image_pixels", None), out.pop("pixel_values", None), out.pop("image_affine", None)
+    if raw is not None or pixels is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         from vlmtune.model.vision import vision_encoder
 
         encoder = vision_encoder(rope_module(core).visual)
         grid = out["image_grid_thw"]
-        affine = out.pop("image_frames_affine", None)
-        features = encoder.images(frames, grid, affine) if frames is not None else encoder(pixels, grid)
+        features = encoder.still_images(raw, grid, affine) if raw is not None else encoder(pixels, grid)
         out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoder.split(features, grid))}
     return out
 
@@ -250,7 +249,7 @@ def encode_prompts(conversations: Sequence[Conversation], processor: Processor,
 def score_samples(model: torch.nn.Module, processor: Processor, samples: Sequence[EncodedSample],
                   label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """(B, K) summed label log-probs of encoded prompt samples (caller handles eval mode/no_grad)."""
-    batch = Collator(processor, padding_side="right", image_frames=True)(list(samples))
+    batch = Collator(processor, padding_side="right", raw_images=True)(list(samples))
     return label_logprobs(model, batch, label_ids)
 
 

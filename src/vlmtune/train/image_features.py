@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vlmtune.data.encode import EncodedSample
-from vlmtune.data.images import pixel_affine, to_patches
+from vlmtune.data.images import image_grids, pixel_affine
 from vlmtune.model.vision import vision_encoder
 
 
@@ -29,18 +29,17 @@ class ImageFeatureCache:
             return samples
         todo = [s for s in samples if s.image_features is None and s.images]
         if todo:
-            # Still images with their one frame, through `model.vision.VisionEncoder`: transformers'
-            # vision tower and merger in fewer, larger ops (equal to `get_image_features` within 1e-5).
+            # The resized images through `model.vision.VisionEncoder`: transformers' vision tower and
+            # merger in fewer, larger ops (equal to `get_image_features` within 1e-5).
             settings = self.processor.image_processor
-            frames, grids = to_patches([im for s in todo for im in s.images], settings, repeat_frames=False,
-                                       normalize=False)
+            images = [im for s in todo for im in s.images]
+            grids = image_grids(images, settings)
             encoder = vision_encoder(_vision_owner(self.accelerator.unwrap_model(self.model)).visual)
-            device = self.accelerator.device
             with self.accelerator.autocast():
-                features = encoder.images(frames.to(device), grids.to(device), pixel_affine(settings))
+                features = encoder.still_images(images, grids.to(self.accelerator.device), pixel_affine(settings))
             features = encoder.split(features, grids)
             features = [f.to("cpu") for f in features]
-            del frames
+            del images
             # Copied once the forward's temporaries are freed, so the kept copies land in the holes they
             # left, not above them: kept tensors at the top of the heap pin everything below them (glibc
             # returns only the top), which grew the RSS by ~4 MB per cached 448² image (~200 MiB here).
