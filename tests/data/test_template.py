@@ -133,8 +133,9 @@ def test_collapsed_pads_give_the_same_ids_and_labels(tokenizers, which, generati
     processor = Processor(tokenizer=tok, image_processor=ImageSettings())
     images = [torch.zeros(3, 224, 224, dtype=torch.uint8), torch.zeros(3, 448, 308, dtype=torch.uint8)]
     counts = [64, 176]
-    messages = [Message("system", SYSTEM), Message("user", "<image>左图<image>右图:" + RULES_PROMPT.replace("<image>", "")),
-                Message("assistant", "不满足要求"), Message("user", "再看一次"), Message("assistant", "满足要求")]
+    two_images = "<image>左图<image>右图:" + RULES_PROMPT.replace("<image>", "")
+    messages = [Message("system", SYSTEM), Message("user", two_images), Message("assistant", "不满足要求"),
+                Message("user", "再看一次"), Message("assistant", "满足要求")]
     if generation_prompt:
         messages = messages[:-1]
     ids, labels = tokenize_rendered(messages, images, processor, None, generation_prompt)

@@ -84,7 +84,7 @@ def tokenize_rendered(messages: list[Message], images: list[torch.Tensor], proce
     """Render and tokenise with ONE `<|image_pad|>` per image, then repeat each pad to the image's token count.
 
     The same ids as tokenising the text with every pad written out (`<|image_pad|>` is a special
-    token: the text between special tokens is tokenised the same either way; tests/data/test_encode.py),
+    token: the text between special tokens is tokenised the same either way; tests/data/test_template.py),
     without making the tokenizer match hundreds of special tokens per image (a third of the time).
     """
     counts = image_tokens(images, processor)

@@ -92,14 +92,14 @@ def to_patches(images: list["torch.Tensor"], settings: ImageSettings) -> tuple["
     if not images:
         return torch.zeros(0, 3 * temporal * patch * patch), torch.zeros(0, 3, dtype=torch.long)
     channels = images[0].shape[0]
-    grids = [[1, image.shape[1] // patch, image.shape[2] // patch] for image in images]
-    counts = [gh * gw for _, gh, gw in grids]
+    grids = image_grids(images, settings)
+    counts = grids.prod(-1).tolist()
     # The patches are cut from the uint8 images (a quarter of the bytes of float32) into one array, by
     # numpy (its strided copy of the 14-byte runs is about twice torch's here), then converted and
     # normalised in whole-batch passes.
     cut = np.empty((sum(counts), channels, patch * patch), dtype=np.uint8)
     row = 0
-    for image, (_, gh, gw), n in zip(images, grids, counts):
+    for image, (_, gh, gw), n in zip(images, grids.tolist(), counts):
         x = image.numpy().reshape(channels, gh // merge, merge, patch, gw // merge, merge, patch)
         cut[row:row + n].reshape(gh // merge, gw // merge, merge, merge, channels, patch, patch)[...] = \
             x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P): Qwen's merge order
@@ -112,7 +112,7 @@ def to_patches(images: list["torch.Tensor"], settings: ImageSettings) -> tuple["
         std = torch.tensor(ip.image_std, dtype=torch.float32).view(1, -1, 1)
         first.sub_(mean).div_(std)
     out = first.unsqueeze(2).expand(-1, -1, temporal, -1)
-    return out.reshape(out.shape[0], -1), torch.tensor(grids, dtype=torch.long)
+    return out.reshape(out.shape[0], -1), grids
 
 
 def image_grids(images: list["torch.Tensor"], settings: ImageSettings) -> "torch.Tensor":
@@ -120,7 +120,8 @@ def image_grids(images: list["torch.Tensor"], settings: ImageSettings) -> "torch
     import torch
 
     patch = settings.patch_size
-    return torch.tensor([[1, im.shape[1] // patch, im.shape[2] // patch] for im in images], dtype=torch.long).view(-1, 3)
+    grids = [[1, image.shape[1] // patch, image.shape[2] // patch] for image in images]
+    return torch.tensor(grids, dtype=torch.long).view(-1, 3)
 
 
 def pixel_affine(settings: ImageSettings) -> "torch.Tensor":

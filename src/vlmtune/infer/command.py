@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _coerce_predict(key: str, value: Any, origin: str) -> Any:
-    kind = {"batch_size": int, "workers": int, "max_new_tokens": int, "temperature": float, "overwrite": bool}.get(key, str)
+    kinds = {"batch_size": int, "workers": int, "max_new_tokens": int, "temperature": float, "overwrite": bool}
+    kind = kinds.get(key, str)
     try:
         if key == "vllm_config":
             parsed = json.loads(value) if isinstance(value, str) else value

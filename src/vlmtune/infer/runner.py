@@ -3,9 +3,8 @@
 A predictor (transformers here, vLLM in `vllm_backend`) has three steps per batch:
 
 * `prepare(conversations, default_system, mode)`: CPU work — decode and resize the images, tokenise
-  the prompts, pad the batch and cut the image patches. It runs in a helper thread one batch ahead,
-  so it overlaps the model. (PIL and the tokenizer release the GIL; the patch cutting is a few
-  element-wise torch ops.)
+  the prompts and pad the batch (the images stay uint8 until the vision tower). It runs in a helper
+  thread one batch ahead, so it overlaps the model (PIL and the tokenizer release the GIL).
 * `score(prepared, labels)` → P(label) rows, or `generate(prepared, ...)` → texts: the model.
 * `check(...)` once before the run (vLLM: does the adapter change anything?).
 
@@ -135,7 +134,7 @@ class TransformersPredictor:
     def prepare(self, conversations: Sequence[Conversation], default_system: str | None = None,
                 mode: str = "score") -> dict:
         """The model-ready batch: images decoded and resized once, prompts encoded, padded for `mode`
-        (right for scoring, left for generation), images as one-frame patches."""
+        (right for scoring, left for generation), the resized images as they are."""
         from vlmtune.data.encode import Collator, EncodeError, encode_prompt, load_images, prompt_messages
 
         samples = []
