@@ -209,7 +209,7 @@ def vision_only(model, processor, conversations, batch_size: int = 8, library: b
                 if library:
                     visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
                 else:
-                    encoder.still_images(batch["image_pixels"], batch["image_grid_thw"], batch["image_affine"])
+                    encoder.still_images(batch["image_pixels"], batch["image_grid_thw"], batch["image_settings"])
     return run
 
 

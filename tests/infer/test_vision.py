@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vlmtune.data.images import image_grids, pixel_affine, to_patches
+from vlmtune.data.images import image_grids, to_patches
 from vlmtune.data.processor import load_processor
 from vlmtune.model.load import load_model
 from vlmtune.model.vision import VisionEncoder, usable, vision_encoder
@@ -40,15 +40,14 @@ def test_encoder_equals_the_vision_tower(tiny, sizes):
     assert encoder.fast and visual.config._attn_implementation == "sdpa"
     raw = images(sizes)
     pixels, grid = to_patches(raw, processor.image_processor)  # as the image processor makes them
-    affine = pixel_affine(processor.image_processor)
-    assert torch.equal(image_grids(raw, processor.image_processor), grid)
-    assert (encoder.pixel_values(raw, affine) - pixels).abs().max() <= 1e-5  # the fallback's input
+    settings = processor.image_processor
+    assert torch.equal(image_grids(raw, settings), grid)
     with torch.no_grad():
         want = library(visual, pixels, grid)
         for _ in range(2):  # the second call runs from the cached plan
             assert (encoder(pixels, grid) - want).abs().max() <= 1e-5
             # uint8 images, conv patch embedding with the normalisation folded in
-            assert (encoder.still_images(raw, grid, affine) - want).abs().max() <= 1e-5
+            assert (encoder.still_images(raw, grid, settings) - want).abs().max() <= 1e-5
     parts = encoder.split(want, grid)
     assert [p.shape[0] for p in parts] == [h * w // 28 ** 2 for h, w in sizes]
 
@@ -61,7 +60,6 @@ def test_lora_on_the_vision_tower_is_applied(tiny, tiny_model_dir):
     model, processor = tiny
     raw = images(MIXED, seed=1)
     pixels, grid = to_patches(raw, processor.image_processor)
-    affine = pixel_affine(processor.image_processor)
     for targets, fast in ((r".*visual.*\.(qkv|attn\.proj|up_proj|down_proj)", True),
                           (r".*visual\.patch_embed\.proj", False)):
         peft_model = get_peft_model(load_model(tiny_model_dir),
@@ -74,7 +72,8 @@ def test_lora_on_the_vision_tower_is_applied(tiny, tiny_model_dir):
             with peft_model.disable_adapter():
                 assert (library(visual, pixels, grid) - want).abs().max() > 1e-3  # the LoRA does something
             assert (encoder(pixels, grid) - want).abs().max() <= 1e-5
-            assert (encoder.still_images(raw, grid, affine) - want).abs().max() <= 1e-5  # fast, or the fallback
+            got = encoder.still_images(raw, grid, processor.image_processor)  # fast, or the fallback
+            assert (got - want).abs().max() <= 1e-5
 
 
 def test_flash_attention_keeps_the_library_forward(tiny):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmtune.data.conversation import Conversation, Message
-from vlmtune.data.images import ImageError, image_grids, load_resized, pixel_affine, to_patches
+from vlmtune.data.images import ImageError, image_grids, load_resized, to_patches
 from vlmtune.data.processor import Processor
 from vlmtune.data.template import render
 
@@ -136,7 +136,7 @@ class Collator:
     `mm_encoder_outputs` (the vision tower does not run) plus `image_grid_thw` for the positions.
 
     `raw_images=True` (prediction): the resized uint8 images go out as they are (`image_pixels`, a
-    list) with `image_grid_thw` and `image_affine` (the normalisation, per channel), for
+    list) with `image_grid_thw` and `image_settings` (how to normalise them), for
     `model.vision.VisionEncoder.still_images`, which embeds them without cutting patches; a
     model's forward does not take them.
     """
@@ -176,7 +176,7 @@ class Collator:
         if images and self.raw_images:
             settings = self.processor.image_processor
             batch["image_pixels"], batch["image_grid_thw"] = images, image_grids(images, settings)
-            batch["image_affine"] = pixel_affine(settings)
+            batch["image_settings"] = settings
         elif images:
             batch["pixel_values"], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor)
         return batch

@@ -151,7 +151,8 @@ def to_model(batch: dict, core: torch.nn.Module) -> dict:
     """
     device = model_device(core)
     out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
-    raw, pixels, affine = out.pop("image_pixels", None), out.pop("pixel_values", None), out.pop("image_affine", None)
+    raw, settings = out.pop("image_pixels", None), out.pop("image_settings", None)
+    pixels = out.pop("pixel_values", None)
     if raw is not None or pixels is not None:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
@@ -159,7 +160,7 @@ def to_model(batch: dict, core: torch.nn.Module) -> dict:
 
         encoder = vision_encoder(rope_module(core).visual)
         grid = out["image_grid_thw"]
-        features = encoder.still_images(raw, grid, affine) if raw is not None else encoder(pixels, grid)
+        features = encoder.still_images(raw, grid, settings) if raw is not None else encoder(pixels, grid)
         out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoder.split(features, grid))}
     return out
 

@@ -29,8 +29,8 @@ sizes, LoRA on the vision blocks):
 
 Flash-attention models keep transformers' forward (their varlen kernel is already one call per
 layer), as does any vision tower this does not recognise, and a patch embedding that is not a plain
-Conv3d (a LoRA on it). Inference only in spirit — it is differentiable, but training keeps the
-library's forward.
+Conv3d (a LoRA on it). Inference only in spirit — it is differentiable, but training uses it only
+for a frozen tower's cached features (`train.image_features`) and otherwise keeps the library's forward.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def segments(lengths: list[int], device: torch.device) -> Segments:
 
 
 def usable(visual: torch.nn.Module) -> bool:
-    """True when `encode_images` may replace `visual(...)` for this tower."""
+    """True when `VisionEncoder`'s own forward may replace `visual(...)` for this tower."""
     attn = getattr(getattr(visual, "config", None), "_attn_implementation", None)
     proj = getattr(getattr(visual, "patch_embed", None), "proj", None)
     return (type(visual).__name__ in SUPPORTED and attn in PLAIN_ATTENTION
@@ -110,23 +110,27 @@ class VisionEncoder:
         x = pixel_values.to(proj.weight.dtype).reshape(pixel_values.shape[0], -1)
         return self._blocks(F.linear(x, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias), grid_thw)
 
-    def still_images(self, images: list[torch.Tensor], grid_thw: torch.Tensor, affine: torch.Tensor) -> torch.Tensor:
-        """From resized still images as they are (uint8, C × H × W, `data.images.load_resized`).
+    def still_images(self, images: list[torch.Tensor], grid_thw: torch.Tensor, settings) -> torch.Tensor:
+        """From resized still images as they are (uint8, C × H × W, `data.images.load_resized`), with
+        the image settings (`data.image_settings.ImageSettings`) that say how to normalise them.
 
         The patch embedding runs as a strided conv2d over each image instead of a matmul over cut
         patches: a Conv3d whose stride equals its kernel sees every patch once, and for a still image
         the temporal half of its kernel folds away (W₀·x + W₁·x = (W₀ + W₁)·x); the rescale and
-        normalisation fold in as well, from `affine` ((2, C): per-channel scale and shift,
-        `data.images.pixel_affine`): W·(x·a + b) = (W·a)·x + W·b. No patch array is built (it was
-        a third of the CPU time of preparing a batch), and the conv is faster than the matmul. The
-        embeddings are then put in Qwen's merge order (2 × 2 blocks of neighbouring patches).
+        normalisation (per channel x·a + b, `data.images.pixel_affine`) fold in as well:
+        W·(x·a + b) = (W·a)·x + W·b. No patch array is built (it was a third of the CPU time of
+        preparing a batch), and the conv is faster than the matmul. The embeddings are then put in
+        Qwen's merge order (2 × 2 blocks of neighbouring patches).
         """
+        from vlmtune.data.images import pixel_affine, to_patches
+
         visual = self.visual
         if not self.fast:
-            return visual(self.pixel_values(images, affine), grid_thw=grid_thw).pooler_output
+            pixels, _ = to_patches(images, settings)  # as the image processor makes them
+            return self(pixels.to(visual.patch_embed.proj.weight.device), grid_thw)
         proj = visual.patch_embed.proj
         dtype, device = proj.weight.dtype, proj.weight.device
-        scale, shift = (a.view(1, -1, 1, 1) for a in affine.to(device, torch.float32))
+        scale, shift = (a.view(1, -1, 1, 1) for a in pixel_affine(settings).to(device))
         folded = proj.weight.float().sum(dim=2)  # (E, C, T, P, P) → (E, C, P, P), in float32
         bias = (folded * shift).sum(dim=(1, 2, 3)) + (0 if proj.bias is None else proj.bias.float())
         kernel, bias = (folded * scale).to(dtype), bias.to(dtype)
@@ -138,22 +142,6 @@ class VisionEncoder:
             y = y.reshape(e, gh // merge, merge, gw // merge, merge).permute(1, 3, 2, 4, 0)
             parts.append(y.reshape(-1, e))
         return self._blocks(torch.cat(parts), grid_thw)
-
-    def pixel_values(self, images: list[torch.Tensor], affine: torch.Tensor) -> torch.Tensor:
-        """`pixel_values` as the image processor makes them ([patches, C·T·P·P], normalised, the frame
-        repeated over the temporal patch), for transformers' own forward of the tower."""
-        embed = self.visual.patch_embed
-        patch, merge, temporal = embed.patch_size, self.visual.spatial_merge_size, embed.temporal_patch_size
-        scale, shift = (a.view(-1, 1, 1) for a in affine.to(torch.float32))
-        out = []
-        for image in images:
-            c, h, w = image.shape
-            x = image.float() * scale + shift
-            x = x.reshape(c, h // patch // merge, merge, patch, w // patch // merge, merge, patch)
-            x = x.permute(1, 4, 2, 5, 0, 3, 6).reshape(-1, c, 1, patch * patch)
-            out.append(x.expand(-1, -1, temporal, -1).reshape(x.shape[0], -1))
-        device = embed.proj.weight.device
-        return torch.cat(out).to(device, self.visual.dtype)
 
     def _blocks(self, x: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """The rest of Qwen2_5_VisionTransformerPretrainedModel.forward after the patch embedding."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from vlmtune.data.encode import EncodedSample
-from vlmtune.data.images import image_grids, pixel_affine
+from vlmtune.data.images import image_grids
 from vlmtune.model.vision import vision_encoder
 
 
@@ -36,7 +36,7 @@ class ImageFeatureCache:
             grids = image_grids(images, settings)
             encoder = vision_encoder(_vision_owner(self.accelerator.unwrap_model(self.model)).visual)
             with self.accelerator.autocast():
-                features = encoder.still_images(images, grids.to(self.accelerator.device), pixel_affine(settings))
+                features = encoder.still_images(images, grids.to(self.accelerator.device), settings)
             features = encoder.split(features, grids)
             features = [f.to("cpu") for f in features]
             del images
