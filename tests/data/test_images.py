@@ -35,6 +35,16 @@ def test_fast_patches_equal_the_processor(tmp_path):
     assert [int(g.prod()) // 4 for g in ours_grid] == [token_count(*Image.open(p).size, settings) for p in paths]
 
 
+def test_loaded_images_are_rgb_and_stay_usable_after_the_file_closes(tmp_path):
+    settings = ImageSettings.from_dict({})
+    rgba, gray = tmp_path / "a.png", tmp_path / "g.png"
+    Image.new("RGBA", (112, 56), (10, 20, 30, 40)).save(rgba)
+    Image.new("L", (56, 112), 77).save(gray)
+    a, g = load_resized(rgba, settings), load_resized(gray, settings)
+    assert a.shape == (3, 56, 112) and g.shape == (3, 112, 56)
+    assert a[:, 0, 0].tolist() == [10, 20, 30] and g.unique().tolist() == [77]
+
+
 @pytest.mark.parametrize("config", [{}, {"do_normalize": False}, {"do_rescale": False, "image_mean": [0.5] * 3}])
 def test_pixel_affine_is_the_processors_normalisation(config):
     """x · scale + shift equals the processor's (x · rescale − mean) / std for every uint8 value."""

@@ -8,7 +8,7 @@ import torch
 from vlmtune.data.images import image_grids, to_patches
 from vlmtune.data.processor import load_processor
 from vlmtune.model.load import load_model
-from vlmtune.model.vision import VisionEncoder, usable, vision_encoder
+from vlmtune.model.vision import VisionEncoder, rotate, usable, vision_encoder
 
 # (height, width) after the resize (multiples of 28): 448² has 16 equal windows; the others have
 # windows of several sizes (the grid is not a multiple of the 4×4-token window) and differ per image.
@@ -85,3 +85,26 @@ def test_flash_attention_keeps_the_library_forward(tiny):
     finally:
         visual.config._attn_implementation = before
     assert vision_encoder(visual).fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_equals_transformers_rotary(dtype):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    g = torch.Generator().manual_seed(0)
+    tokens, heads, dim = 37, 3, 16
+    qkv = torch.randn(tokens, 3, heads, dim, generator=g).to(dtype)  # q and k as views into it, as in the tower
+    angles = torch.randn(tokens, dim, generator=g)  # halves differ: nothing may assume cat(freqs, freqs)
+    q, k = apply_rotary_pos_emb_vision(qkv[:, 0], qkv[:, 1], angles.cos(), angles.sin())
+    out = rotate(qkv[:, :2], angles.cos(), angles.sin())
+    assert out.dtype == dtype and out.shape == (tokens, 2, heads, dim)
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out[:, 0], q, atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(out[:, 1], k, atol=tolerance, rtol=tolerance)
+
+
+def test_rotate_keeps_gradients():
+    qk = torch.randn(5, 2, 2, 8, requires_grad=True)
+    angles = torch.randn(5, 8)
+    rotate(qk, angles.cos(), angles.sin()).square().sum().backward()
+    assert qk.grad is not None and qk.grad.abs().sum() > 0

@@ -64,7 +64,7 @@ def load_images(conversation: Conversation, processor: Processor) -> list[torch.
 
 def tokenize(text: str, spans: list[tuple[int, int]], processor: Processor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids of the rendered text, and labels that keep exactly the tokens inside `spans`."""
-    encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoding = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(spans))
     ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
     if spans:

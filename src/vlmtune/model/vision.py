@@ -79,6 +79,30 @@ def segments(lengths: list[int], device: torch.device) -> Segments:
     return Segments(None, groups)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of q and k at once: x (tokens, 2, heads, head_dim), cos / sin (tokens, head_dim).
+
+    transformers' `apply_rotary_pos_emb_vision` computes q·cos + rotate_half(q)·sin, rotate_half(q) =
+    (−q₂, q₁), in float32: ten whole-tensor ops for q and k (two of them copies for `rotate_half`),
+    each broadcasting the tables over the heads. Written out per half — o₁ = x₁·c₁ − x₂·s₁,
+    o₂ = x₂·c₂ + x₁·s₂ — it is four ops over half the elements, into one output: a third of the time.
+    Under autograd (nothing here needs it) the library's function runs instead.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+        return torch.stack(apply_rotary_pos_emb_vision(x[:, 0], x[:, 1], cos, sin), dim=1)
+    tokens, pair, heads, dim = x.shape
+    half, dtype = dim // 2, x.dtype
+    x = x.float().unflatten(-1, (2, half))
+    c, s = (t.float().view(tokens, 1, 1, 2, half) for t in (cos, sin))
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    first, second = out[..., 0, :], out[..., 1, :]
+    torch.mul(x[..., 0, :], c[..., 0, :], out=first).addcmul_(x[..., 1, :], s[..., 0, :], value=-1)
+    torch.mul(x[..., 1, :], c[..., 1, :], out=second).addcmul_(x[..., 0, :], s[..., 1, :])
+    return out.view(tokens, pair, heads, dim).to(dtype)  # back to the model's dtype, as transformers does
+
+
 def usable(visual: torch.nn.Module) -> bool:
     """True when `VisionEncoder`'s own forward may replace `visual(...)` for this tower."""
     attn = getattr(getattr(visual, "config", None), "_attn_implementation", None)
@@ -166,11 +190,10 @@ class VisionEncoder:
     def attention(attn: torch.nn.Module, hidden: torch.Tensor, position: tuple[torch.Tensor, torch.Tensor],
                   layout: Segments) -> torch.Tensor:
         """Qwen2_5_VLVisionAttention.forward with segments of equal length batched."""
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
         tokens = hidden.shape[0]
-        q, k, v = attn.qkv(hidden).reshape(tokens, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, *position)
+        qkv = attn.qkv(hidden).view(tokens, 3, attn.num_heads, -1)
+        q, k = rotate(qkv[:, :2], *position).unbind(1)
+        v = qkv[:, 2]
         if layout.equal_length is not None:
             n = layout.equal_length
 
