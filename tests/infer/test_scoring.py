@@ -12,6 +12,7 @@ from vlmtune.data.encode import IGNORE_INDEX, Collator, encode, load_images
 from vlmtune.data.loader import load_datasets
 from vlmtune.data.processor import load_processor
 from vlmtune.infer.engine import load_engine
+from vlmtune.infer.last_positions import text_model
 from vlmtune.infer.scoring import (encode_prompts, evaluating, infer_label_set, label_token_ids, score_conversations,
                                    score_samples, unwrap)
 from vlmtune.model.load import load_model
@@ -65,6 +66,8 @@ def test_scoring_equals_naive_forward(base, mixed_conversations, naive, batch_si
         got = torch.cat([score_samples(model, processor, samples[i:i + batch_size], ids)
                          for i in range(0, len(samples), batch_size)])
     assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
+    # ... with the prompt pass's last layer run at the last prompt position only (infer.last_positions)
+    assert text_model(model).layers[-1].__dict__.get("_vlmtune_kept_positions") is True
     probs = score_conversations(model, processor, convs, LABELS, batch_size=batch_size)
     for row, logps in zip(probs, want):
         assert list(row) == LABELS

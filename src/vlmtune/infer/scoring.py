@@ -39,6 +39,7 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import Collator, EncodedSample, encode_prompt, load_images, prompt_messages
 from vlmtune.data.processor import Processor
 from vlmtune.data.template import IM_END, IM_START
+from vlmtune.infer.last_positions import kept_positions
 
 ASSISTANT_PREFIX = f"{IM_START}assistant\n"  # what every prompt ends with (the open assistant turn)
 
@@ -200,9 +201,11 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     # 1. The prompt, once: cache + log P(first label token) at each row's last prompt token. Right
     # padded, no row has a pad before a real token, so plain causal attention needs no mask (the
     # attention kernels skip the upper triangle instead of reading a B×S×S mask).
+    # Right padded, the last decoder layer runs only at that position (`infer.last_positions`).
     last = (lengths - 1 if right_padded else torch.full_like(lengths, width - 1))[:, None]
-    out = core(**{**batch, "attention_mask": None if right_padded else mask}, position_ids=positions,
-               use_cache=True, logits_to_keep=last)
+    with kept_positions(core, last) if right_padded else contextlib.nullcontext(False) as only_last:
+        out = core(**{**batch, "attention_mask": None if right_padded else mask}, position_ids=positions,
+                   use_cache=True, logits_to_keep=0 if only_last else last)
     first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
     first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
     scores = first[:, first_ids]  # (B, K)

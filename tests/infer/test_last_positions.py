@@ -1,0 +1,104 @@
+"""infer.last_positions: the last decoder layer computed only at the kept positions gives the whole
+forward's values there, leaves the cache as the whole forward does, and is switched per thread."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from vlmtune.infer import last_positions
+from vlmtune.infer.last_positions import kept_positions, text_model
+from vlmtune.model.load import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    model = load_model(tiny_model_dir)
+    model.eval()
+    return model
+
+
+def prompt_ids(model, rows=3, length=9, seed=1):
+    vocab = model.config.text_config.vocab_size
+    return torch.randint(0, vocab - 20, (rows, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_kept_positions_equal_the_whole_forward(model):
+    ids = prompt_ids(model)
+    positions = torch.tensor([[8], [4], [0]])  # per row: where a right-padded prompt ends
+    with torch.no_grad():
+        whole = model(input_ids=ids, use_cache=True)
+        with kept_positions(model, positions) as used:
+            part = model(input_ids=ids, use_cache=True)
+    assert used
+    assert part.logits.shape == (3, 1, whole.logits.shape[-1])
+    want = torch.take_along_dim(whole.logits, positions[..., None], dim=1)
+    torch.testing.assert_close(part.logits, want, atol=1e-5, rtol=1e-5)
+    # The cache holds every position of every layer, as after the whole forward: one more token agrees.
+    following = prompt_ids(model, length=1, seed=2)
+    with torch.no_grad():
+        after = [model(input_ids=following, use_cache=True, **{cache_name(model): out.past_key_values}).logits
+                 for out in (whole, part)]
+    torch.testing.assert_close(after[1], after[0], atol=1e-5, rtol=1e-5)
+
+
+def cache_name(model):
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+
+
+def test_other_threads_run_the_whole_layer(model):
+    ids = prompt_ids(model)
+    inside, seen = threading.Event(), {}
+
+    def other_thread():
+        inside.wait(10)
+        with torch.no_grad():
+            seen["shape"] = tuple(model(input_ids=ids).logits.shape)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with kept_positions(model, torch.tensor([[8], [8], [8]])) as used:
+        inside.set()
+        thread.join(30)
+    assert used and seen["shape"] == (3, 9, model.config.text_config.vocab_size)
+
+
+def test_a_layer_failing_the_self_check_keeps_the_library_forward(tiny_model_dir, monkeypatch):
+    fresh = load_model(tiny_model_dir)
+    monkeypatch.setattr(last_positions, "agrees_with_library", lambda lm: False)
+    with kept_positions(fresh, torch.tensor([[3]])) as used:
+        logits = fresh(input_ids=prompt_ids(fresh, rows=1, length=4)).logits
+    assert not used and logits.shape[1] == 4
+    assert "forward" not in text_model(fresh).layers[-1].__dict__  # the dispatcher was taken off again
+
+
+def test_the_self_check_catches_a_wrong_layer(tiny_model_dir, monkeypatch):
+    """A last layer that computes something else at the kept positions fails the check."""
+    fresh = load_model(tiny_model_dir)
+    right = last_positions.last_layer_at
+    monkeypatch.setattr(last_positions, "last_layer_at", lambda *a, **k: right(*a, **k) + 0.01)
+    with kept_positions(fresh, torch.tensor([[3]])) as used:
+        pass
+    assert not used
+
+
+def test_models_it_does_not_know_are_left_alone():
+    with kept_positions(torch.nn.Linear(2, 2), torch.tensor([[0]])) as used:
+        assert not used
+
+
+def test_a_deep_copy_runs_its_own_layer(model):
+    import copy
+
+    with kept_positions(model, torch.tensor([[0]])):
+        pass
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in text_model(twin).layers[-1].mlp.parameters():
+            p.add_(0.5)  # the copy's last layer differs from the original's
+        ids = prompt_ids(model)
+        assert not torch.allclose(twin(input_ids=ids).logits, model(input_ids=ids).logits)
