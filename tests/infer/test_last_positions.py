@@ -102,3 +102,20 @@ def test_a_deep_copy_runs_its_own_layer(model):
             p.add_(0.5)  # the copy's last layer differs from the original's
         ids = prompt_ids(model)
         assert not torch.allclose(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_layer_someone_else_wrapped_is_left_alone(tiny_model_dir):
+    """accelerate's device hooks (device_map) put their own forward on layers: it must keep running."""
+    fresh = load_model(tiny_model_dir)
+    layer = text_model(fresh).layers[-1]
+    calls = []
+    library_forward = layer.forward
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        return library_forward(*args, **kwargs)
+
+    layer.forward = hooked
+    with kept_positions(fresh, torch.tensor([[3]])) as used, torch.no_grad():
+        fresh(input_ids=prompt_ids(fresh, rows=1, length=4))
+    assert not used and calls and layer.forward is hooked

@@ -69,17 +69,12 @@ def install(lm: torch.nn.Module) -> bool:
         if verdict is None:
             verdict = supported(lm, layer)
             if verdict:
-                previous = layer.__dict__.get("forward")  # a wrapper someone else put there, if any
-                layer.__dict__["_vlmtune_previous_forward"] = previous
                 # A bound method as an instance attribute: the state dict and the class stay as they are,
                 # and a deep copy of the model rebinds it to the copied layer.
                 layer.forward = types.MethodType(dispatching_forward, layer)
                 verdict = agrees_with_library(lm)
                 if not verdict:
-                    if previous is None:
-                        del layer.forward
-                    else:
-                        layer.forward = previous
+                    del layer.forward
             layer.__dict__["_vlmtune_kept_positions"] = verdict
     return verdict
 
@@ -88,9 +83,6 @@ def dispatching_forward(layer: torch.nn.Module, hidden_states: torch.Tensor, *ar
     positions = getattr(_kept, "positions", None)
     if positions is not None:
         return last_layer_at(layer, hidden_states, positions, **kwargs)
-    previous = layer.__dict__.get("_vlmtune_previous_forward")
-    if previous is not None:
-        return previous(hidden_states, *args, **kwargs)
     return type(layer).forward(layer, hidden_states, *args, **kwargs)
 
 
@@ -98,7 +90,9 @@ def supported(lm: torch.nn.Module, layer: torch.nn.Module) -> bool:
     config = getattr(lm, "config", None)
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     module = sys.modules.get(type(layer).__module__)
+    # A forward someone else put on the layer (accelerate's device hooks with a device_map): theirs runs.
     return (type(layer).__name__ in SUPPORTED and layer_types[-1] == "full_attention"
+            and "forward" not in layer.__dict__
             and callable(getattr(module, "apply_rotary_pos_emb", None))
             and all(hasattr(layer, name) for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")))
 
