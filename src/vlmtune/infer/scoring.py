@@ -21,8 +21,9 @@ How (two forward passes per batch, whatever K):
 
 Qwen2-VL's 3-D rope: image tokens get (t, h, w) positions, so a text token after the prompt sits at
 `max(prompt positions) + 1`, not at its index (the model stores the difference as `rope_deltas`).
-Both passes get explicit position ids from the model's own `get_rope_index`, so nothing depends on
-the `rope_deltas` state the model keeps between calls (it is saved and restored around scoring).
+Both passes get explicit position ids by the model's own rule (`get_rope_index`, or the same rule in
+whole-batch ops: `infer.rope_positions`), so nothing depends on the `rope_deltas` state the model
+keeps between calls (it is saved and restored around scoring).
 tests/infer/test_scoring.py checks the result against one plain full forward per (sample, label).
 """
 
@@ -39,9 +40,11 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import Collator, EncodedSample, encode_prompt, load_images, prompt_messages
 from vlmtune.data.processor import Processor
 from vlmtune.data.template import IM_END, IM_START
+from vlmtune.infer import rope_positions
 from vlmtune.infer.last_positions import kept_positions
 
 ASSISTANT_PREFIX = f"{IM_START}assistant\n"  # what every prompt ends with (the open assistant turn)
+FAST_POSITIONS = ("Qwen2_5_VLModel", "Qwen2VLModel")  # whose rope rule `infer.rope_positions` writes out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,11 +170,23 @@ def to_model(batch: dict, core: torch.nn.Module) -> dict:
 
 
 def prompt_positions(core: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """3-D rope positions (3, B, S) of a padded prompt batch, as the model computes them itself."""
-    positions, _ = rope_module(core).get_rope_index(
-        batch["input_ids"], mm_token_type_ids=batch["mm_token_type_ids"],
-        image_grid_thw=batch.get("image_grid_thw"), attention_mask=batch["attention_mask"])
-    return positions
+    """3-D rope positions (3, B, S) of a padded prompt batch, as the model computes them itself.
+
+    Text and still images: `infer.rope_positions` (whole-batch ops), checked against the model's
+    `get_rope_index` on its first batch — a model whose rule differs keeps the library's from then on.
+    """
+    rope = rope_module(core)
+    args = (batch["input_ids"], batch["mm_token_type_ids"], batch["attention_mask"], batch.get("image_grid_thw"))
+    verdict = rope.__dict__.get("_vlmtune_fast_positions")
+    fast = None
+    if verdict is not False and type(rope).__name__ in FAST_POSITIONS:
+        fast = rope_positions.positions(*args, rope.config.vision_config.spatial_merge_size)
+    if fast is not None and verdict:
+        return fast
+    library, _ = rope.get_rope_index(args[0], mm_token_type_ids=args[1], attention_mask=args[2], image_grid_thw=args[3])
+    if fast is not None:
+        rope.__dict__["_vlmtune_fast_positions"] = torch.equal(fast, library)
+    return library
 
 
 # ---------------------------------------------------------------------------------------------
