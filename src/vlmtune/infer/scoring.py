@@ -215,8 +215,8 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
     # 1. The prompt, once: cache + log P(first label token) at each row's last prompt token. Right
     # padded, no row has a pad before a real token, so plain causal attention needs no mask (the
-    # attention kernels skip the upper triangle instead of reading a B×S×S mask).
-    # Right padded, the last decoder layer runs only at that position (`infer.last_positions`).
+    # attention kernels skip the upper triangle instead of reading a B×S×S mask), and the last
+    # decoder layer needs to run only at that token (`infer.last_positions`).
     last = (lengths - 1 if right_padded else torch.full_like(lengths, width - 1))[:, None]
     with kept_positions(core, last) if right_padded else contextlib.nullcontext(False) as only_last:
         out = core(**{**batch, "attention_mask": None if right_padded else mask}, position_ids=positions,

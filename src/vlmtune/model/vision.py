@@ -21,6 +21,7 @@ sizes, LoRA on the vision blocks):
   the kernel's temporal slices summed (a still image's two frames are copies: W₀·x + W₁·x =
   (W₀ + W₁)·x) and the pixel normalisation folded in;
 * windows (and images) of equal length attend in one batched `scaled_dot_product_attention` call;
+* q and k get their rotary embedding together, in four half-size ops (`rotate`) instead of ten;
 * the per-grid tables (window order and its inverse, rotary cos/sin in window order, segment groups)
   come from transformers' own functions (`vision_utils.get_vision_*`, the model's rotary module) and
   are cached per `grid_thw`;
