@@ -10,6 +10,7 @@ import torch
 
 from vlmtune.infer import last_positions
 from vlmtune.infer.last_positions import kept_positions, text_model
+from vlmtune.infer.scoring import cache_kwarg, output_cache
 from vlmtune.model.load import load_model
 
 
@@ -39,15 +40,9 @@ def test_kept_positions_equal_the_whole_forward(model):
     # The cache holds every position of every layer, as after the whole forward: one more token agrees.
     following = prompt_ids(model, length=1, seed=2)
     with torch.no_grad():
-        after = [model(input_ids=following, use_cache=True, **{cache_name(model): out.past_key_values}).logits
+        after = [model(input_ids=following, use_cache=True, **{cache_kwarg(model): output_cache(out)}).logits
                  for out in (whole, part)]
     torch.testing.assert_close(after[1], after[0], atol=1e-5, rtol=1e-5)
-
-
-def cache_name(model):
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
 
 
 def test_other_threads_run_the_whole_layer(model):

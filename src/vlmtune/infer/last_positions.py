@@ -6,8 +6,8 @@ The last layer's keys and values come from its input; its queries, attention, ou
 MLP at every other position feed nothing. So inside `kept_positions(core, keep)` the last decoder
 layer computes keys and values for every position (into the cache, as usual) and the rest only at
 the kept positions, returning (batch, kept, hidden) instead of (batch, sequence, hidden).
-The arithmetic at the kept positions is the layer's own (same modules, same rotary function); only
-the attention runs as one masked `scaled_dot_product_attention` for the kept queries. llama.cpp
+The arithmetic at the kept positions is the layer's own (same modules, the module's `rotate_half`);
+only the attention runs as one masked `scaled_dot_product_attention` for the kept queries. llama.cpp
 skips the same rows (its `inp_out_ids`). What it saves is most of one layer of the prompt pass: on
 the benchmark's two-layer model ≈ 40 % of the language model's time, on a 28-layer one ≈ 3 %.
 
@@ -93,7 +93,7 @@ def supported(lm: torch.nn.Module, layer: torch.nn.Module) -> bool:
     # A forward someone else put on the layer (accelerate's device hooks with a device_map): theirs runs.
     return (type(layer).__name__ in SUPPORTED and layer_types[-1] == "full_attention"
             and "forward" not in layer.__dict__
-            and callable(getattr(module, "apply_rotary_pos_emb", None))
+            and callable(getattr(module, "rotate_half", None))
             and all(hasattr(layer, name) for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")))
 
 
@@ -103,7 +103,7 @@ def last_layer_at(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch
     of every position go into the cache. The causal mask the model passes is not needed: a right-padded
     row's kept position sees exactly the keys at or before it."""
     attn = layer.self_attn
-    rotary = sys.modules[type(layer).__module__].apply_rotary_pos_emb
+    rotate_half = sys.modules[type(layer).__module__].rotate_half
     batch, length, _ = hidden.shape
     kept = positions.shape[1]
     rows = positions[..., None]
@@ -116,9 +116,11 @@ def last_layer_at(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch
     key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     value = attn.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     query = attn.q_proj(at_kept(normed)).view(batch, kept, -1, head_dim).transpose(1, 2)
+    def rotary(t, cos, sin):  # the module's apply_rotary_pos_emb for one tensor (keys and queries differ in length)
+        return t * cos.unsqueeze(1) + rotate_half(t) * sin.unsqueeze(1)
+
     cos, sin = position_embeddings
-    _, key = rotary(key, key, cos, sin)  # the library's rotary (it rotates its first argument too: tiny, unused)
-    query, _ = rotary(query, query, at_kept(cos), at_kept(sin))
+    key, query = rotary(key, cos, sin), rotary(query, at_kept(cos), at_kept(sin))
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx)
     visible = torch.arange(key.shape[2], device=hidden.device) <= positions[..., None]  # (batch, kept, keys)
@@ -132,12 +134,12 @@ def last_layer_at(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch
 def agrees_with_library(lm: torch.nn.Module) -> bool:
     """The self-check: a tiny random batch through the text model, whole and with two positions kept,
     then one more token from each cache (so the cache the layer left behind is checked too)."""
-    import inspect
-
     from transformers import DynamicCache
 
+    from vlmtune.infer.scoring import cache_kwarg
+
     param = next(lm.parameters())
-    cache_name = "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
+    cache_name = cache_kwarg(lm)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, lm.config.vocab_size, (2, 8), generator=generator).to(param.device)
     prompt, following = ids[:, :7], ids[:, 7:]
