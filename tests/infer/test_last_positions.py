@@ -114,3 +114,15 @@ def test_a_layer_someone_else_wrapped_is_left_alone(tiny_model_dir):
     with kept_positions(fresh, torch.tensor([[3]])) as used, torch.no_grad():
         fresh(input_ids=prompt_ids(fresh, rows=1, length=4))
     assert not used and calls and layer.forward is hooked
+
+
+def test_a_self_check_that_fails_to_run_keeps_the_library_forward(tiny_model_dir, monkeypatch):
+    fresh = load_model(tiny_model_dir)
+
+    def broken(*args, **kwargs):
+        raise TypeError("scaled_dot_product_attention() got an unexpected keyword argument 'enable_gqa'")
+
+    monkeypatch.setattr(last_positions.F, "scaled_dot_product_attention", broken)
+    with kept_positions(fresh, torch.tensor([[3]])) as used:
+        pass
+    assert not used and "forward" not in text_model(fresh).layers[-1].__dict__

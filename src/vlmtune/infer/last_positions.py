@@ -72,7 +72,10 @@ def install(lm: torch.nn.Module) -> bool:
                 # A bound method as an instance attribute: the state dict and the class stay as they are,
                 # and a deep copy of the model rebinds it to the copied layer.
                 layer.forward = types.MethodType(dispatching_forward, layer)
-                verdict = agrees_with_library(lm)
+                try:
+                    verdict = agrees_with_library(lm)
+                except Exception:  # the check failed to run (an older torch without sdpa's enable_gqa,
+                    verdict = False  # a changed cache API): the library's forward it is
                 if not verdict:
                     del layer.forward
             layer.__dict__["_vlmtune_kept_positions"] = verdict
