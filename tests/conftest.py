@@ -1,4 +1,9 @@
-"""Session fixtures: a tiny random Qwen2.5-VL built once, and a small dataset per test."""
+"""Session fixtures: tiny random models of every family (each built once, when first asked for), and a
+small dataset per test.
+
+`tiny_model_dir` is the Qwen2.5-VL one; tests that must hold for every family take `family_model_dir`
+(parametrised over FAMILY_ARCHS) or call `tiny_models(arch)` themselves.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +15,68 @@ import pytest
 # Two torch threads on two cores; never more (oversubscription slows torch by orders of magnitude).
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from helpers import make_dataset  # noqa: E402
+from helpers import FAMILY_ARCHS, make_dataset  # noqa: E402
+from label_adapters import make_rules_dataset, one_torch_thread, train_label_adapter  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def tiny_models(tmp_path_factory):
+    """`tiny_models(arch)` → the directory of a tiny random model of that family, built once per session."""
     from vlmtune.model.tiny import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen2.5-vl")
+    built: dict[str, Path] = {}
+
+    def get(arch: str) -> Path:
+        if arch not in built:
+            built[arch] = build_tiny_model(tmp_path_factory.mktemp(f"tiny-{arch}") / f"tiny-{arch}", arch=arch)
+        return built[arch]
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_models) -> Path:
+    return tiny_models("qwen2_5_vl")
+
+
+@pytest.fixture(params=FAMILY_ARCHS)
+def arch(request) -> str:
+    """Each end-to-end family in turn (the test runs once per family)."""
+    return request.param
+
+
+@pytest.fixture
+def family_model_dir(arch, tiny_models) -> Path:
+    """The tiny model of `arch`."""
+    return tiny_models(arch)
 
 
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
     return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def rules_dir(tmp_path_factory) -> Path:
+    return make_rules_dataset(tmp_path_factory.mktemp("rules") / "data")
+
+
+@pytest.fixture(scope="session")
+def label_adapters(tiny_models, rules_dir, tmp_path_factory):
+    """`label_adapters(arch, template=None)` → a label adapter trained on that family's tiny model (with that
+    chat template, default the family's), once per session."""
+    trained: dict[tuple, Path] = {}
+
+    def get(arch: str, template: str | None = None, steps: int = 20) -> Path:
+        key = (arch, template, steps)
+        if key not in trained:
+            with one_torch_thread():
+                trained[key] = train_label_adapter(tiny_models(arch), rules_dir,
+                                                   tmp_path_factory.mktemp(f"run-{arch}") / "adapter", steps=steps,
+                                                   template=template)
+        return trained[key]
+    return get
+
+
+@pytest.fixture(scope="session")
+def label_adapter(label_adapters) -> Path:
+    return label_adapters("qwen2_5_vl")

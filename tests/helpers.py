@@ -12,6 +12,15 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+# The families the end-to-end tests run on: Qwen2.5-VL, Qwen3-VL dense and MoE (Qwen2-VL shares
+# Qwen2.5-VL's code paths but its tower; it is covered by the unit tests that take every arch).
+FAMILY_ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+ALL_ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+# The `template:` each family's LLaMA-Factory users write (Qwen3-VL Instruct: the no-thinking one).
+TEMPLATE_OF = {"qwen2_5_vl": "qwen2_vl", "qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink",
+               "qwen3_vl_moe": "qwen3_vl_nothink"}
+
 SYSTEM = "你是一个商品陈列合规检查助手。"
 RULES_PROMPT = ('<image>判断以上图片是否满足要求:\n1. 画面中只允许出现立方体、圆柱体、圆环、五角星徽章和灯。\n'
                 '2. 每个五角星徽章必须位于圆环内。\n请只输出如下格式:"满足要求", 或 "不满足要求"。')

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from vlmtune.data.template import TEMPLATE_NAMES
 from vlmtune.errors import VlmtuneError
 
 
@@ -36,16 +37,19 @@ class ModelConfig:
     """Which model to load and how its images are sized."""
 
     model_name_or_path: str | None = _help(
-        "Local directory or hub id of the base model (Qwen2.5-VL or Qwen2-VL). A hub id is fetched from "
-        "Hugging Face, or from ModelScope when the environment sets USE_MODELSCOPE_HUB=1.")
+        "Local directory or hub id of the base model: Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE (the README's "
+        "table). A hub id is fetched from Hugging Face, or from ModelScope when the environment sets "
+        "USE_MODELSCOPE_HUB=1.")
     adapter_name_or_path: str | None = _help(
         "Directory of a trained LoRA adapter to load on top of the base model (prediction, serving, export, "
         "or continued training).")
     trust_remote_code: bool = _help(
-        "Passed to transformers when loading. Qwen2.5-VL is built into transformers, so it is not needed.", True)
+        "Passed to transformers when loading. Every supported family is built into transformers, so it is not "
+        "needed.", True)
     image_max_pixels: int = _help(
         "Largest image area in pixels after resizing (Qwen's smart resize keeps the aspect ratio and rounds "
-        "sides to multiples of 28). Fewer pixels, fewer image tokens: 262144 gives at most 334 tokens.", 768 * 768)
+        "sides to multiples of 28 for Qwen2/2.5-VL, 32 for Qwen3-VL). Fewer pixels, fewer image tokens: 262144 "
+        "gives at most 334 tokens on Qwen2.5-VL, 256 on Qwen3-VL.", 768 * 768)
     image_min_pixels: int = _help("Smallest image area in pixels after resizing.", 32 * 32)
     video_max_pixels: int = _help("Largest video-frame area. Ignored: vlmtune reads images only.", 256 * 256)
     video_min_pixels: int = _help("Smallest video-frame area. Ignored: vlmtune reads images only.", 16 * 16)
@@ -57,7 +61,7 @@ class ModelConfig:
     flash_attn: str | None = _help(
         "LLaMA-Factory's name for the attention choice (auto, sdpa, fa2, disabled); mapped onto "
         "attn_implementation.")
-    use_fast_tokenizer: bool = _help("Use the Rust (fast) tokenizer. Always true for Qwen2-VL in vlmtune.", True)
+    use_fast_tokenizer: bool = _help("Use the Rust (fast) tokenizer. Always true in vlmtune.", True)
 
 
 @dataclass
@@ -70,7 +74,16 @@ class DataConfig:
         "Validation dataset name(s). When set, val_size is not used.")
     dataset_dir: str = _help(
         "Directory holding dataset_info.json; dataset files and relative image paths resolve against it.", "data")
-    template: str = _help("Chat template. qwen2_vl (Qwen2-VL and Qwen2.5-VL) is the one supported.", "qwen2_vl")
+    template: str | None = _help(
+        "Chat template, LLaMA-Factory's names: qwen2_vl (Qwen2-VL, Qwen2.5-VL; \"You are a helpful assistant.\" "
+        "when a record has no system turn), qwen3_vl_nothink (Qwen3-VL Instruct; no default system turn), qwen3_vl "
+        "(Qwen3-VL's reasoning template, see enable_thinking). A template of another family than the model's is "
+        "refused. Default: the model family's (qwen3_vl for a checkpoint whose chat template thinks).")
+    enable_thinking: bool = _help(
+        "qwen3_vl (reasoning template) only, LLaMA-Factory's meaning: an answer without a thought block gets an "
+        "empty one (<think>\\n\\n</think>\\n\\n) that is trained on (true), or that ends the prompt and is "
+        "not trained on, answers' own thoughts removed (false). Prediction reads the answer after the thought.",
+        True)
     cutoff_len: int = _help(
         "Longest sample in tokens (prompt + image tokens + answer). vlmtune never cuts image tokens or the "
         "answer: a longer sample is reported by the data checks (and refused, or skipped with "
@@ -109,6 +122,10 @@ class FinetuneConfig:
     lora_target: str = _help(
         "Modules that get LoRA: `all` = every linear layer of the language model (not the vision tower, "
         "projector or lm_head), or a comma list of module names (q_proj,v_proj).", "all")
+    lora_target_experts: bool = _help(
+        "Mixture-of-experts models (Qwen3-VL-30B-A3B): also put LoRA on the experts' fused parameters "
+        "(gate_up_proj, down_proj of every expert, through peft's target_parameters). Off by default, as in "
+        "LLaMA-Factory, where lora_target: all on an MoE is the attention projections only.", False)
     additional_target: str | None = _help(
         "Comma list of extra modules trained in full next to LoRA (e.g. lm_head, embed_tokens).")
     use_rslora: bool = _help("Rank-stabilised LoRA scaling (alpha / sqrt(r)).", False)
@@ -384,7 +401,7 @@ def _apply_aliases(cfg: Config) -> None:
 
 
 _CHOICES = {
-    ("data", "template"): ("qwen2_vl", "qwen2_5_vl"),
+    ("data", "template"): (None, *TEMPLATE_NAMES),
     ("finetune", "stage"): ("sft",),
     ("finetune", "finetuning_type"): ("lora", "freeze", "full"),
     ("train", "eval_strategy"): ("no", "steps", "epoch"),
@@ -400,7 +417,7 @@ def validate(cfg: Config, origin: str = "config") -> None:
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
-            raise VlmtuneError(f"{origin}: '{key}' must be one of {', '.join(allowed)}, got '{value}'")
+            raise VlmtuneError(f"{origin}: '{key}' must be one of {', '.join(a for a in allowed if a)}, got '{value}'")
     positive = {
         "lora_rank": cfg.finetune.lora_rank,
         "cutoff_len": cfg.data.cutoff_len,

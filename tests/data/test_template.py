@@ -1,15 +1,33 @@
-"""The rendered text and ids equal what the tokenizer's own Qwen2-VL chat template produces."""
+"""The rendered text and ids equal what each family's own chat template produces (`apply_chat_template`
+with the released Jinja: Qwen2-VL's, and Qwen3-VL-8B-Instruct's copied into tests/fixtures), and the
+reasoning template follows LLaMA-Factory's enable_thinking."""
+
+import copy
 
 import pytest
 import torch
 
-from helpers import RULES_PROMPT, SYSTEM
-from vlmtune.data.conversation import Conversation, Message
+from helpers import FIXTURES, RULES_PROMPT, SYSTEM
+from vlmtune.data.conversation import Message
 from vlmtune.data.encode import IGNORE_INDEX, encode, encode_prompt, prompt_messages, tokenize
+from vlmtune.data.image_settings import ImageSettings
 from vlmtune.data.processor import Processor, load_processor
-from vlmtune.data.template import IMAGE_PAD, QWEN2_VL_CHAT_TEMPLATE, render
+from vlmtune.data.template import IMAGE_PAD, TEMPLATES, get_template
+from vlmtune.errors import VlmtuneError
+from vlmtune.families import FAMILIES, chat_template_text, family_of_type
 
 DESIGN_EXAMPLE = [Message("system", SYSTEM), Message("user", RULES_PROMPT), Message("assistant", "满足要求")]
+TWO_IMAGES = [Message("system", SYSTEM), Message("user", "<image>左图<image>右图:" + RULES_PROMPT.replace("<image>", "")),
+              Message("assistant", "不满足要求")]
+# Each no-thinking template with the Jinja template its family's releases ship.
+RELEASED = {"qwen2_vl": chat_template_text(family_of_type("qwen2_5_vl")),
+            "qwen3_vl_nothink": (FIXTURES / "qwen3_vl_instruct_chat_template.jinja").read_text(encoding="utf-8")}
+QWEN2 = TEMPLATES["qwen2_vl"]
+
+
+def test_released_qwen3_template_is_the_shipped_asset():
+    """The asset vlmtune writes into Qwen3-VL models is the release's file, byte for byte."""
+    assert chat_template_text(family_of_type("qwen3_vl")) == RELEASED["qwen3_vl_nothink"]
 
 
 def as_chat_template_messages(messages):
@@ -29,9 +47,9 @@ def as_chat_template_messages(messages):
     return out
 
 
-def reference_text(tokenizer, messages, n_image_tokens, **kwargs):
+def reference_text(tokenizer, messages, n_image_tokens, template="qwen2_vl", **kwargs):
     text = tokenizer.apply_chat_template(as_chat_template_messages(messages), tokenize=False,
-                                         chat_template=QWEN2_VL_CHAT_TEMPLATE, **kwargs)
+                                         chat_template=RELEASED[template], **kwargs)
     return text.replace(IMAGE_PAD, IMAGE_PAD * n_image_tokens)
 
 
@@ -51,30 +69,51 @@ def real_qwen_tokenizer():
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tiny_model_dir, real_qwen_tokenizer):
-    return {"tiny": load_processor(tiny_model_dir).tokenizer, "qwen": real_qwen_tokenizer}
+def tokenizers(tiny_models, real_qwen_tokenizer):
+    """The tiny tokenizers of both families and the real vocabulary; Qwen3's adds <think> / </think> as
+    ordinary added tokens, as Qwen3's vocabulary does."""
+    qwen3 = copy.deepcopy(real_qwen_tokenizer)
+    qwen3.add_tokens(["<think>", "</think>"])
+    return {"tiny": load_processor(tiny_models("qwen2_5_vl")).tokenizer,
+            "tiny3": load_processor(tiny_models("qwen3_vl")).tokenizer, "qwen": real_qwen_tokenizer, "qwen3": qwen3}
 
 
+@pytest.mark.parametrize("template", ["qwen2_vl", "qwen3_vl_nothink"])
 @pytest.mark.parametrize("which", ["tiny", "qwen"])
 @pytest.mark.parametrize("n_image_tokens", [64, 315])
-def test_render_equals_chat_template(tokenizers, which, n_image_tokens):
-    tok = tokenizers[which]
-    rendered = render(DESIGN_EXAMPLE, [n_image_tokens])
-    assert rendered.text == reference_text(tok, DESIGN_EXAMPLE, n_image_tokens)
-    # Without a system message the template adds Qwen's default one.
-    assert render(DESIGN_EXAMPLE[1:], [n_image_tokens]).text == reference_text(tok, DESIGN_EXAMPLE[1:], n_image_tokens)
-    # The prediction prompt equals the template's generation prompt.
-    prompt = render(DESIGN_EXAMPLE[:2], [n_image_tokens], add_generation_prompt=True).text
-    assert prompt == reference_text(tok, DESIGN_EXAMPLE[:2], n_image_tokens, add_generation_prompt=True)
+def test_render_equals_chat_template(tokenizers, which, template, n_image_tokens):
+    tok = tokenizers[which + ("3" if template.startswith("qwen3") else "")]
+    chat = TEMPLATES[template]
+    for messages in (DESIGN_EXAMPLE, DESIGN_EXAMPLE[1:]):  # with a system turn, and without (qwen2_vl: its default)
+        assert chat.render(messages, [n_image_tokens]).text == reference_text(tok, messages, n_image_tokens, template)
+        # The prediction prompt equals the template's generation prompt.
+        prompt = chat.render(messages[:-1], [n_image_tokens], prompt="generate").text
+        assert prompt == reference_text(tok, messages[:-1], n_image_tokens, template, add_generation_prompt=True)
+        assert chat.render(messages[:-1], [n_image_tokens], prompt="score").text == prompt
+    if template == "qwen3_vl_nothink":  # Qwen3-VL: no system turn unless the conversation has one
+        assert "<|im_start|>system" not in chat.render(DESIGN_EXAMPLE[1:], [n_image_tokens]).text
+        assert chat.render(DESIGN_EXAMPLE[1:], [1], default_system="规则").text.startswith(
+            "<|im_start|>system\n规则<|im_end|>\n<|im_start|>user\n")
 
 
+@pytest.mark.parametrize("template", ["qwen2_vl", "qwen3_vl_nothink"])
 @pytest.mark.parametrize("which", ["tiny", "qwen"])
-def test_ids_and_label_mask(tokenizers, which):
-    tok = tokenizers[which]
-    processor = Processor(tokenizer=tok, image_processor=None)
-    rendered = render(DESIGN_EXAMPLE, [64])
+def test_several_images_and_turns_equal_chat_template(tokenizers, which, template):
+    tok = tokenizers[which + ("3" if template.startswith("qwen3") else "")]
+    multi = TWO_IMAGES + [Message("user", "再看一次<image>"), Message("assistant", "满足要求")]
+    for messages in (TWO_IMAGES, TWO_IMAGES[1:], multi):
+        n = sum(m.content.count("<image>") for m in messages)
+        assert TEMPLATES[template].render(messages, [4] * n).text == reference_text(tok, messages, 4, template)
+
+
+@pytest.mark.parametrize("template", ["qwen2_vl", "qwen3_vl_nothink"])
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+def test_ids_and_label_mask(tokenizers, which, template):
+    tok = tokenizers[which + ("3" if template.startswith("qwen3") else "")]
+    processor = Processor(tok, None, TEMPLATES[template], None)
+    rendered = TEMPLATES[template].render(DESIGN_EXAMPLE, [64])
     ids, labels = tokenize(rendered.text, rendered.label_spans, processor)
-    reference_ids = tok(reference_text(tok, DESIGN_EXAMPLE, 64), add_special_tokens=False)["input_ids"]
+    reference_ids = tok(reference_text(tok, DESIGN_EXAMPLE, 64, template), add_special_tokens=False)["input_ids"]
     assert ids.tolist() == reference_ids
     assert int((ids == tok.convert_tokens_to_ids(IMAGE_PAD)).sum()) == 64
     kept = ids[labels != IGNORE_INDEX]
@@ -85,6 +124,40 @@ def test_ids_and_label_mask(tokenizers, which):
     assert labels[-1].item() == IGNORE_INDEX  # the "\n" after <|im_end|>
     assert labels[-1 - len(answer_ids):-1].tolist() == answer_ids
     assert bool((labels[: len(ids) - 1 - len(answer_ids)] == IGNORE_INDEX).all())
+
+
+@pytest.mark.parametrize("which", ["tiny3", "qwen3"])
+def test_reasoning_template_follows_enable_thinking(tokenizers, which):
+    """qwen3_vl, LLaMA-Factory's meaning: the empty thought is trained on (enable_thinking true) or closes the
+    prompt unlabelled (false, answers' own thoughts removed); the text is the same either way."""
+    tok = tokenizers[which]
+    think = get_template("qwen3_vl", enable_thinking=True)
+    nothink = get_template("qwen3_vl", enable_thinking=False)
+    base = TEMPLATES["qwen3_vl_nothink"].render(DESIGN_EXAMPLE, [8]).text
+    with_thought = base.replace("<|im_start|>assistant\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    kept = {}
+    for name, template in (("on", think), ("off", nothink)):
+        rendered = template.render(DESIGN_EXAMPLE, [8])
+        assert rendered.text == with_thought
+        ids, labels = tokenize(rendered.text, rendered.label_spans, Processor(tok, None, template, None))
+        kept[name] = tok.decode(ids[labels != IGNORE_INDEX])
+    assert kept == {"on": "<think>\n\n</think>\n\n满足要求<|im_end|>", "off": "满足要求<|im_end|>"}
+    # Prompts: generation with thinking leaves the thought to the model; scoring conditions on it.
+    prompt = TEMPLATES["qwen3_vl_nothink"].render(DESIGN_EXAMPLE[:2], [8], prompt="generate").text
+    assert think.render(DESIGN_EXAMPLE[:2], [8], prompt="generate").text == prompt
+    for template in (think, nothink):
+        assert template.render(DESIGN_EXAMPLE[:2], [8], prompt="score").text == prompt + "<think>\n\n</think>\n\n"
+    assert nothink.render(DESIGN_EXAMPLE[:2], [8], prompt="generate").text == prompt + "<think>\n\n</think>\n\n"
+    # An answer with its own thought: kept and trained on with thinking, removed without.
+    reasoned = DESIGN_EXAMPLE[:2] + [Message("assistant", "<think>\n图中有灯\n</think>\n\n满足要求")]
+    assert think.render(reasoned, [8]).text == base.replace("满足要求<|im_end|>\n",
+                                                            "<think>\n图中有灯\n</think>\n\n满足要求<|im_end|>\n")
+    assert nothink.render(reasoned, [8]).text == with_thought
+    assert nothink.remove_thought("<think>\nx\n</think>\n\n满足要求") == "满足要求"
+    # A generated answer is the text after the thought's end (a prompt that opened the thought: the end only).
+    for generated in ("<think>\n\n</think>\n\n满足要求", "图中有灯\n</think>\n\n 满足要求 ", "满足要求"):
+        assert think.answer_of(generated) == "满足要求"
+    assert TEMPLATES["qwen2_vl"].answer_of(" </think>满足要求") == "</think>满足要求"  # no reasoning template
 
 
 def test_real_qwen_ids_of_the_labels(real_qwen_tokenizer):
@@ -99,22 +172,25 @@ def test_multi_turn_labels_every_assistant_turn(tokenizers):
     tok = tokenizers["qwen"]
     messages = [Message("user", "<image>第一问"), Message("assistant", "不满足要求"),
                 Message("user", "再看一次"), Message("assistant", "满足要求")]
-    rendered = render(messages, [4])
+    rendered = QWEN2.render(messages, [4])
     assert rendered.text == reference_text(tok, messages, 4)
-    ids, labels = tokenize(rendered.text, rendered.label_spans, Processor(tok, None))
+    ids, labels = tokenize(rendered.text, rendered.label_spans, Processor(tok, None, QWEN2, None))
     kept = tok.decode(ids[labels != IGNORE_INDEX])
     assert kept == "不满足要求<|im_end|>满足要求<|im_end|>"
 
 
-def test_encode_with_images_and_cutoff(tiny_model_dir, small_dataset):
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_encode_with_images_and_cutoff(tiny_models, small_dataset, arch):
     from vlmtune.data.encode import EncodeError
     from vlmtune.data.loader import load_datasets
 
-    processor = load_processor(tiny_model_dir, max_pixels=262144)
+    processor = load_processor(tiny_models(arch), max_pixels=262144)
     conv = load_datasets("my_dataset", str(small_dataset), None).conversations[0]
     sample = encode(conv, processor, cutoff_len=4096)
     n_pad = int((sample.input_ids == processor.image_token_id).sum())
-    assert n_pad == (sample.images[0].shape[1] // 28) * (sample.images[0].shape[2] // 28)
+    factor = 28 if arch == "qwen2_5_vl" else 32  # one token per 28² px (Qwen2.5-VL), 32² px (Qwen3-VL)
+    assert processor.image_processor.factor == factor
+    assert n_pad == (sample.images[0].shape[1] // factor) * (sample.images[0].shape[2] // factor)
     with pytest.raises(EncodeError, match="exceed cutoff_len"):
         encode(conv, processor, cutoff_len=len(sample) - 1)
     prompt = encode_prompt(prompt_messages(conv), sample.images, processor)
@@ -122,25 +198,56 @@ def test_encode_with_images_and_cutoff(tiny_model_dir, small_dataset):
     assert bool((prompt.labels == IGNORE_INDEX).all())
 
 
+@pytest.mark.parametrize("template", ["qwen2_vl", "qwen3_vl_nothink", "qwen3_vl"])
 @pytest.mark.parametrize("which", ["tiny", "qwen"])
-@pytest.mark.parametrize("generation_prompt", [False, True])
-def test_collapsed_pads_give_the_same_ids_and_labels(tokenizers, which, generation_prompt):
+@pytest.mark.parametrize("prompt", [None, "generate", "score"])
+def test_collapsed_pads_give_the_same_ids_and_labels(tokenizers, which, template, prompt):
     """tokenize_rendered (one pad per image, repeated afterwards) equals tokenising every pad written out."""
     from vlmtune.data.encode import tokenize_rendered
-    from vlmtune.data.image_settings import ImageSettings
 
-    tok = tokenizers[which]
-    processor = Processor(tokenizer=tok, image_processor=ImageSettings())
+    tok = tokenizers[which + ("3" if template.startswith("qwen3") else "")]
+    processor = Processor(tok, ImageSettings(), TEMPLATES[template], None)
     images = [torch.zeros(3, 224, 224, dtype=torch.uint8), torch.zeros(3, 448, 308, dtype=torch.uint8)]
     counts = [64, 176]
-    two_images = "<image>左图<image>右图:" + RULES_PROMPT.replace("<image>", "")
-    messages = [Message("system", SYSTEM), Message("user", two_images), Message("assistant", "不满足要求"),
-                Message("user", "再看一次"), Message("assistant", "满足要求")]
-    if generation_prompt:
+    messages = TWO_IMAGES + [Message("user", "再看一次"), Message("assistant", "满足要求")]
+    if prompt:
         messages = messages[:-1]
-    ids, labels = tokenize_rendered(messages, images, processor, None, generation_prompt)
-    full = render(messages, counts, add_generation_prompt=generation_prompt)
+    ids, labels = tokenize_rendered(messages, images, processor, None, prompt)
+    full = TEMPLATES[template].render(messages, counts, prompt=prompt)
     reference_ids, reference_labels = tokenize(full.text, full.label_spans, processor)
     assert int((reference_ids == tok.convert_tokens_to_ids(IMAGE_PAD)).sum()) == sum(counts)
     assert torch.equal(ids, reference_ids)
     assert torch.equal(labels, reference_labels)
+
+
+def test_template_that_does_not_fit_the_family_is_refused(tiny_models):
+    """qwen2_vl on a Qwen3-VL checkpoint (or the reverse) is a one-line error naming both, not wrong tokens."""
+    with pytest.raises(VlmtuneError, match=r"template: 'qwen2_vl' does not fit .*\(Qwen3-VL\); use qwen3_vl_nothink "
+                                           r"or qwen3_vl") as info:
+        load_processor(tiny_models("qwen3_vl"), template="qwen2_vl")
+    assert "\n" not in str(info.value)
+    with pytest.raises(VlmtuneError, match=r"'qwen3_vl' does not fit .*\(Qwen2.5-VL\); use qwen2_vl"):
+        load_processor(tiny_models("qwen2_5_vl"), template="qwen3_vl")
+    with pytest.raises(VlmtuneError, match="unknown template 'llava'"):
+        load_processor(tiny_models("qwen2_5_vl"), template="llava")
+
+
+def test_default_template_is_the_familys(tiny_models, tmp_path):
+    assert load_processor(tiny_models("qwen2_5_vl")).template.name == "qwen2_vl"
+    assert load_processor(tiny_models("qwen3_vl")).template.name == "qwen3_vl_nothink"
+    assert load_processor(tiny_models("qwen2_5_vl"), template="qwen2_5_vl").template.name == "qwen2_vl"  # alias
+    # A checkpoint whose own chat template thinks (Qwen3-VL-*-Thinking) gets the reasoning template.
+    import shutil
+
+    thinking = shutil.copytree(tiny_models("qwen3_vl"), tmp_path / "thinking")
+    jinja = (thinking / "chat_template.jinja").read_text() + "{%- if enable_thinking %}<think>\n{%- endif %}"
+    (thinking / "chat_template.jinja").write_text(jinja)
+    chosen = load_processor(thinking).template
+    assert (chosen.name, chosen.enable_thinking) == ("qwen3_vl", True)
+    assert load_processor(thinking, enable_thinking=False).template.enable_thinking is False
+
+
+def test_every_family_names_templates_that_exist():
+    for family in FAMILIES:
+        assert family.templates and all(name in TEMPLATES for name in family.templates)
+        assert family.thinking_template in (None, *family.templates)

@@ -1,4 +1,5 @@
-"""`vlmtune sweep`: base model, every checkpoint-N and the final adapter, table + csv/json/png + best."""
+"""`vlmtune sweep`: base model, every checkpoint-N and the final adapter, table + csv/json/png + best, on
+every end-to-end family."""
 
 from __future__ import annotations
 
@@ -10,22 +11,23 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, make_dataset
+from helpers import FAMILY_ARCHS, assert_one_line_error, make_dataset
+from label_adapters import one_torch_thread
 from vlmtune.cli import main as cli_main
 
 STEPS = (2, 4, 6)
-MAX_PIXELS = 112 * 112
+MAX_PIXELS = 128 * 128
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models: one thread is as fast as two on an idle machine and far faster on a busy one."""
-    import torch
+def _one_torch_thread():
+    with one_torch_thread():
+        yield
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+@pytest.fixture(scope="module", params=FAMILY_ARCHS)
+def tiny_model_dir(request, tiny_models):
+    return tiny_models(request.param)
 
 
 def run_inline(capsys, *args) -> subprocess.CompletedProcess:

@@ -1,5 +1,5 @@
 """Generation: greedy regardless of the model's generation_config, batch-independent, and in
-agreement with label scoring wherever it produces a label."""
+agreement with label scoring wherever it produces a label (on every family)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ def conversations(rules_dir):
     return load_datasets("rules", str(rules_dir), None).conversations
 
 
-def test_score_mode_agrees_with_greedy_generation(engine, conversations):
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_score_mode_agrees_with_greedy_generation(tiny_models, label_adapters, arch, conversations):
+    engine = load_engine(str(tiny_models(arch)), str(label_adapters(arch)), log=lambda *_: None)
     texts = generate_conversations(engine.model, engine.processor, conversations, batch_size=8, max_new_tokens=6)
     probs = score_conversations(engine.model, engine.processor, conversations, [POS, NEG], batch_size=8)
     scored = [max(p, key=p.get) for p in probs]
@@ -31,6 +33,36 @@ def test_score_mode_agrees_with_greedy_generation(engine, conversations):
     assert len(valid) >= len(conversations) // 2, texts  # the adapter answers with labels
     assert {text for text, _ in valid} == {POS, NEG}  # both labels occur: agreement is not trivial
     assert all(text == label for text, label in valid), list(zip(texts, scored))
+
+
+def test_reasoning_template_answers_after_the_thought(tiny_models, label_adapters, conversations):
+    """qwen3_vl with enable_thinking: the adapter learns to open with the empty thought, generation writes it
+    first, and the answer (what is compared with the label) is the text after it; scoring agrees."""
+    from vlmtune.infer.scoring import evaluating, to_model, unwrap
+
+    model_dir = tiny_models("qwen3_vl")
+    adapter = label_adapters("qwen3_vl", template="qwen3_vl", steps=60)
+    engine = load_engine(str(model_dir), str(adapter), log=lambda *_: None)  # the adapter's template
+    assert (engine.processor.template.name, engine.processor.template.enable_thinking) == ("qwen3_vl", True)
+    convs = conversations[:8]
+    texts = generate_conversations(engine.model, engine.processor, convs, batch_size=8, max_new_tokens=12)
+    assert texts == [c.answer for c in convs]
+    probs = score_conversations(engine.model, engine.processor, convs, [POS, NEG], batch_size=8)
+    assert [max(p, key=p.get) for p in probs] == texts
+    # The thought really was generated (and removed from the answer), not skipped.
+    from vlmtune.data.encode import Collator
+    from vlmtune.infer.generation import sampling_kwargs, stop_token_ids
+    from vlmtune.infer.scoring import encode_prompts
+
+    processor = engine.processor
+    samples = encode_prompts(convs[:1], processor, prompt="generate")
+    with evaluating(engine.model):
+        core = unwrap(engine.model)
+        batch = to_model(Collator(processor, padding_side="left", raw_images=True)(samples), core)
+        out = core.generate(**batch, **sampling_kwargs(12, 0.0), eos_token_id=stop_token_ids(processor),
+                            pad_token_id=processor.pad_token_id)
+    raw = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert raw.startswith("<think>\n\n</think>\n\n") and raw.endswith(convs[0].answer)
 
 
 def test_greedy_ignores_the_models_sampling_defaults(engine, conversations):

@@ -14,9 +14,10 @@ from vlmtune.infer.scoring import cache_kwarg, output_cache
 from vlmtune.model.load import load_model
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model_dir):
-    model = load_model(tiny_model_dir)
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def model(request, tiny_models):
+    """Every family's text model (Qwen3-VL's attention normalises q and k per head; its MoE routes tokens)."""
+    model = load_model(tiny_models(request.param))
     model.eval()
     return model
 
@@ -60,6 +61,18 @@ def test_other_threads_run_the_whole_layer(model):
         inside.set()
         thread.join(30)
     assert used and seen["shape"] == (3, 9, model.config.text_config.vocab_size)
+
+
+def test_a_last_layer_that_deepstack_feeds_keeps_the_library_forward(tiny_models, tmp_path):
+    """Qwen3-VL adds deepstack features after its first layers: a model so shallow that the last layer is one
+    of them needs every position there, so the trick stays off (and scoring still equals the library)."""
+    from vlmtune.model.tiny import build_tiny_model
+
+    shallow = load_model(build_tiny_model(tmp_path / "one-layer", arch="qwen3_vl", text_layers=1)).eval()
+    with kept_positions(shallow, torch.tensor([[3]])) as used:
+        logits = shallow(input_ids=prompt_ids(shallow, rows=1, length=4)).logits
+    assert not used and logits.shape[1] == 4
+    assert last_positions.fed_by_deepstack(shallow, 1) and not last_positions.fed_by_deepstack(shallow, 2)
 
 
 def test_a_layer_failing_the_self_check_keeps_the_library_forward(tiny_model_dir, monkeypatch):

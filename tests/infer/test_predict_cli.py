@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, make_dataset, run_cli
+from helpers import TEMPLATE_OF, assert_one_line_error, make_dataset, run_cli
 from vlmtune.cli import main as cli_main
 from vlmtune.infer.command import DELAY_ENV
 
@@ -57,9 +57,11 @@ def by_hand(rows: list[dict], positive: str = POS) -> dict:
             "recall": recall, "f1": f1}
 
 
-def test_predict_then_eval_end_to_end(tmp_path, tiny_model_dir, label_adapter, rules_dir):
+def test_predict_then_eval_end_to_end(tmp_path, capsys, arch, family_model_dir, label_adapters, rules_dir):
     save = tmp_path / "out" / "predictions.jsonl"
-    result = run_cli(*predict_args(tiny_model_dir, label_adapter, rules_dir, save, "--batch_size", "4"))
+    # --template as LLaMA-Factory's batch inference takes it (the one the adapter was trained with).
+    result = run_cli(*predict_args(family_model_dir, label_adapters(arch), rules_dir, save, "--batch_size", "4",
+                                   "--template", TEMPLATE_OF[arch]))
     assert result.returncode == 0, result.stderr
     assert "mode: score" in result.stdout and "samples/s" in result.stdout and "F1" in result.stdout
     rows = read_rows(save)
@@ -82,6 +84,12 @@ def test_predict_then_eval_end_to_end(tmp_path, tiny_model_dir, label_adapter, r
         assert metrics[key] == pytest.approx(value), key
     assert metrics["n_invalid"] == 0
     assert want["accuracy"] > 0.9  # the trained adapter follows the rule in the prompt
+    # Another family's template is refused before anything is written.
+    other = "qwen2_vl" if arch.startswith("qwen3") else "qwen3_vl_nothink"
+    wrong = run_inline(capsys, *predict_args(family_model_dir, label_adapters(arch), rules_dir, tmp_path / "no.jsonl",
+                                             "--template", other))
+    assert_one_line_error(wrong, f"template: '{other}' does not fit")
+    assert not (tmp_path / "no.jsonl").exists()
 
 
 def test_killed_run_resumes_without_duplicates_or_gaps(tmp_path, capsys, tiny_model_dir, label_adapter,

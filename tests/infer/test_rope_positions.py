@@ -1,4 +1,5 @@
-"""infer.rope_positions equals the model's get_rope_index for text + still images, whatever the layout."""
+"""infer.rope_positions equals the model's get_rope_index for text + still images, whatever the layout, on
+every family (Qwen3-VL's get_rope_index is its own; its interleaving happens in the rotary module)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from vlmtune.model.load import load_model
 TEXT, IMAGE_PAD = 5, 7  # token ids only matter through mm_token_type_ids
 
 
-@pytest.fixture(scope="module")
-def rope(tiny_model_dir):
-    return rope_module(load_model(tiny_model_dir))
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def rope(request, tiny_models):
+    return rope_module(load_model(tiny_models(request.param)))
 
 
 def random_batch(rng: random.Random, rows: int, padding: str):

@@ -1,4 +1,5 @@
-"""Label scoring equals one plain full forward per (sample, label), whatever the batch."""
+"""Label scoring equals one plain full forward per (sample, label), whatever the batch, on every family
+(Qwen3-VL's deepstack features included), and with a reasoning template."""
 
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ def naive_logprob(model, processor, conv: Conversation, label: str) -> float:
     return float(logp[keep].gather(-1, labels[keep][:, None]).sum())
 
 
-@pytest.fixture(scope="module")
-def base(tiny_model_dir):
-    model = load_model(tiny_model_dir)
+@pytest.fixture
+def base(family_model_dir):
+    model = load_model(family_model_dir)
     model.eval()
-    return model, load_processor(tiny_model_dir)
+    return model, load_processor(family_model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def mixed_conversations(tmp_path_factory):
     return load_datasets("my_dataset", str(data), None).conversations
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def naive(base, mixed_conversations):
     model, processor = base
     return torch.tensor([[naive_logprob(model, processor, c, label) for label in LABELS] for c in mixed_conversations])
@@ -75,6 +76,24 @@ def test_scoring_equals_naive_forward(base, mixed_conversations, naive, batch_si
         assert torch.allclose(torch.tensor(list(row.values())), logps.softmax(-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("thinking", [False, True])
+def test_scoring_with_the_reasoning_template(tiny_models, mixed_conversations, thinking):
+    """qwen3_vl: scoring conditions on the empty thought; without thinking that is the trained prompt, so the
+    log-probs equal the naive forward's; with thinking the thought is part of every answer, a term common to
+    all labels, so the probabilities are the same."""
+    model_dir = tiny_models("qwen3_vl")
+    model = load_model(model_dir).eval()
+    without = load_processor(model_dir, template="qwen3_vl", enable_thinking=False)
+    processor = load_processor(model_dir, template="qwen3_vl", enable_thinking=thinking)
+    convs = mixed_conversations[:3]
+    want = torch.tensor([[naive_logprob(model, without, c, label) for label in LABELS[:3]] for c in convs])
+    with evaluating(model):
+        got = score_samples(model, processor, encode_prompts(convs, processor), label_token_ids(LABELS[:3], processor))
+    assert (got - want).abs().max() < 1e-4
+    probs = score_conversations(model, processor, convs, LABELS[:3])
+    assert torch.allclose(torch.tensor([list(p.values()) for p in probs]), want.softmax(-1), atol=1e-5)
+
+
 def test_scoring_a_peft_model_in_train_mode(tiny_model_dir, label_adapter, rules_dir):
     """What the trainer does at each evaluation: a trainable peft model; its mode comes back unchanged."""
     from peft import PeftModel
@@ -97,8 +116,8 @@ def test_scoring_a_peft_model_in_train_mode(tiny_model_dir, label_adapter, rules
     assert [max(p, key=p.get) for p in probs] == [c.answer for c in convs]
 
 
-def test_label_tokens_are_whole_sequences(base):
-    _, processor = base
+def test_label_tokens_are_whole_sequences(tiny_model_dir):
+    processor = load_processor(tiny_model_dir)
     pos, neg = label_token_ids([POS, NEG], processor)
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert pos[-1] == im_end and neg[-1] == im_end

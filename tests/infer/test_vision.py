@@ -1,4 +1,5 @@
-"""model.vision.VisionEncoder gives transformers' vision-tower output (≤ 1e-5), whatever the batch."""
+"""model.vision.VisionEncoder gives transformers' vision-tower output (≤ 1e-5), whatever the batch: its own
+forward where it is proven (Qwen2.5-VL), the library's elsewhere (Qwen2-VL, Qwen3-VL with deepstack)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from vlmtune.data.images import image_grids, to_patches
 from vlmtune.data.processor import load_processor
 from vlmtune.model.load import load_model
-from vlmtune.model.vision import VisionEncoder, rotate, usable, vision_encoder
+from vlmtune.model.vision import VisionEncoder, encoder_outputs, rotate, usable, vision_encoder
 
 # (height, width) after the resize (multiples of 28): 448² has 16 equal windows; the others have
 # windows of several sizes (the grid is not a multiple of the 4×4-token window) and differ per image.
@@ -32,6 +33,13 @@ def library(visual, pixel_values, grid):
     return visual(pixel_values, grid_thw=grid).pooler_output
 
 
+def assert_close_features(got, want_embeds, want_deepstack=(), atol=1e-5):
+    assert (got.embeds - want_embeds).abs().max() <= atol
+    assert len(got.deepstack) == len(want_deepstack)
+    for mine, theirs in zip(got.deepstack, want_deepstack):
+        assert (mine - theirs).abs().max() <= atol
+
+
 @pytest.mark.parametrize("sizes", [MIXED, EQUAL, MIXED[1:2]], ids=["mixed", "equal", "one"])
 def test_encoder_equals_the_vision_tower(tiny, sizes):
     model, processor = tiny
@@ -45,11 +53,40 @@ def test_encoder_equals_the_vision_tower(tiny, sizes):
     with torch.no_grad():
         want = library(visual, pixels, grid)
         for _ in range(2):  # the second call runs from the cached plan
-            assert (encoder(pixels, grid) - want).abs().max() <= 1e-5
+            assert_close_features(encoder(pixels, grid), want)
             # uint8 images, conv patch embedding with the normalisation folded in
-            assert (encoder.still_images(raw, grid, settings) - want).abs().max() <= 1e-5
-    parts = encoder.split(want, grid)
-    assert [p.shape[0] for p in parts] == [h * w // 28 ** 2 for h, w in sizes]
+            assert_close_features(encoder.still_images(raw, grid, settings), want)
+        parts = encoder.split(encoder(pixels, grid), grid)
+    assert [p.embeds.shape[0] for p in parts] == [h * w // 28 ** 2 for h, w in sizes]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_other_towers_run_the_library_forward_with_deepstack(tiny_models, arch):
+    """Towers without a proven fast path give exactly `get_image_features` (Qwen3-VL: deepstack too), and
+    the features fed back as `mm_encoder_outputs` give the logits of the pixel forward."""
+    model_dir = tiny_models(arch)
+    model, processor = load_model(model_dir).eval(), load_processor(model_dir)
+    encoder = vision_encoder(model.model.visual)
+    assert not encoder.fast
+    factor = processor.image_processor.factor
+    raw = images([(factor * 8, factor * 8), (factor * 4, factor * 6)])
+    pixels, grid = to_patches(raw, processor.image_processor)
+    with torch.no_grad():
+        want = model.model.get_image_features(pixels, grid)
+        deepstack = getattr(want, "deepstack_features", None) or []
+        assert bool(deepstack) is arch.startswith("qwen3")
+        parts = encoder.split(encoder.still_images(raw, grid, processor.image_processor), grid)
+        for i, part in enumerate(parts):
+            assert_close_features(part, want.pooler_output[i], [layer[i] for layer in deepstack], atol=0)
+        n = sum(p.embeds.shape[0] for p in parts)
+        pad = processor.image_token_id
+        ids = torch.tensor([[5, 6] + [pad] * parts[0].embeds.shape[0] + [7] + [pad] * parts[1].embeds.shape[0] + [8]])
+        mm = (ids == pad).long()
+        assert int(mm.sum()) == n
+        through_pixels = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm).logits
+        through_features = model(input_ids=ids, mm_encoder_outputs=encoder_outputs(parts, processor.family),
+                                 image_grid_thw=grid, mm_token_type_ids=mm).logits
+    assert torch.equal(through_pixels, through_features)
 
 
 def test_lora_on_the_vision_tower_is_applied(tiny, tiny_model_dir):
@@ -71,9 +108,9 @@ def test_lora_on_the_vision_tower_is_applied(tiny, tiny_model_dir):
             want = library(visual, pixels, grid)
             with peft_model.disable_adapter():
                 assert (library(visual, pixels, grid) - want).abs().max() > 1e-3  # the LoRA does something
-            assert (encoder(pixels, grid) - want).abs().max() <= 1e-5
+            assert_close_features(encoder(pixels, grid), want)
             got = encoder.still_images(raw, grid, processor.image_processor)  # fast, or the fallback
-            assert (got - want).abs().max() <= 1e-5
+            assert_close_features(got, want)
 
 
 def test_flash_attention_keeps_the_library_forward(tiny):

@@ -41,10 +41,12 @@ class FakeLLM:
     log P(token) = -(id % 7) / 10, minus 1 when a LoRA request is applied and the engine honours it.
     """
 
-    def __init__(self, tokenizer, honours_lora: bool = True):
+    def __init__(self, tokenizer, honours_lora: bool = True, grid: int = 28):
         self.tokenizer = tokenizer
         self.honours_lora = honours_lora
+        self.grid = grid  # image sides are multiples of this (28 px Qwen2.5-VL, 32 px Qwen3-VL)
         self.calls = []
+        self.prompts = []
 
     def logprob(self, token: int, lora) -> float:
         return -(token % 7) / 10 - (1.0 if lora is not None and self.honours_lora else 0.0)
@@ -53,7 +55,9 @@ class FakeLLM:
         self.calls.append((len(requests), params.kwargs, lora_request))
         out = []
         for request in requests:
-            assert request["multi_modal_data"]["image"][0].size[0] % 28 == 0  # pre-resized to the 28-pixel grid
+            assert request["multi_modal_data"]["image"][0].size[0] % self.grid == 0  # pre-resized to the model's grid
+            assert request["prompt"].count("<|image_pad|>") == 1  # one pad per image: vLLM expands it
+            self.prompts.append(request["prompt"])
             ids = self.tokenizer(request["prompt"], add_special_tokens=False)["input_ids"]
             prompt_logprobs = None
             if params.kwargs.get("prompt_logprobs") is not None:
@@ -72,21 +76,23 @@ def fake_vllm(monkeypatch):
     return module
 
 
-@pytest.fixture
-def predictor_parts(tiny_model_dir, rules_dir):
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl+thinking"])
+def predictor_parts(request, tiny_models, rules_dir):
     from vlmtune.data.loader import load_datasets
     from vlmtune.data.processor import load_processor
 
-    processor = load_processor(tiny_model_dir, max_pixels=112 * 112)
+    arch, _, thinking = request.param.partition("+")
+    processor = load_processor(tiny_models(arch), max_pixels=128 * 128, template="qwen3_vl" if thinking else None)
     return processor, load_datasets("rules", str(rules_dir), 4).conversations
 
 
 def test_score_sums_the_label_token_logprobs(fake_vllm, predictor_parts, tiny_model_dir):
+    from vlmtune.data.encode import encode_prompt, load_images, prompt_messages
     from vlmtune.infer.scoring import label_token_ids
     from vlmtune.infer.vllm_backend import VllmPredictor
 
     processor, convs = predictor_parts
-    llm = FakeLLM(processor.tokenizer)
+    llm = FakeLLM(processor.tokenizer, grid=processor.image_processor.factor)
     predictor = VllmPredictor(llm, processor, tiny_model_dir, None, "lora", "bfloat16", log=lambda *_: None)
     probs = predictor.score(predictor.prepare(convs), [POS, NEG])
     sums = [sum(llm.logprob(t, "lora") for t in ids) for ids in label_token_ids([POS, NEG], processor)]
@@ -96,6 +102,13 @@ def test_score_sums_the_label_token_logprobs(fake_vllm, predictor_parts, tiny_mo
     assert all(p == pytest.approx(want) for p in probs)
     assert llm.calls[0][0] == 2 * len(convs)  # one request per (sample, label)
     assert llm.calls[0][1]["prompt_logprobs"] == 0 and llm.calls[0][2] == "lora"
+    # The prompt is the transformers engine's (its chat template; a reasoning one's empty thought for scoring),
+    # with one image pad instead of the image's tokens, then the label and <|im_end|>.
+    tok = processor.tokenizer
+    engine_prompt = encode_prompt(prompt_messages(convs[0]), load_images(convs[0], processor), processor, prompt="score")
+    expanded = tok.decode(engine_prompt.input_ids)
+    pads = "<|image_pad|>" * int((engine_prompt.input_ids == processor.image_token_id).sum())
+    assert llm.prompts[0] == expanded.replace(pads, "<|image_pad|>") + POS + "<|im_end|>"
     texts = predictor.generate(predictor.prepare(convs), max_new_tokens=4, temperature=0.0, seed=None)
     assert texts == [POS] * len(convs)
     params = llm.calls[-1][1]
@@ -108,12 +121,13 @@ def test_adapter_check_stops_when_vllm_ignores_the_adapter(fake_vllm, predictor_
 
     processor, convs = predictor_parts
     messages = []
-    honours = VllmPredictor(FakeLLM(processor.tokenizer), processor, tiny_model_dir, tmp_path, "lora", "bfloat16",
-                            log=messages.append)
+    grid = processor.image_processor.factor
+    honours = VllmPredictor(FakeLLM(processor.tokenizer, grid=grid), processor, tiny_model_dir, tmp_path, "lora",
+                            "bfloat16", log=messages.append)
     honours.check(convs, [POS, NEG], "score")
     assert "changes answer log-likelihoods by up to" in messages[0]
-    ignores = VllmPredictor(FakeLLM(processor.tokenizer, honours_lora=False), processor, tiny_model_dir, tmp_path,
-                            "lora", "bfloat16", log=lambda *_: None)
+    ignores = VllmPredictor(FakeLLM(processor.tokenizer, honours_lora=False, grid=grid), processor, tiny_model_dir,
+                            tmp_path, "lora", "bfloat16", log=lambda *_: None)
     with pytest.raises(VlmtuneError, match="same with and without the adapter"):
         ignores.check(convs, None, "generate")  # generate mode checks the dataset's own answers
 
@@ -126,6 +140,30 @@ def test_vllm_backend_without_vllm_or_gpu_is_a_one_line_error(capsys, tiny_model
     out = capsys.readouterr()
     assert_one_line_error(subprocess.CompletedProcess([], code, out.out, out.err), "--backend vllm",
                           "--backend transformers")
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_adapter_keys_are_the_ones_vllm_maps(tiny_models, arch):
+    """vLLM 0.33 loads a peft adapter by stripping `base_model.model.` and mapping `model.language_model.` →
+    `language_model.model.` (Qwen2_5_VL and Qwen3VLForConditionalGeneration.hf_to_vllm_mapper, the MoE inherits
+    it), then packs q/k/v into qkv_proj and gate/up into gate_up_proj. The adapter vlmtune trains has exactly
+    such keys: language-model linears only, nothing vLLM would drop (vision-tower LoRA) or reject."""
+    import re
+
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from vlmtune.config import FinetuneConfig
+    from vlmtune.model.adapters import apply_finetuning
+    from vlmtune.model.load import load_model
+
+    model = apply_finetuning(load_model(tiny_models(arch)), FinetuneConfig(lora_rank=8), log=lambda *_: None)
+    saved = get_peft_model_state_dict(model)
+    modules = "q|k|v|o" if arch == "qwen3_vl_moe" else "q|k|v|o|gate|up|down"
+    key = re.compile(rf"base_model\.model\.model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({modules})_proj\."
+                     rf"lora_[AB]\.weight")
+    assert saved and all(key.fullmatch(k) for k in saved), [k for k in saved if not key.fullmatch(k)][:3]
+    assert all(isinstance(v, torch.Tensor) for v in saved.values())
 
 
 # --- with vllm and a GPU ---------------------------------------------------------------------

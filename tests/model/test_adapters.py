@@ -12,16 +12,57 @@ from vlmtune.model.adapters import apply_finetuning, count_parameters, parameter
 from vlmtune.model.load import load_model
 
 SEVEN_B = REPO / "tests" / "fixtures" / "qwen2_5_vl_7b"
+ALL_SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+# Released configs (tests/fixtures; Qwen3-VL-2B's is the 8B's with the 2B's sizes and tied embeddings) and
+# the exact summary LLaMA-Factory prints for LoRA r=8, `lora_target: all`.
+RELEASES = {
+    "qwen2_5_vl_7b": (ALL_SEVEN, "trainable params: 20,185,088 || all params: 8,312,351,744 || trainable%: 0.2428"),
+    "qwen3_vl_8b_instruct": (ALL_SEVEN,
+                             "trainable params: 21,823,488 || all params: 8,788,947,184 || trainable%: 0.2483"),
+    # the MoE's experts are fused 3-D parameters, not linear layers: attention only
+    "qwen3_vl_30b_a3b_instruct": ("q_proj,k_proj,v_proj,o_proj",
+                                  "trainable params: 6,684,672 || all params: 31,077,438,704 || trainable%: 0.0215"),
+    # tied embeddings counted once: 2,127,532,032 + the adapter (not 2,447,413,248 + adapter)
+    "qwen3_vl_2b_instruct": (ALL_SEVEN, "trainable params: 8,716,288 || all params: 2,136,248,320 || trainable%: 0.4080"),
+}
 
 
-def test_7b_lora_count_from_config_only_directory():
-    """Qwen2.5-VL-7B, r=8 on all language-model linears: LLaMA-Factory's exact numbers, no weights read."""
-    assert sorted(p.name for p in SEVEN_B.iterdir()) == ["config.json"]
-    result = run_cli("inspect", "--model_name_or_path", str(SEVEN_B), "--finetuning_type", "lora",
+@pytest.mark.parametrize("release", list(RELEASES))
+def test_lora_count_from_config_only_directory(release):
+    """r=8 on all language-model linears: LLaMA-Factory's exact numbers, no weights read."""
+    directory = REPO / "tests" / "fixtures" / release
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json"]
+    result = run_cli("inspect", "--model_name_or_path", str(directory), "--finetuning_type", "lora",
                      "--lora_rank", "8", "--lora_target", "all")
     assert result.returncode == 0, result.stderr
-    assert "trainable params: 20,185,088 || all params: 8,312,351,744 || trainable%: 0.2428" in result.stdout
-    assert "Found linear modules: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in result.stdout
+    modules, summary = RELEASES[release]
+    assert summary in result.stdout
+    assert f"Found linear modules: {modules}\n" in result.stdout
+
+
+def test_tied_embeddings_are_counted_once():
+    """The meta-device model of a tied config shares lm_head with the embedding, as a loaded one does."""
+    from vlmtune.model.load import build_empty_model
+
+    tied = build_empty_model(REPO / "tests" / "fixtures" / "qwen3_vl_2b_instruct")
+    assert tied.config.tie_word_embeddings
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight
+    assert count_parameters(tied)[1] == 2_127_532_032
+    untied = build_empty_model(REPO / "tests" / "fixtures" / "qwen3_vl_8b_instruct")
+    assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+
+
+def test_lora_on_moe_experts_is_an_opt_in():
+    """peft's target_parameters on the fused experts (every expert's gate_up_proj and down_proj): r·E·(in + out)
+    per parameter and layer on top of the attention LoRA."""
+    directory = REPO / "tests" / "fixtures" / "qwen3_vl_30b_a3b_instruct"
+    result = run_cli("inspect", "--model_name_or_path", str(directory), "--lora_target_experts", "true")
+    assert result.returncode == 0, result.stderr
+    assert "LoRA on the experts' parameters: experts.gate_up_proj,experts.down_proj" in result.stdout
+    # 48 layers × 8 × 128 experts × ((2048 + 2·768) + (768 + 2048)) = 314,572,800, + 6,684,672 attention
+    assert "trainable params: 321,257,472 || all params: 31,392,011,504 || trainable%: 1.0234" in result.stdout
+    dense = run_cli("inspect", "--model_name_or_path", str(SEVEN_B), "--lora_target_experts", "true")
+    assert dense.returncode == 1 and "not a mixture of experts" in dense.stderr
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +130,23 @@ def test_unfrozen_projector_is_trained_with_lora(tiny_model_dir):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("merger" in n for n in trainable)
     assert not any(".visual.blocks." in n for n in trainable)
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_qwen3_deepstack_mergers_belong_to_the_tower(tiny_models, finetuning_type):
+    """LLaMA-Factory's split for Qwen3-VL: the projector is `visual.merger`; the deepstack mergers (and the
+    learned position grid) are the vision tower's."""
+    def trainable(**flags):
+        model = apply_finetuning(load_model(tiny_models("qwen3_vl")),
+                                 FinetuneConfig(finetuning_type=finetuning_type, **flags), log=lambda _: None)
+        return {n for n, p in model.named_parameters() if p.requires_grad and ".visual." in n}
+
+    assert not trainable()  # both frozen by default
+    tower = trainable(freeze_vision_tower=False)
+    assert any(".deepstack_merger_list." in n for n in tower) and any(".pos_embed." in n for n in tower)
+    assert not any(".visual.merger." in n for n in tower)
+    projector = trainable(freeze_multi_modal_projector=False)
+    assert projector and all(".visual.merger." in n for n in projector)
 
 
 def test_unknown_lora_target_is_clear(tiny_model_dir):

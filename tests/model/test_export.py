@@ -1,4 +1,6 @@
-"""`vlmtune export`: the merged checkpoint computes what base + adapter computes, and loads as a plain model."""
+"""`vlmtune export`: the merged checkpoint computes what base + adapter computes, and loads as a plain model
+of the base's family with the base's own chat template (Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE with and
+without LoRA on its experts)."""
 
 from __future__ import annotations
 
@@ -16,17 +18,33 @@ from vlmtune.data.processor import load_processor
 from vlmtune.model.adapters import apply_finetuning
 from vlmtune.model.load import load_model
 
-ADAPTER_MAX_PIXELS = 112 * 112  # differs from the tiny model's default: the export must keep the adapter's
+ADAPTER_MAX_PIXELS = 128 * 128  # differs from the tiny model's default: the export must keep the adapter's
+CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_moe+experts"])
+def case(request, tiny_models):
+    arch, _, experts = request.param.partition("+")
+    return arch, tiny_models(arch), bool(experts)
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory):
-    """A LoRA adapter as vlmtune trains it (language-model linears, r=8) + a fully trained lm_head copy,
-    with random non-zero weights (a fresh LoRA's B is zero, which would make any merge trivially right)."""
+def tiny_model_dir(case):
+    return case[1]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(case, tmp_path_factory):
+    """A LoRA adapter as vlmtune trains it (language-model linears, r=8; the experts too where asked) + a fully
+    trained lm_head copy, with random non-zero weights (a fresh LoRA's B is zero, which would make any merge
+    trivially right)."""
+    _, tiny_model_dir, experts = case
     out = tmp_path_factory.mktemp("export") / "adapter"
     torch.manual_seed(1)
     model = apply_finetuning(load_model(tiny_model_dir), FinetuneConfig(lora_rank=8, lora_alpha=16,
-                                                                        additional_target="lm_head"),
+                                                                        additional_target="lm_head",
+                                                                        lora_target_experts=experts),
                              log=lambda *_: None)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -68,31 +86,31 @@ def logits(model, batch) -> torch.Tensor:
         return model(**batch).logits.float()
 
 
-def test_merged_logits_equal_base_plus_adapter(tiny_model_dir, adapter_dir, exported, batch):
+def test_merged_logits_equal_base_plus_adapter(case, tiny_model_dir, adapter_dir, exported, batch):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText
 
     base = logits(load_model(tiny_model_dir), batch)
     with_adapter = logits(PeftModel.from_pretrained(load_model(tiny_model_dir), str(adapter_dir)), batch)
     assert (with_adapter - base).abs().max() > 1e-2  # the adapter changes the answer: the test can fail
-    # vlmtune's ordinary loading code: a plain Qwen2.5-VL, no adapter.
+    # vlmtune's ordinary loading code: a plain model of the family, no adapter.
     merged_model = load_model(exported)
     assert not any("lora" in name for name, _ in merged_model.named_parameters())
     merged = logits(merged_model, batch)
     assert (merged - with_adapter).abs().max() < 1e-4
     # And plain transformers.
     plain = AutoModelForImageTextToText.from_pretrained(str(exported))
-    assert type(plain).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(plain).__name__ == CLASSES[case[0]]
     assert (logits(plain, batch) - with_adapter).abs().max() < 1e-4
 
 
-def test_export_is_a_standard_checkpoint(exported, adapter_dir, batch):
+def test_export_is_a_standard_checkpoint(case, tiny_model_dir, exported, adapter_dir, batch):
     names = {p.name for p in exported.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "preprocessor_config.json", "chat_template.jinja", "chat_template.json"} <= names
     assert not names & {"adapter_config.json", "adapter_model.safetensors"}
     config = json.loads((exported / "config.json").read_text())
-    assert config["model_type"] == "qwen2_5_vl" and config["dtype"] == "float32"
+    assert config["model_type"] == case[0] and config["dtype"] == "float32"
     with safe_open(str(exported / "model.safetensors"), "pt") as weights:
         keys = list(weights.keys())
     assert keys and not [k for k in keys if "lora" in k or "base_layer" in k or "modules_to_save" in k]
@@ -100,6 +118,14 @@ def test_export_is_a_standard_checkpoint(exported, adapter_dir, batch):
     processor = load_processor(exported)
     assert processor.max_pixels == ADAPTER_MAX_PIXELS
     assert processor.tokenizer.chat_template == load_processor(adapter_dir).tokenizer.chat_template
+    # ... and the chat template is the base model's own, as `apply_chat_template` and vLLM read it.
+    from transformers import AutoTokenizer
+
+    own = (tiny_model_dir / "chat_template.jinja").read_text()
+    assert (exported / "chat_template.jinja").read_text() == own
+    assert json.loads((exported / "chat_template.json").read_text())["chat_template"] == own
+    assert AutoTokenizer.from_pretrained(str(exported)).chat_template == own
+    assert processor.template.name == load_processor(tiny_model_dir).template.name
     info = json.loads((exported / "vlmtune_export.json").read_text())
     assert info["adapter"] == str(adapter_dir.resolve()) and info["dtype"] == "float32"
 

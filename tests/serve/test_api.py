@@ -207,3 +207,25 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server, image
     assert completion.choices[0].message.content in LABELS
     log = Path(server["log"]).read_text()
     assert " 500 " not in log and "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+def test_every_family_answers_as_its_adapter_learned(tiny_models, label_adapters, rules_dir, arch, tmp_path):
+    """base + label adapter of each family behind the API: score and generate give the answer each rules
+    prompt asks for (Qwen3-VL: with its deepstack features and chat template)."""
+    from vlmtune.data.loader import load_datasets
+
+    port = free_port()
+    args = ["api", "--model_name_or_path", str(tiny_models(arch)), "--adapter_name_or_path", str(label_adapters(arch)),
+            "--labels", ",".join(LABELS), "--port", str(port)]
+    convs = load_datasets("rules", str(rules_dir), 4).conversations
+    with running(args, f"http://127.0.0.1:{port}/health", tmp_path / "api.log"):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        for conv in convs:
+            url = "data:image/png;base64," + base64.b64encode(Path(conv.images[0]).read_bytes()).decode()
+            asked = [{"role": m.role, "content": m.content} for m in conv.messages[:-1]]
+            asked[-1] = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": asked[-1]["content"]}]}
+            scored = client.chat.completions.create(model="m", messages=asked, extra_body={"vlmtune_mode": "score"})
+            generated = client.chat.completions.create(model="m", messages=asked, max_tokens=8)
+            assert scored.choices[0].message.content == generated.choices[0].message.content == conv.answer

@@ -41,7 +41,8 @@ def expected_scores(model_dir: Path, image: Path) -> dict[str, float]:
     return score_conversations(engine.model, engine.processor, [conversation], LABELS)[0]
 
 
-def test_webui_answers_an_uploaded_image(tiny_model_dir, tmp_path):
+def test_webui_answers_an_uploaded_image(family_model_dir, tmp_path):
+    tiny_model_dir = family_model_dir  # every end-to-end family
     data = make_dataset(tmp_path / "data", n=6)
     upload = tmp_path / "upload.png"
     save_image(upload, (200, 150), seed=3)

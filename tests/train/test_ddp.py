@@ -18,7 +18,9 @@ def losses(out: Path) -> list[float]:
             if "loss" in json.loads(line)]
 
 
-def test_two_ranks_match_one_rank_with_double_accumulation(train_config, tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl_moe"])  # Qwen3-VL's code paths, and the MoE's router
+def test_two_ranks_match_one_rank_with_double_accumulation(family_train_config, tmp_path):
+    train_config = family_train_config
     common = dict(max_steps=5, logging_steps=1, val_size=0, plot_loss=False, report_to="none", disable_tqdm=True,
                   learning_rate=5e-3)
     two = tmp_path / "two"

@@ -1,4 +1,5 @@
-"""The loss paths against the plain ones: label-position logits, token-normalised accumulation."""
+"""The loss paths against the plain ones: label-position logits, token-normalised accumulation, the frozen-
+vision feature cache — on every family (Qwen3-VL's deepstack features go through the cache too)."""
 
 from pathlib import Path
 
@@ -29,8 +30,8 @@ def setup(tiny_model_dir, tmp_path, n=4):
     return processor, samples, model
 
 
-def test_label_position_logits_equal_full_logits(tiny_model_dir, tmp_path):
-    processor, samples, model = setup(tiny_model_dir, tmp_path)
+def test_label_position_logits_equal_full_logits(family_model_dir, tmp_path):
+    processor, samples, model = setup(family_model_dir, tmp_path)
     batch = Collator(processor)(samples[:3])
     ours, n = token_loss_sum(model, batch)
     logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -42,8 +43,8 @@ def test_label_position_logits_equal_full_logits(tiny_model_dir, tmp_path):
     assert torch.allclose(ours / n, model(**batch).loss, atol=1e-5)
 
 
-def test_accumulated_token_normalised_gradient_equals_one_batch(tiny_model_dir, tmp_path):
-    processor, samples, model = setup(tiny_model_dir, tmp_path)
+def test_accumulated_token_normalised_gradient_equals_one_batch(family_model_dir, tmp_path):
+    processor, samples, model = setup(family_model_dir, tmp_path)
     collate = Collator(processor)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -61,13 +62,13 @@ def test_accumulated_token_normalised_gradient_equals_one_batch(tiny_model_dir, 
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_cached_image_features_give_the_same_loss_and_gradients(tiny_model_dir, tmp_path):
+def test_cached_image_features_give_the_same_loss_and_gradients(family_model_dir, tmp_path):
     """The frozen-vision feature cache against the plain pixel path."""
     from accelerate import Accelerator
 
     from vlmtune.train.image_features import ImageFeatureCache
 
-    processor, samples, model = setup(tiny_model_dir, tmp_path)
+    processor, samples, model = setup(family_model_dir, tmp_path)
     collate = Collator(processor)
     params = [p for p in model.parameters() if p.requires_grad]
     plain_loss, _ = token_loss_sum(model, collate(samples[:3]))
@@ -81,6 +82,8 @@ def test_cached_image_features_give_the_same_loss_and_gradients(tiny_model_dir, 
     assert all(s.image_features is not None and not s.images for s in samples[:3])
     batch = collate(samples[:3])
     assert "pixel_values" not in batch and "mm_encoder_outputs" in batch
+    deepstack = getattr(batch["mm_encoder_outputs"]["image"], "deepstack_features", None)
+    assert bool(deepstack) is (processor.family.deepstack_output is not None)
     cached_loss, _ = token_loss_sum(model, batch)
     cached_loss.backward()
     assert torch.allclose(plain_loss, cached_loss, atol=1e-5)

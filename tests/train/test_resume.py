@@ -44,7 +44,8 @@ def adapter(out: Path) -> dict:
     return load_file(out / "adapter_model.safetensors")
 
 
-def test_kill_and_resume_equals_uninterrupted(train_config, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(family_train_config, tmp_path):
+    train_config = family_train_config
     reference = tmp_path / "reference"
     result = run_cli("train", str(train_config("ref.yaml", output_dir=str(reference), **SETTINGS)))
     assert result.returncode == 0, result.stderr[-2000:]

@@ -7,26 +7,36 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import assert_one_line_error, run_cli
+from helpers import REPO, assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.slow
 
 
-def test_tiny_cpu_run_writes_everything(train_config, tmp_path):
-    cfg = train_config(num_train_epochs=3, gradient_accumulation_steps=2, logging_steps=2, save_steps=6,
-                       eval_steps=6, val_size=0.25, learning_rate=5e-3)
+# What the log says of each family's tiny model at LoRA r=8, `lora_target: all` (the MoE: attention only).
+SUMMARIES = {
+    "qwen2_5_vl": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   "trainable params: 32,768 || all params: 848,320 || trainable%: 3.8627"),
+    "qwen3_vl": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                 "trainable params: 32,768 || all params: 954,944 || trainable%: 3.4314"),
+    "qwen3_vl_moe": ("q_proj,k_proj,v_proj,o_proj", "trainable params: 14,336 || all params: 937,536 || trainable%: 1.5291"),
+}
+
+
+def test_tiny_cpu_run_writes_everything(family_train_config, arch, tmp_path):
+    cfg = family_train_config(num_train_epochs=3, gradient_accumulation_steps=2, logging_steps=2, save_steps=6,
+                              eval_steps=6, val_size=0.25, learning_rate=5e-3)
     result = run_cli("train", str(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
     out = Path(tmp_path / "out")
     log = result.stdout + result.stderr
+    modules, summary = SUMMARIES[arch]
     for line in ("Process rank: 0, world size: 1, device: cpu", "Fine-tuning method: LoRA",
-                 "Found linear modules: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                 "trainable params: 32,768 || all params: 848,320 || trainable%: 3.8627",
+                 f"Found linear modules: {modules}", summary,
                  "Num examples = 9", "Total train batch size (w. parallel, distributed & accumulation) = 2",
                  "Total optimization steps = 15", "training example", "note: ddp_timeout=180000000"):
         assert line in log, line
     for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "preprocessor_config.json",
-                 "trainer_log.jsonl", "train_results.json", "eval_results.json", "all_results.json",
+                 "vlmtune_template.json", "trainer_log.jsonl", "train_results.json", "eval_results.json", "all_results.json",
                  "training_loss.png", "training_eval_loss.png", "training_eval_f1.png"):
         assert (out / name).is_file(), name
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
@@ -101,3 +111,26 @@ def test_best_checkpoint_by_task_metric_becomes_the_final_adapter(train_config, 
     if best["step"] != 12:  # the last step's adapter differs from the best one
         last = load_file(out / "checkpoint-12" / "adapter_model.safetensors")
         assert any(not torch.equal(final[k], last[k]) for k in final)
+
+
+def test_users_qwen3_yaml_trains_and_predicts_unchanged(tiny_models, small_dataset, tmp_path):
+    """The LLaMA-Factory YAML for Qwen3-VL (`template: qwen3_vl_nothink`), as a new user runs it on a CPU: the
+    file unchanged, only paths and the run's length given on the command line."""
+    yaml_path = REPO / "examples" / "qwen3vl_lora_sft.yaml"
+    model = tiny_models("qwen3_vl")
+    out = tmp_path / "out"
+    result = run_cli("train", str(yaml_path), f"model_name_or_path={model}", f"dataset_dir={small_dataset}",
+                     f"output_dir={out}", "bf16=false", "max_steps=4", "gradient_accumulation_steps=2",
+                     "logging_steps=1", "save_steps=2", "eval_steps=2", "val_size=0.25")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "template: qwen3_vl_nothink (Qwen3-VL)" in result.stdout
+    assert "<|im_start|>system\n你是一个商品陈列合规检查助手。<|im_end|>" in result.stdout  # the record's own
+    assert "eval_f1" in (out / "all_results.json").read_text()
+    save = tmp_path / "predictions.jsonl"
+    predicted = run_cli("predict", "--model_name_or_path", str(model), "--adapter_name_or_path", str(out),
+                        "--template", "qwen3_vl_nothink", "--dataset", "my_dataset", "--dataset_dir",
+                        str(small_dataset), "--save_name", str(save))
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    rows = [json.loads(line) for line in save.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 12 and all(r["predict"] in ("满足要求", "不满足要求") for r in rows)
+    assert all(not r["prompt"].startswith("<|im_start|>system\nYou are a helpful assistant.") for r in rows)

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 from vlmtune.data.conversation import Conversation, Problem
 from vlmtune.data.images import ImageError, header_size, token_count
-from vlmtune.data.template import render
 
 
 @dataclass
@@ -52,7 +51,7 @@ def check_conversations(conversations: list[Conversation], processor=None, cutof
             continue
         # One pad per image, counted out afterwards: the same total as tokenising every pad (see
         # data.encode.tokenize_rendered), in a third of the time.
-        text = render(conv.messages, [1] * len(counts), default_system).text
+        text = processor.template.render(conv.messages, [1] * len(counts), default_system).text
         total = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - len(counts) + sum(counts)
         result.stats[conv.id] = SampleStats(sum(counts), total)
         if cutoff_len is not None and total > cutoff_len:

@@ -42,7 +42,8 @@ def run_check(cfg) -> int:
         from vlmtune.model.load import resolve_model_dir
 
         processor = load_processor(resolve_model_dir(cfg.model.model_name_or_path, cfg.model.cache_dir),
-                                   cfg.model.image_max_pixels, cfg.model.image_min_pixels)
+                                   cfg.model.image_max_pixels, cfg.model.image_min_pixels, cfg.data.template,
+                                   cfg.data.enable_thinking)
     splits = load_splits(cfg.data, cfg.train.seed, processor)
     train, val, problems = splits.train, splits.val, splits.problems
     bad_records = len({(p.file, p.record) for p in problems})
@@ -55,6 +56,9 @@ def run_check(cfg) -> int:
         print(f"answers (val):   {describe_distribution(answer_distribution(val))}")
     if processor is not None:
         stats = [splits.stats[c.id] for c in train + val if c.id in splits.stats]
+        ip = processor.image_processor
+        print(f"model: {processor.family.name}, template {processor.template.name}; one image token per "
+              f"{ip.factor}×{ip.factor} pixels, image pixels {ip.min_pixels}..{ip.max_pixels}")
         print(f"image tokens per sample: {describe_tokens([s.image_tokens for s in stats])}")
         print(f"total tokens per sample: {describe_tokens([s.total_tokens for s in stats])} "
               f"(cutoff_len {cfg.data.cutoff_len})")

@@ -1,9 +1,10 @@
 """Conversation → token ids, labels and resized images; batches → model inputs.
 
 Each image is decoded and resized once, here; its token count comes from the same resize. The text
-is rendered by the qwen2_vl template and tokenised in one call; labels are the tokens inside the
-assistant spans (answer + `<|im_end|>`), everything else is -100. Nothing is ever truncated: a
-sample longer than cutoff_len raises `EncodeError` (the data checks report it before training).
+is rendered by the processor's chat template (`data.template`) and tokenised in one call; labels are
+the tokens inside the assistant spans (answer + `<|im_end|>`), everything else is -100. Nothing is
+ever truncated: a sample longer than cutoff_len raises `EncodeError` (the data checks report it
+before training).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 from vlmtune.data.conversation import Conversation, Message
 from vlmtune.data.images import ImageError, image_grids, load_resized, to_patches
 from vlmtune.data.processor import Processor
-from vlmtune.data.template import render
 
 IGNORE_INDEX = -100
 
@@ -34,9 +34,10 @@ class EncodedSample:
     labels: torch.Tensor  # (seq,) long, -100 outside the answers
     images: list[torch.Tensor] = field(default_factory=list)  # resized uint8 (3, H, W)
     conversation: Conversation | None = None
-    # Frozen-vision training: each image's features (image tokens × hidden), computed once and reused
-    # every epoch; the decoded pixels are dropped then, so `image_grid_thw` keeps the grid.
-    image_features: list[torch.Tensor] | None = None
+    # Frozen-vision training: each image's features (`model.vision.ImageFeatures`: image tokens × hidden,
+    # and the deepstack features of Qwen3-VL), computed once and reused every epoch; the decoded pixels
+    # are dropped then, so `image_grid_thw` keeps the grid.
+    image_features: list | None = None
     image_grid_thw: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -80,7 +81,7 @@ def tokenize(text: str, spans: list[tuple[int, int]], processor: Processor) -> t
 
 
 def tokenize_rendered(messages: list[Message], images: list[torch.Tensor], processor: Processor,
-                      default_system: str | None, add_generation_prompt: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                      default_system: str | None, prompt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Render and tokenise with ONE `<|image_pad|>` per image, then repeat each pad to the image's token count.
 
     The same ids as tokenising the text with every pad written out (`<|image_pad|>` is a special
@@ -88,7 +89,7 @@ def tokenize_rendered(messages: list[Message], images: list[torch.Tensor], proce
     without making the tokenizer match hundreds of special tokens per image (a third of the time).
     """
     counts = image_tokens(images, processor)
-    rendered = render(messages, [1] * len(counts), default_system, add_generation_prompt=add_generation_prompt)
+    rendered = processor.template.render(messages, [1] * len(counts), default_system, prompt=prompt)
     ids, labels = tokenize(rendered.text, rendered.label_spans, processor)
     if not counts:
         return ids, labels
@@ -105,8 +106,7 @@ def encode(conversation: Conversation, processor: Processor, cutoff_len: int | N
     """A training sample: the whole conversation, answers labelled."""
     if images is None:
         images = load_images(conversation, processor)
-    ids, labels = tokenize_rendered(conversation.messages, images, processor, default_system,
-                                    add_generation_prompt=False)
+    ids, labels = tokenize_rendered(conversation.messages, images, processor, default_system, prompt=None)
     if cutoff_len is not None and len(ids) > cutoff_len:
         raise EncodeError(f"{len(ids)} tokens (with {sum(image_tokens(images, processor))} image tokens) "
                           f"exceed cutoff_len {cutoff_len}", field="messages")
@@ -114,9 +114,12 @@ def encode(conversation: Conversation, processor: Processor, cutoff_len: int | N
 
 
 def encode_prompt(messages: list[Message], images: list[torch.Tensor], processor: Processor,
-                  default_system: str | None = None) -> EncodedSample:
-    """A prediction sample: the messages up to an open assistant turn, nothing labelled."""
-    ids, labels = tokenize_rendered(messages, images, processor, default_system, add_generation_prompt=True)
+                  default_system: str | None = None, prompt: str = "generate") -> EncodedSample:
+    """A prediction sample: the messages up to an open assistant turn, nothing labelled.
+
+    prompt: "generate" (as generation starts the answer) or "score" (up to where every answer's own text
+    starts: with a reasoning template, after the empty thought; see `data.template`)."""
+    ids, labels = tokenize_rendered(messages, images, processor, default_system, prompt=prompt)
     return EncodedSample(ids, labels, images)
 
 
@@ -133,7 +136,8 @@ class Collator:
 
     `mm_token_type_ids` (1 at image tokens) must reach the model: without it transformers 5 silently
     falls back to 1-D positions for the image tokens. Samples with cached image features pass them as
-    `mm_encoder_outputs` (the vision tower does not run) plus `image_grid_thw` for the positions.
+    `mm_encoder_outputs` (the vision tower does not run; deepstack features included) plus
+    `image_grid_thw` for the positions.
 
     `raw_images=True` (prediction): the resized uint8 images go out as they are (`image_pixels`, a
     list) with `image_grid_thw` and `image_settings` (how to normalise them), for
@@ -166,11 +170,11 @@ class Collator:
         if any(s.image_features is not None for s in samples):
             if not all(s.image_features is not None or not s.images for s in samples):
                 raise ValueError("a batch mixes cached image features and raw images")
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
+            from vlmtune.model.vision import encoder_outputs
 
             features = [f for s in samples if s.image_features for f in s.image_features]
             batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in samples if s.image_features])
-            batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
+            batch["mm_encoder_outputs"] = encoder_outputs(features, self.processor.family)
             return batch
         images = [im for s in samples for im in s.images]
         if images and self.raw_images:

@@ -24,16 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.families import QWEN2_IMAGES
 
 CONFIG_NAME = "preprocessor_config.json"
-# transformers' defaults for Qwen2-VL / Qwen2.5-VL (Qwen2VLImageProcessor's class attributes).
-DEFAULTS: dict[str, Any] = {
-    "do_convert_rgb": True, "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-    "do_normalize": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-    "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": 14, "temporal_patch_size": 2,
-    "merge_size": 2, "size": {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280},
-    "image_processor_type": "Qwen2VLImageProcessor",
-}
+# transformers' defaults for Qwen2-VL / Qwen2.5-VL (Qwen2VLImageProcessor's class attributes); a model
+# family's own defaults (`vlmtune.families`) take their place for that family's checkpoints.
+DEFAULTS: dict[str, Any] = QWEN2_IMAGES
 
 
 @dataclass
@@ -51,7 +47,7 @@ class ImageSettings:
     image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711)
     resample: int = 3  # PIL.Image.Resampling.BICUBIC
-    # The file as read (unknown keys included), so that saving writes back what came in.
+    # The file as read (unknown keys included) over the family's defaults, so that saving writes back what came in.
     raw: dict[str, Any] = field(default_factory=lambda: dict(DEFAULTS), repr=False)
 
     @property
@@ -65,43 +61,45 @@ class ImageSettings:
         return self.patch_size * self.merge_size
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any], max_pixels: int | None = None,
-                  min_pixels: int | None = None) -> "ImageSettings":
+    def from_dict(cls, config: dict[str, Any], max_pixels: int | None = None, min_pixels: int | None = None,
+                  defaults: dict[str, Any] | None = None) -> "ImageSettings":
         """Settings from a config dict; `max_pixels` / `min_pixels` given here win over the file.
 
         Precedence as in transformers: explicit arguments, then the legacy `min_pixels` /
-        `max_pixels` keys, then `size`, then the defaults.
+        `max_pixels` keys, then `size`, then the defaults (the model family's; Qwen2-VL's when None).
         """
-        size = dict(config.get("size") or DEFAULTS["size"])
+        defaults = DEFAULTS if defaults is None else defaults
+        size = dict(config.get("size") or defaults["size"])
         lower = min_pixels if min_pixels is not None else config.get("min_pixels", size.get("shortest_edge"))
         upper = max_pixels if max_pixels is not None else config.get("max_pixels", size.get("longest_edge"))
-        value = {**DEFAULTS, **config}.__getitem__
+        value = {**defaults, **config}.__getitem__
         return cls(patch_size=int(value("patch_size")), merge_size=int(value("merge_size")),
                    temporal_patch_size=int(value("temporal_patch_size")),
                    min_pixels=int(lower), max_pixels=int(upper), do_rescale=bool(value("do_rescale")),
                    rescale_factor=float(value("rescale_factor")), do_normalize=bool(value("do_normalize")),
                    image_mean=tuple(float(x) for x in value("image_mean")),
                    image_std=tuple(float(x) for x in value("image_std")), resample=int(value("resample")),
-                   raw=dict(config))
+                   raw={**defaults, **config})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, max_pixels: int | None = None,
-                        min_pixels: int | None = None) -> "ImageSettings":
-        """Settings of a model or adapter directory (transformers' defaults when it has no config file)."""
+    def from_pretrained(cls, directory: str | Path, max_pixels: int | None = None, min_pixels: int | None = None,
+                        defaults: dict[str, Any] | None = None) -> "ImageSettings":
+        """Settings of a model or adapter directory (the defaults for keys it leaves out, or for all of them
+        when it has no config file)."""
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
-            return cls.from_dict({}, max_pixels, min_pixels)
+            return cls.from_dict({}, max_pixels, min_pixels, defaults)
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(config, dict):
                 raise ValueError("expected a JSON object")
-            return cls.from_dict(config, max_pixels, min_pixels)
+            return cls.from_dict(config, max_pixels, min_pixels, defaults)
         except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
             raise VlmtuneError(f"{path}: not a usable image processor config ({exc})") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The config as saved: the file's own keys, with these settings' values written over them."""
-        out = {**DEFAULTS, **self.raw}
+        out = dict(self.raw)
         out.update(patch_size=self.patch_size, merge_size=self.merge_size, temporal_patch_size=self.temporal_patch_size,
                    do_rescale=self.do_rescale, rescale_factor=self.rescale_factor, do_normalize=self.do_normalize,
                    image_mean=list(self.image_mean), image_std=list(self.image_std), resample=self.resample,

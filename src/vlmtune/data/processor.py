@@ -1,28 +1,39 @@
-"""Tokenizer + image settings for Qwen2-VL / Qwen2.5-VL, without needing torchvision.
+"""Tokenizer + image settings + chat template of a model, without needing torchvision.
 
-transformers' `AutoProcessor` for Qwen2.5-VL also builds a video processor, which requires
-torchvision; the CPU build of torch has no matching torchvision. vlmtune reads images only and
-resizes and patchifies them itself (`data.images`, equal to `Qwen2VLImageProcessorPil`), so it pairs
-the tokenizer with the image settings of `preprocessor_config.json` read as plain JSON
-(`data.image_settings`: importing transformers' image processor costs seconds of start-up). The
-same code on every machine keeps pixel values identical between those that train and those that predict.
+transformers' `AutoProcessor` for Qwen2.5-VL and Qwen3-VL also builds a video processor, which
+requires torchvision; the CPU build of torch has no matching torchvision. vlmtune reads images only
+and resizes and patchifies them itself (`data.images`, equal to `Qwen2VLImageProcessorPil`), so it
+pairs the tokenizer with the image settings of `preprocessor_config.json` read as plain JSON
+(`data.image_settings`: importing transformers' image processor costs seconds of start-up), the
+family's defaults filling keys the file leaves out. The same code on every machine keeps pixel
+values identical between those that train and those that predict.
+
+The processor also carries the model's family (`vlmtune.families`) and the chat template the run
+renders with (`data.template`): the one asked for, if it fits the family, else the family's default.
+It is saved with every adapter (`vlmtune_template.json`), so prediction renders as training did.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlmtune.data.image_settings import ImageSettings
-from vlmtune.data.template import IMAGE_PAD, QWEN2_VL_CHAT_TEMPLATE
+from vlmtune.data.template import IMAGE_PAD, Template, get_template
 from vlmtune.errors import VlmtuneError
+from vlmtune.families import Family, chat_template_text, family_of_dir, family_of_type
+
+TEMPLATE_RECORD = "vlmtune_template.json"
 
 
 @dataclass
 class Processor:
     tokenizer: Any
     image_processor: ImageSettings  # named as in transformers' processors
+    template: Template
+    family: Family
 
     @property
     def image_token_id(self) -> int:
@@ -48,20 +59,89 @@ class Processor:
     def save_pretrained(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(directory)
         self.image_processor.save_pretrained(directory)
+        record = {"template": self.template.name, "enable_thinking": self.template.enable_thinking,
+                  "model_type": self.family.model_types[0]}
+        (Path(directory) / TEMPLATE_RECORD).write_text(json.dumps(record) + "\n", encoding="utf-8")
 
 
-def load_processor(model_dir: str | Path, max_pixels: int | None = None, min_pixels: int | None = None) -> Processor:
-    """Tokenizer and image settings of a local model directory, with pixel limits applied."""
+def saved_template(directory: str | Path) -> tuple[str | None, bool | None]:
+    """(template name, enable_thinking) saved with an adapter; (None, None) when it has no record."""
+    path = Path(directory) / TEMPLATE_RECORD
+    if not path.is_file():
+        return None, None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        name, thinking = record.get("template"), record.get("enable_thinking")
+        if not isinstance(name, str) or not isinstance(thinking, (bool, type(None))):
+            raise ValueError("expected {\"template\": name, \"enable_thinking\": true|false}")
+    except (ValueError, AttributeError) as exc:
+        raise VlmtuneError(f"{path}: not a usable template record ({exc})") from None
+    return name, thinking
+
+
+def family_of(directory: Path) -> Family:
+    """The family of a model directory (its config.json), or of an adapter's saved processor (its record)."""
+    record = directory / TEMPLATE_RECORD
+    if not (directory / "config.json").is_file() and record.is_file():
+        try:
+            model_type = json.loads(record.read_text(encoding="utf-8")).get("model_type")
+        except (ValueError, AttributeError):
+            model_type = None
+        return family_of_type(model_type, str(record))
+    return family_of_dir(directory)
+
+
+def choose_template(family: Family, model_dir: Path, requested: str | None, chat_template: str | None,
+                    enable_thinking: bool | None) -> Template:
+    """The template asked for (refused when it does not fit the family), else the family's default:
+    its reasoning template when the checkpoint's own chat template thinks, else its first."""
+    if requested is None:
+        thinks = family.thinking_template is not None and "<think>" in (chat_template or "")
+        requested = family.thinking_template if thinks else family.templates[0]
+    template = get_template(requested, True if enable_thinking is None else enable_thinking)
+    if template.name not in family.templates:
+        fits = " or ".join(family.templates)
+        raise VlmtuneError(f"template: '{requested}' does not fit {model_dir} ({family.name}); use {fits}")
+    return template
+
+
+def own_chat_template(tokenizer, model_dir: Path, family: Family) -> str:
+    """The model's chat template: the tokenizer's, else the directory's chat_template.jinja / .json (a
+    processor's, which AutoTokenizer does not read), else the family's own."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    if (model_dir / "chat_template.jinja").is_file():
+        return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    if (model_dir / "chat_template.json").is_file():
+        try:
+            value = json.loads((model_dir / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        except (ValueError, AttributeError):
+            value = None
+        if isinstance(value, str) and value:
+            return value
+    return chat_template_text(family)
+
+
+def load_processor(model_dir: str | Path, max_pixels: int | None = None, min_pixels: int | None = None,
+                   template: str | None = None, enable_thinking: bool | None = None) -> Processor:
+    """Tokenizer, image settings (pixel limits applied) and chat template of a local model directory (or of
+    the processor saved with an adapter)."""
     import transformers
 
     model_dir = Path(model_dir)
+    family = family_of(model_dir)
+    if template is None:  # an exported model records the template its adapter was trained with
+        template, saved_thinking = saved_template(model_dir)
+        enable_thinking = saved_thinking if enable_thinking is None else enable_thinking
+    # An explicit template is checked before the (slower) tokenizer load; the default depends on its chat template.
+    chosen = choose_template(family, model_dir, template, None, enable_thinking) if template is not None else None
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise VlmtuneError(f"{model_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
     if tokenizer.convert_tokens_to_ids(IMAGE_PAD) in (None, tokenizer.unk_token_id):
-        raise VlmtuneError(f"{model_dir}: the tokenizer has no {IMAGE_PAD} token; not a Qwen2-VL model")
-    if not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    image_settings = ImageSettings.from_pretrained(model_dir, max_pixels, min_pixels)
-    return Processor(tokenizer=tokenizer, image_processor=image_settings)
+        raise VlmtuneError(f"{model_dir}: the tokenizer has no {IMAGE_PAD} token; not a {family.name} model")
+    tokenizer.chat_template = own_chat_template(tokenizer, model_dir, family)
+    image_settings = ImageSettings.from_pretrained(model_dir, max_pixels, min_pixels, defaults=family.image_defaults)
+    chosen = chosen or choose_template(family, model_dir, None, tokenizer.chat_template, enable_thinking)
+    return Processor(tokenizer=tokenizer, image_processor=image_settings, template=chosen, family=family)

@@ -109,17 +109,19 @@ def evaluate_points(points: Sequence[SweepPoint], conversations, labels: list[st
                     model_name_or_path: str | None = None, batch_size: int = 8,
                     image_max_pixels: int | None = None, image_min_pixels: int | None = None,
                     bf16: bool = False, fp16: bool = False, default_system: str | None = None,
+                    template: str | None = None, enable_thinking: bool | None = None,
                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Metrics of every point on the conversations (label scoring), one row per point, in order."""
     from vlmtune.data.encode import EncodeError, load_images
     from vlmtune.data.processor import load_processor
     from vlmtune.infer.engine import (attach_adapter, base_model_of, inference_dtype, pick_device,
-                                      resolve_pixel_limits)
+                                      resolve_pixel_limits, resolve_template)
     from vlmtune.infer.scoring import score_conversations
     from vlmtune.model.load import load_model, resolve_model_dir
 
     adapters = [p for p in points if p.adapter_dir is not None]
-    reference = adapters[-1].adapter_dir if adapters else None  # the run's own pixel limits, for the base too
+    # The run's own pixel limits and template, for the base model too.
+    reference = adapters[-1].adapter_dir if adapters else None
     if not model_name_or_path:
         model_name_or_path = base_model_of(reference) if reference is not None else None
         if not model_name_or_path:
@@ -139,13 +141,15 @@ def evaluate_points(points: Sequence[SweepPoint], conversations, labels: list[st
     rows = []
     for point in points:
         limits = resolve_pixel_limits(point.adapter_dir or reference, image_max_pixels, image_min_pixels)
-        if limits not in processors:
-            processors[limits] = load_processor(model_dir, *limits)
+        chat = resolve_template(point.adapter_dir or reference, template, enable_thinking)
+        if (limits, chat) not in processors:
+            processors[limits, chat] = load_processor(model_dir, *limits, *chat)
+        if limits not in images:
             try:
-                images[limits] = [load_images(c, processors[limits]) for c in conversations]
+                images[limits] = [load_images(c, processors[limits, chat]) for c in conversations]
             except EncodeError as exc:
                 raise VlmtuneError(f"{exc} (field '{exc.field}')") from None
-        processor = processors[limits]
+        processor = processors[limits, chat]
         started = time.perf_counter()
         scored = attach_adapter(model, point.adapter_dir, model_dir) if point.adapter_dir is not None else model
         probs = score_conversations(scored, processor, conversations, labels, batch_size, default_system,

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image_max_pixels", type=int, default=None)
     parser.add_argument("--image_min_pixels", type=int, default=None)
     parser.add_argument("--default_system", default=None)
+    parser.add_argument("--template", default=None, help="chat template (default: the one saved with the adapters)")
+    parser.add_argument("--enable_thinking", default=None, choices=["true", "false"],
+                        help="qwen3_vl template: see the YAML key (default: as saved with the adapters)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--fp16", action="store_true")
     return parser
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sweep of {args.output_dir}: {', '.join(p.name for p in points)}")
     rows = evaluate_points(points, conversations, labels, positive, args.model_name_or_path, args.batch_size,
                            args.image_max_pixels, args.image_min_pixels, args.bf16, args.fp16,
-                           args.default_system)
+                           args.default_system, args.template,
+                           None if args.enable_thinking is None else args.enable_thinking == "true")
     best = write_sweep(args.output_dir, rows, metric, args.dataset, labels, positive)
     print()
     print(format_sweep_table(rows, metric))

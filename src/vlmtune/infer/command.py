@@ -61,7 +61,8 @@ class PredictArgs:
 
 PREDICT_KEYS = {f.name: f for f in dataclasses.fields(PredictArgs)}
 # Shared keys that are also flags (the rest can go in the YAML or as key=value).
-SHARED_FLAGS = ("model_name_or_path", "adapter_name_or_path", "template", "dataset", "dataset_dir", "max_samples",
+SHARED_FLAGS = ("model_name_or_path", "adapter_name_or_path", "template", "enable_thinking", "dataset", "dataset_dir",
+                "max_samples",
                 "image_max_pixels", "image_min_pixels", "labels", "positive_label", "default_system", "seed",
                 "cutoff_len", "attn_implementation", "cache_dir")
 
@@ -249,14 +250,24 @@ def fingerprint(cfg: Config, pargs: PredictArgs, mode: str, labels, predictor) -
         "image_min_pixels": predictor.min_pixels,
         "dtype": predictor.dtype_name,
         "default_system": cfg.data.default_system,
-        "template": "qwen2_vl",
+        "template": template_label(predictor.processor.template),
     }
+
+
+def template_label(template) -> str:
+    """The template as the prediction file's metadata records it: its name, and enable_thinking where it matters."""
+    if not template.thought_words:
+        return template.name
+    return f"{template.name} (enable_thinking: {str(template.enable_thinking).lower()})"
 
 
 def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversations=(), log=print):
     """The engine for the chosen backend (transformers here; vLLM imported only when asked for)."""
     max_pixels = cfg.model.image_max_pixels if "image_max_pixels" in explicit else None
     min_pixels = cfg.model.image_min_pixels if "image_min_pixels" in explicit else None
+    # Unless given, the adapter's template (saved by training), else the model family's default.
+    chat = dict(template=cfg.data.template,
+                enable_thinking=cfg.data.enable_thinking if "enable_thinking" in explicit else None)
     if pargs.backend == "vllm":
         from vlmtune.infer.vllm_backend import VllmPredictor
 
@@ -265,14 +276,14 @@ def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversa
                                   vllm_config=pargs.vllm_config, cache_dir=cfg.model.cache_dir,
                                   revision=cfg.model.model_revision,
                                   max_images=max((len(c.images) for c in conversations), default=1),
-                                  seed=cfg.train.seed, log=log)
+                                  seed=cfg.train.seed, log=log, **chat)
     from vlmtune.infer.engine import load_engine
     from vlmtune.infer.runner import TransformersPredictor
 
     engine = load_engine(cfg.model.model_name_or_path, cfg.model.adapter_name_or_path, max_pixels, min_pixels,
                          bf16=cfg.train.bf16, fp16=cfg.train.fp16,
                          attn_implementation=cfg.model.attn_implementation, cache_dir=cfg.model.cache_dir,
-                         revision=cfg.model.model_revision, merge_adapter=True, log=log)
+                         revision=cfg.model.model_revision, merge_adapter=True, log=log, **chat)
     return TransformersPredictor(engine, workers=pargs.workers)
 
 

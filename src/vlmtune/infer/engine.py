@@ -4,7 +4,8 @@ Image pixel limits matter as much as the weights: an adapter trained on 512×512
 different (more, or fewer) image tokens when the images are resized differently at prediction time.
 The trainer saves its processor (`preprocessor_config.json`, with `size.longest_edge` /
 `size.shortest_edge` in pixels) next to every adapter it writes, so by default prediction uses the
-limits of the adapter it loads; `image_max_pixels` / `image_min_pixels` given explicitly win.
+limits of the adapter it loads; `image_max_pixels` / `image_min_pixels` given explicitly win. The
+chat template (`vlmtune_template.json`: its name and enable_thinking) is reused the same way.
 
 By default the adapter is not merged: peft's LoRA layers run next to the frozen weights, which
 costs a few percent of speed on a 7B model (more on a small one: two extra small matmuls per
@@ -95,6 +96,17 @@ def resolve_pixel_limits(adapter_dir: str | Path | None, image_max_pixels: int |
     return max_pixels, min_pixels
 
 
+def resolve_template(adapter_dir: str | Path | None, template: str | None,
+                     enable_thinking: bool | None) -> tuple[str | None, bool | None]:
+    """Explicit settings win; otherwise the adapter's; None means "the model family's default"."""
+    from vlmtune.data.processor import saved_template
+
+    saved_name, saved_thinking = saved_template(adapter_dir) if adapter_dir is not None else (None, None)
+    if template is not None:
+        return template, enable_thinking
+    return saved_name, enable_thinking if enable_thinking is not None else saved_thinking
+
+
 def pick_device(device: str | torch.device | None = None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -131,8 +143,9 @@ def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None
                 image_max_pixels: int | None = None, image_min_pixels: int | None = None,
                 bf16: bool = False, fp16: bool = False, attn_implementation: str = "auto",
                 device: str | torch.device | None = None, cache_dir: str | None = None,
-                revision: str = "main", merge_adapter: bool = False, log=print) -> Engine:
-    """Load base model (+ adapter) and the processor with the adapter's pixel limits.
+                revision: str = "main", merge_adapter: bool = False, template: str | None = None,
+                enable_thinking: bool | None = None, log=print) -> Engine:
+    """Load base model (+ adapter) and the processor with the adapter's pixel limits and chat template.
 
     `model_name_or_path` may be None when the adapter records its base model.
     """
@@ -147,7 +160,8 @@ def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None
                                    f"pass --model_name_or_path")
     model_dir = resolve_model_dir(model_name_or_path, cache_dir, revision)
     max_pixels, min_pixels = resolve_pixel_limits(adapter_dir, image_max_pixels, image_min_pixels)
-    processor = load_processor(model_dir, max_pixels, min_pixels)
+    processor = load_processor(model_dir, max_pixels, min_pixels,
+                               *resolve_template(adapter_dir, template, enable_thinking))
     device = pick_device(device)
     dtype = inference_dtype(device, bf16, fp16)
     model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation, device=device)
@@ -160,5 +174,5 @@ def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None
         saved_pixel_limits(adapter_dir)[0] is not None else "given" if image_max_pixels is not None else "model default"
     log(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
         f" ({str(dtype).replace('torch.', '')} on {device}); image pixels {processor.min_pixels}..{processor.max_pixels}"
-        f" ({source})")
+        f" ({source}); template {processor.template.name}")
     return Engine(model, processor, model_dir, adapter_dir, device, dtype)

@@ -5,6 +5,10 @@ the model's `generation_config.json`, and Qwen2.5-VL-Instruct ships `repetition_
 `top_k: 1`, `temperature: 0.1`: left in, "greedy" decoding would quietly apply a repetition penalty.
 Temperature 0 means greedy (argmax); a temperature above 0 samples from the full distribution
 (top_k / top_p off) with a seed, so a rerun gives the same answers.
+
+With a reasoning template (`qwen3_vl`) the answer is the text after the end of the model's thought
+(`Template.answer_of`): the thought is generated (with enable_thinking) or closes the prompt
+(without), and is never part of the answer that is written or compared with the label.
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, ma
     output = core.generate(**batch, **sampling_kwargs(max_new_tokens, temperature), eos_token_id=stops,
                            pad_token_id=processor.pad_token_id)
     new_tokens = output[:, batch["input_ids"].shape[1]:]
-    return [text.strip() for text in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return [processor.template.answer_of(text) for text in texts]
 
 
 def generate_conversations(model, processor: Processor, conversations: list[Conversation], batch_size: int = 8,
@@ -80,7 +85,7 @@ def generate_conversations(model, processor: Processor, conversations: list[Conv
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start:start + batch_size]
             chunk_images = images[start:start + batch_size] if images is not None else None
-            samples = encode_prompts(chunk, processor, default_system, chunk_images)
+            samples = encode_prompts(chunk, processor, default_system, chunk_images, prompt="generate")
             out += generate_samples(model, processor, samples, max_new_tokens, temperature,
                                     None if seed is None else seed + start)
     return out

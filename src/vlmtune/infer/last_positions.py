@@ -11,7 +11,10 @@ only the attention runs as one masked `scaled_dot_product_attention` for the kep
 skips the same rows (its `inp_out_ids`). What it saves is most of one layer of the prompt pass: on
 the benchmark's two-layer model ≈ 40 % of the language model's time, on a 28-layer one ≈ 3 %.
 
-Where it applies: a Qwen2-VL / Qwen2.5-VL decoder layer with full attention, a right-padded prompt
+Where it applies: a decoder layer of a class it was proven on (`vlmtune.families`: Qwen2-VL,
+Qwen2.5-VL, Qwen3-VL dense and MoE; Qwen3's per-head q/k norms included) with full attention, that
+Qwen3-VL's deepstack does not feed (the language model adds deepstack features to the hidden states
+of its first layers at the image positions, which needs every position), and a right-padded prompt
 batch (the caller's promise: every row's keys up to its kept position are real tokens). Anything
 else, or a layer that fails the self-check (the same tiny input through the whole text model with
 and without it must agree), runs the library's forward untouched and the context says so.
@@ -29,7 +32,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("Qwen2_5_VLDecoderLayer", "Qwen2VLDecoderLayer")
+from vlmtune.families import FAMILIES
+
+SUPPORTED = tuple(name for family in FAMILIES for name in family.fast_decoder_layers)
 _kept = threading.local()  # .positions: (batch, kept) long, or None: the layer runs as usual
 _install_lock = threading.Lock()
 
@@ -46,7 +51,7 @@ def kept_positions(core: torch.nn.Module, positions: torch.Tensor) -> Iterator[b
     of each row — and so hidden states and logits of shape (batch, kept, …). Yields False (and changes
     nothing) where this model is not supported; the caller then slices the logits itself."""
     lm = text_model(core)
-    if lm is None or not install(lm):
+    if lm is None or fed_by_deepstack(core, len(getattr(lm, "layers", ()))) or not install(lm):
         yield False
         return
     _kept.positions = positions
@@ -54,6 +59,13 @@ def kept_positions(core: torch.nn.Module, positions: torch.Tensor) -> Iterator[b
         yield True
     finally:
         _kept.positions = None
+
+
+def fed_by_deepstack(core: torch.nn.Module, n_layers: int) -> bool:
+    """True when deepstack features reach the last decoder layer's output (Qwen3-VL adds the k-th
+    deepstack feature after layer k, for k below the number of deepstack layers)."""
+    vision = getattr(getattr(core, "config", None), "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or ()) >= n_layers
 
 
 def install(lm: torch.nn.Module) -> bool:
@@ -102,9 +114,9 @@ def supported(lm: torch.nn.Module, layer: torch.nn.Module) -> bool:
 
 def last_layer_at(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor, *,
                   position_embeddings: tuple[torch.Tensor, torch.Tensor], cache=None, **_ignored) -> torch.Tensor:
-    """The decoder layer's forward (`Qwen2_5_VLDecoderLayer.forward`) at `positions` only; keys and values
-    of every position go into the cache. The causal mask the model passes is not needed: a right-padded
-    row's kept position sees exactly the keys at or before it."""
+    """The decoder layer's forward (`Qwen2_5_VLDecoderLayer.forward`, `Qwen3VLTextDecoderLayer.forward`) at
+    `positions` only; keys and values of every position go into the cache. The causal mask the model
+    passes is not needed: a right-padded row's kept position sees exactly the keys at or before it."""
     attn = layer.self_attn
     rotate_half = sys.modules[type(layer).__module__].rotate_half
     batch, length, _ = hidden.shape
@@ -116,9 +128,11 @@ def last_layer_at(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch
 
     normed = layer.input_layernorm(hidden)
     head_dim = attn.head_dim
-    key = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    q_norm, k_norm = (getattr(attn, name, None) or (lambda t: t) for name in ("q_norm", "k_norm"))  # Qwen3's
+    key = k_norm(attn.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
     value = attn.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    query = attn.q_proj(at_kept(normed)).view(batch, kept, -1, head_dim).transpose(1, 2)
+    query = q_norm(attn.q_proj(at_kept(normed)).view(batch, kept, -1, head_dim)).transpose(1, 2)
+
     def rotary(t, cos, sin):  # the module's apply_rotary_pos_emb for one tensor (keys and queries differ in length)
         return t * cos.unsqueeze(1) + rotate_half(t) * sin.unsqueeze(1)
 

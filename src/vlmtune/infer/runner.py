@@ -29,14 +29,13 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.errors import VlmtuneError
 
 
-def row_of(conv: Conversation, default_system: str | None, predict: str,
+def row_of(conv: Conversation, template, default_system: str | None, predict: str,
            scores: dict[str, float] | None) -> dict[str, Any]:
-    """One line of the prediction JSONL."""
+    """One line of the prediction JSONL (`template`: the `data.template.Template` the prompt is rendered with)."""
     from vlmtune.data.encode import prompt_messages
-    from vlmtune.data.template import display_prompt
 
     row = {"id": conv.id, "images": list(conv.images),
-           "prompt": display_prompt(prompt_messages(conv), default_system),
+           "prompt": template.display_prompt(prompt_messages(conv), default_system),
            "predict": predict, "label": conv.answer or ""}
     if scores is not None:
         row["scores"] = scores
@@ -69,12 +68,12 @@ def predict_batches(predictor, conversations: Sequence[Conversation], mode: str,
                 upcoming = pool.submit(predictor.prepare, chunks[k + 1], default_system, mode)
             if mode == "score":
                 probs = predictor.score(prepared, labels)
-                rows = [row_of(c, default_system, best_label(labels, p), dict(zip(labels, p)))
-                        for c, p in zip(chunk, probs)]
+                rows = [row_of(c, predictor.processor.template, default_system, best_label(labels, p),
+                               dict(zip(labels, p))) for c, p in zip(chunk, probs)]
             else:
                 batch_seed = seed + offset if temperature > 0 and seed is not None else None
                 texts = predictor.generate(prepared, max_new_tokens, temperature, batch_seed)
-                rows = [row_of(c, default_system, t, None) for c, t in zip(chunk, texts)]
+                rows = [row_of(c, predictor.processor.template, default_system, t, None) for c, t in zip(chunk, texts)]
             offset += len(chunk)
             yield chunk, rows
 
@@ -96,8 +95,8 @@ def score_concurrently(predictor, chunks: list[list[Conversation]], labels: list
                 probs = pending.popleft().result()
                 if k + workers < len(chunks):
                     pending.append(pool.submit(prepare_and_score, chunks[k + workers]))
-                yield chunk, [row_of(c, default_system, best_label(labels, p), dict(zip(labels, p)))
-                              for c, p in zip(chunk, probs)]
+                yield chunk, [row_of(c, predictor.processor.template, default_system, best_label(labels, p),
+                                     dict(zip(labels, p))) for c, p in zip(chunk, probs)]
     finally:
         torch.set_num_threads(threads)
 
@@ -141,7 +140,7 @@ class TransformersPredictor:
         for conv in conversations:
             try:
                 samples.append(encode_prompt(prompt_messages(conv), load_images(conv, self.processor), self.processor,
-                                             default_system))
+                                             default_system, prompt=mode))
             except (EncodeError, ValueError) as exc:
                 raise record_error(conv, exc) from None
         padding = "right" if mode == "score" else "left"

@@ -39,12 +39,13 @@ import torch
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import Collator, EncodedSample, encode_prompt, load_images, prompt_messages
 from vlmtune.data.processor import Processor
-from vlmtune.data.template import IM_END, IM_START
+from vlmtune.data.template import ASSISTANT_START, IM_END
+from vlmtune.families import FAMILIES, family_of_model
 from vlmtune.infer import rope_positions
 from vlmtune.infer.last_positions import kept_positions
 
-ASSISTANT_PREFIX = f"{IM_START}assistant\n"  # what every prompt ends with (the open assistant turn)
-FAST_POSITIONS = ("Qwen2_5_VLModel", "Qwen2VLModel")  # whose rope rule `infer.rope_positions` writes out
+# Models whose rope rule `infer.rope_positions` writes out (and is checked against on each model's first batch).
+FAST_POSITIONS = tuple(name for family in FAMILIES for name in family.fast_rope_models)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,16 +74,18 @@ def infer_label_set(conversations: Sequence[Conversation], max_labels: int = 8) 
 def label_token_ids(labels: Sequence[str], processor: Processor) -> list[list[int]]:
     """Token ids of each label as it appears in an answer: label tokens + `<|im_end|>`.
 
-    Tokenised in context (after `<|im_start|>assistant\\n`, as the template renders it), so a label
-    that starts with a space or newline gets the same tokens as in training.
+    Tokenised in context (after `<|im_start|>assistant\\n` and the template's answer prefix — a reasoning
+    template's empty thought —, as the template renders it), so a label that starts with a space or
+    newline gets the same tokens as in training.
     """
     tok = processor.tokenizer
-    prefix = tok(ASSISTANT_PREFIX, add_special_tokens=False)["input_ids"]
+    context = ASSISTANT_START + processor.template.answer_prefix
+    prefix = tok(context, add_special_tokens=False)["input_ids"]
     out = []
     for label in labels:
         if not label.strip():
             raise ValueError("empty label")
-        ids = tok(ASSISTANT_PREFIX + label + IM_END, add_special_tokens=False)["input_ids"]
+        ids = tok(context + label + IM_END, add_special_tokens=False)["input_ids"]
         if ids[:len(prefix)] != prefix:  # the label merged with the newline: no clean token boundary
             raise ValueError(f"label {label!r} does not start at a token boundary after the assistant prefix")
         out.append(ids[len(prefix):])
@@ -158,14 +161,12 @@ def to_model(batch: dict, core: torch.nn.Module) -> dict:
     raw, settings = out.pop("image_pixels", None), out.pop("image_settings", None)
     pixels = out.pop("pixel_values", None)
     if raw is not None or pixels is not None:
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-        from vlmtune.model.vision import vision_encoder
+        from vlmtune.model.vision import encoder_outputs, vision_encoder
 
         encoder = vision_encoder(rope_module(core).visual)
         grid = out["image_grid_thw"]
         features = encoder.still_images(raw, grid, settings) if raw is not None else encoder(pixels, grid)
-        out["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=encoder.split(features, grid))}
+        out["mm_encoder_outputs"] = encoder_outputs(encoder.split(features, grid), family_of_model(core))
     return out
 
 
@@ -255,13 +256,14 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 
 def encode_prompts(conversations: Sequence[Conversation], processor: Processor,
-                   default_system: str | None = None,
-                   images: Sequence[list[torch.Tensor]] | None = None) -> list[EncodedSample]:
-    """Prompt samples (messages up to the open assistant turn), decoding images unless given."""
+                   default_system: str | None = None, images: Sequence[list[torch.Tensor]] | None = None,
+                   prompt: str = "score") -> list[EncodedSample]:
+    """Prompt samples (messages up to the open assistant turn, for `prompt` = "score" or "generate"; see
+    `data.encode.encode_prompt`), decoding images unless given."""
     samples = []
     for i, conv in enumerate(conversations):
         sample_images = images[i] if images is not None else load_images(conv, processor)
-        samples.append(encode_prompt(prompt_messages(conv), sample_images, processor, default_system))
+        samples.append(encode_prompt(prompt_messages(conv), sample_images, processor, default_system, prompt))
     return samples
 
 

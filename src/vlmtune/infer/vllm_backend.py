@@ -1,9 +1,10 @@
 """The vLLM backend: base model + LoRA adapter on GPUs, tensor parallel, generate and score.
 
 vllm is imported only here and only when `--backend vllm` is chosen, so the rest of vlmtune never
-needs it. The prompts are the same text the transformers engine renders (qwen2_vl template), with
-one `<|image_pad|>` per image — vLLM expands it itself — and the images are resized here with the
-adapter's pixel limits, so both backends see the same pixels.
+needs it. The prompts are the same text the transformers engine renders (the processor's chat
+template, `data.template`), with one `<|image_pad|>` per image — vLLM expands it itself, for
+Qwen2/2.5-VL and Qwen3-VL alike — and the images are resized here with the adapter's pixel limits,
+so both backends see the same pixels.
 
 * generate: `SamplingParams(temperature=0, max_tokens=...)`, stop at `<|im_end|>`.
 * score: one request per (sample, label) whose prompt ends with the label's tokens and
@@ -48,11 +49,10 @@ def lora_rank_limit(rank: int) -> int:
     raise VlmtuneError(f"LoRA rank {rank} is larger than vLLM supports ({LORA_RANKS[-1]})")
 
 
-def vllm_prompt(messages, n_images: int, default_system: str | None) -> str:
-    """The qwen2_vl prompt with one image pad per image, ending with the open assistant turn."""
-    from vlmtune.data.template import render
-
-    return render(messages, [1] * n_images, default_system, add_generation_prompt=True).text
+def vllm_prompt(template, messages, n_images: int, default_system: str | None, mode: str = "generate") -> str:
+    """The prompt with one image pad per image, ending with the open assistant turn as `mode` (score or
+    generate) needs it (`data.template.Template.render`)."""
+    return template.render(messages, [1] * n_images, default_system, prompt=mode).text
 
 
 def pil_images(conversation, image_processor) -> list:
@@ -91,7 +91,8 @@ class VllmPredictor:
     def load(cls, model_name_or_path: str | None, adapter_name_or_path: str | None,
              image_max_pixels: int | None, image_min_pixels: int | None, bf16: bool = False, fp16: bool = False,
              vllm_config: dict[str, Any] | None = None, cache_dir: str | None = None, revision: str = "main",
-             max_images: int = 1, max_model_len: int | None = None, seed: int = 0, log=print) -> "VllmPredictor":
+             max_images: int = 1, max_model_len: int | None = None, seed: int = 0, template: str | None = None,
+             enable_thinking: bool | None = None, log=print) -> "VllmPredictor":
         ok, why = vllm_available()
         if not ok:
             raise VlmtuneError(f"--backend vllm: {why}; use --backend transformers")
@@ -99,7 +100,7 @@ class VllmPredictor:
         from vllm.lora.request import LoRARequest
 
         from vlmtune.data.processor import load_processor
-        from vlmtune.infer.engine import base_model_of, read_adapter_config, resolve_pixel_limits
+        from vlmtune.infer.engine import base_model_of, read_adapter_config, resolve_pixel_limits, resolve_template
         from vlmtune.model.load import resolve_model_dir
 
         adapter_dir = Path(adapter_name_or_path).expanduser() if adapter_name_or_path else None
@@ -108,7 +109,8 @@ class VllmPredictor:
             model_name_or_path = base_model_of(adapter_dir)
         model_dir = resolve_model_dir(model_name_or_path, cache_dir, revision)
         max_pixels, min_pixels = resolve_pixel_limits(adapter_dir, image_max_pixels, image_min_pixels)
-        processor = load_processor(model_dir, max_pixels, min_pixels)
+        processor = load_processor(model_dir, max_pixels, min_pixels,
+                                   *resolve_template(adapter_dir, template, enable_thinking))
         dtype = "bfloat16" if bf16 else "float16" if fp16 else "auto"
         kwargs: dict[str, Any] = dict(
             model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=True,
@@ -139,7 +141,8 @@ class VllmPredictor:
         prepared = []
         for conversation in conversations:
             images = pil_images(conversation, self.processor.image_processor)
-            prepared.append((vllm_prompt(prompt_messages(conversation), len(images), default_system), images))
+            prepared.append((vllm_prompt(self.processor.template, prompt_messages(conversation), len(images),
+                                         default_system, mode), images))
         return prepared
 
     @staticmethod
@@ -182,7 +185,7 @@ class VllmPredictor:
         candidates = labels or sorted({(c.answer or "").strip() for c in conversations if (c.answer or "").strip()})
         if not candidates:
             return
-        prepared = self.prepare(conversations, default_system)
+        prepared = self.prepare(conversations, default_system, "score")
         continuations = list(zip(candidates, label_token_ids(candidates, self.processor)))
         with_lora = self._sequence_logprobs(prepared, continuations, self.lora_request)
         without = self._sequence_logprobs(prepared, continuations, None)
@@ -221,7 +224,7 @@ class VllmPredictor:
                                 stop_token_ids=stop_token_ids(self.processor), skip_special_tokens=True)
         requests = [self._request(prompt, images) for prompt, images in prepared]
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
-        return [result.outputs[0].text.strip() for result in outputs]
+        return [self.processor.template.answer_of(result.outputs[0].text) for result in outputs]
 
     def close(self) -> None:
         self.llm = None

@@ -3,7 +3,13 @@
 `lora_target: all` means every linear layer of the *language model*. Matching the seven names by
 suffix alone would also hit the vision tower's MLP (gate/up/down_proj): 23,794,688 instead of the
 20,185,088 trainable parameters of Qwen2.5-VL-7B at r=8. vlmtune passes peft a regex anchored at
-the language model, so the adapter is exactly the one users expect and vLLM can load it.
+the language model, so the adapter is exactly the one users expect and vLLM can load it. On an MoE
+(Qwen3-VL-30B-A3B) the experts are fused 3-D parameters, not linear layers, so `all` is the
+attention projections, as in LLaMA-Factory; `lora_target_experts: true` adds LoRA on the experts'
+parameters through peft's `target_parameters`.
+
+The vision tower and projector are frozen by default. The projector is the tower's `merger`; Qwen3-VL's
+deepstack mergers belong to the tower (LLaMA-Factory's split, `freeze_vision_tower`).
 """
 
 from __future__ import annotations
@@ -63,6 +69,18 @@ def lora_target_regex(model: nn.Module, lora_target: str) -> tuple[str, list[str
     return rf"{prefix}\..*\.({'|'.join(names)})", names
 
 
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Distinct `experts.<name>` suffixes of the language model's fused expert parameters (3-D: one matrix
+    per expert), in first-seen order; empty for a dense model."""
+    prefix = model_parts(model).language_model + "."
+    found: dict[str, None] = {}
+    for name, param in model.named_parameters():
+        module_path, _, param_name = name.rpartition(".")
+        if name.startswith(prefix) and param.ndim == 3 and module_path.rsplit(".", 1)[-1] == "experts":
+            found.setdefault(f"experts.{param_name}")
+    return list(found)
+
+
 def apply_finetuning(model: nn.Module, cfg: FinetuneConfig, log=print) -> nn.Module:
     """Freeze, wrap with LoRA, or unfreeze, as the config says; trainable parameters become fp32."""
     parts = model_parts(model)
@@ -99,10 +117,18 @@ def _apply_lora(model: nn.Module, cfg: FinetuneConfig, log) -> nn.Module:
     modules_to_save = [m.strip() for m in (cfg.additional_target or "").split(",") if m.strip()]
     if not cfg.freeze_multi_modal_projector:
         modules_to_save.append(parts.projector.rsplit(".", 1)[-1])
+    target_parameters = None
+    if cfg.lora_target_experts:
+        target_parameters = expert_parameter_names(model)
+        if not target_parameters:
+            raise VlmtuneError("lora_target_experts: the model has no expert parameters (it is not a mixture of "
+                               "experts)")
+        log(f"LoRA on the experts' parameters: {','.join(target_parameters)}")
     lora_config = LoraConfig(
         r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_rank, lora_dropout=cfg.lora_dropout,
         target_modules=regex, modules_to_save=modules_to_save or None, use_rslora=cfg.use_rslora,
         use_dora=cfg.use_dora, task_type="CAUSAL_LM",
+        **({"target_parameters": target_parameters} if target_parameters else {}),
     )
     with warnings.catch_warnings():
         # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`; the FutureWarning is

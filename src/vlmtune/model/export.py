@@ -4,11 +4,12 @@
         --export_dir /output/my_task-merged [--export_dtype bfloat16] [--export_size 5] [--overwrite]
     vllm serve /output/my_task-merged          # an ordinary Qwen2.5-VL: no --enable-lora needed
 
-The result is what a Qwen2.5-VL release directory holds: `config.json`, `generation_config.json`,
-`model*.safetensors` (sharded at `--export_size` GB, with an index), the tokenizer files, the
-chat template (`chat_template.jinja` and `chat_template.json`) and `preprocessor_config.json` — the
-one saved with the adapter, so the merged model resizes images with the pixel limits it was trained
-with. `AutoModelForImageTextToText.from_pretrained` and vlmtune itself load it with no adapter (tested);
+The result is what a release directory of the base model's family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
+Qwen3-VL-MoE) holds: `config.json`, `generation_config.json`, `model*.safetensors` (sharded at
+`--export_size` GB, with an index), the tokenizer files, the base model's own chat template
+(`chat_template.jinja` and `chat_template.json`) and `preprocessor_config.json` — the one saved
+with the adapter, so the merged model resizes images with the pixel limits it was trained with (and
+`vlmtune_template.json`, the chat template vlmtune rendered with, for vlmtune's own commands). `AutoModelForImageTextToText.from_pretrained` and vlmtune itself load it with no adapter (tested);
 vLLM reads the same files (not tested on CPU-only machines).
 `vlmtune_export.json` records the base model, adapter and dtype.
 
@@ -100,7 +101,6 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
     import torch
 
     from vlmtune import __version__
-    from vlmtune.data.template import QWEN2_VL_CHAT_TEMPLATE
     from vlmtune.infer.engine import base_model_of, load_engine, read_adapter_config
     from vlmtune.model.load import resolve_model_dir
 
@@ -127,7 +127,7 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
         remove_stale_weights(export_dir)
     merged.save_pretrained(export_dir, max_shard_size=f"{export_size}GB")
     engine.processor.save_pretrained(export_dir)
-    template = getattr(engine.processor.tokenizer, "chat_template", None) or QWEN2_VL_CHAT_TEMPLATE
+    template = engine.processor.tokenizer.chat_template  # the base model's own (data.processor.own_chat_template)
     if not (export_dir / "chat_template.jinja").is_file():
         (export_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
     # Older transformers (4.x, as pinned by many vLLM releases) read the processor's template from here.
@@ -143,7 +143,7 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
                                                     encoding="utf-8")
     size = sum(p.stat().st_size for p in export_dir.glob("*.safetensors"))
     log(f"exported to {export_dir}: {size / 2**20:.1f} MiB of safetensors, "
-        f"{len(list(export_dir.iterdir()))} files (load it like any Qwen2.5-VL, no adapter)")
+        f"{len(list(export_dir.iterdir()))} files (load it like any {engine.processor.family.name}, no adapter)")
     return export_dir
 
 

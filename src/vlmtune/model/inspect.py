@@ -19,6 +19,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--finetuning_type", default="lora", choices=["lora", "freeze", "full"])
     parser.add_argument("--lora_rank", type=int, default=FinetuneConfig.lora_rank)
     parser.add_argument("--lora_target", default=FinetuneConfig.lora_target)
+    parser.add_argument("--lora_target_experts", default="false", help="MoE: LoRA on the experts too (true/false)")
     parser.add_argument("--freeze_vision_tower", default="true")
     parser.add_argument("--freeze_multi_modal_projector", default="true")
     args = parser.parse_args(argv)

@@ -1,4 +1,6 @@
-"""Load Qwen2-VL / Qwen2.5-VL from a local directory or a hub id, in the dtype the run asks for."""
+"""Load a supported model (`vlmtune.families`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE) from a local
+directory or a hub id, in the dtype the run asks for — the same code for every family:
+`AutoModelForImageTextToText` maps each `model_type` to its transformers class."""
 
 from __future__ import annotations
 
@@ -8,8 +10,7 @@ from pathlib import Path
 import torch
 
 from vlmtune.errors import VlmtuneError
-
-SUPPORTED_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")
+from vlmtune.families import family_of_type
 
 
 def resolve_model_dir(name_or_path: str | None, cache_dir: str | None = None, revision: str = "main") -> Path:
@@ -72,9 +73,7 @@ def read_model_config(model_dir: Path):
         config = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as exc:
         raise VlmtuneError(f"{model_dir / 'config.json'}: cannot read ({str(exc).splitlines()[0]})") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise VlmtuneError(f"{model_dir / 'config.json'}: model_type '{config.model_type}' is not supported "
-                           f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    family_of_type(config.model_type, str(model_dir / "config.json"))  # a one-line error for an unsupported one
     return config
 
 
@@ -92,10 +91,16 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_impleme
 
 
 def build_empty_model(model_dir: Path):
-    """The architecture on the meta device (no memory, no weights): for parameter counts."""
+    """The architecture on the meta device (no memory, no weights): for parameter counts.
+
+    Tied word embeddings (Qwen2.5-VL-3B, Qwen3-VL-2B/4B) are tied here as loading ties them: a model
+    built under `init_empty_weights` is not, and would count the embedding twice.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoModelForImageTextToText
 
     config = read_model_config(model_dir)
     with init_empty_weights():
-        return AutoModelForImageTextToText.from_config(config)
+        model = AutoModelForImageTextToText.from_config(config)
+    model.tie_weights()
+    return model

@@ -1,10 +1,12 @@
-"""`vlmtune tiny-model --out DIR`: a tiny random Qwen2.5-VL that loads like a real checkpoint.
+"""`vlmtune tiny-model --out DIR [--arch qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_vl_moe]`: a tiny random model
+that loads like a real checkpoint of its family.
 
 No weights can be downloaded on the machines that test vlmtune, so tests and the demo build a model
 of the real architecture with small sizes (text hidden 128, 2 layers; vision depth 2, hidden 64;
 about 1 M parameters) and a byte-level BPE tokenizer trained here, in a second, on Chinese and
-English text, with Qwen's special tokens and Qwen2-VL's chat template. The ordinary loading code
-(`AutoModelForImageTextToText`, `AutoTokenizer`) opens the directory like any Qwen2.5-VL.
+English text, with Qwen's special tokens and the family's own chat template (Qwen2-VL's, or
+Qwen3-VL Instruct's). The ordinary loading code (`AutoModelForImageTextToText`, `AutoTokenizer`)
+opens the directory like any release of that family.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import argparse
 import json
 import random
 from pathlib import Path
+from typing import Sequence
 
-from vlmtune.data.template import QWEN2_VL_CHAT_TEMPLATE
 from vlmtune.errors import VlmtuneError
 
 # Qwen2's special tokens, in Qwen's order (the real ids start at 151643).
@@ -51,8 +53,9 @@ def corpus(lines: int = 3000, seed: int = 0) -> list[str]:
     return out
 
 
-def build_tokenizer(vocab_size: int = 1000):
-    """A byte-level BPE tokenizer shaped like Qwen2's, trained on `corpus()`."""
+def build_tokenizer(vocab_size: int = 1000, chat_template: str | None = None, extra_tokens: Sequence[str] = ()):
+    """A byte-level BPE tokenizer shaped like Qwen2's, trained on `corpus()`; `extra_tokens` are added as
+    ordinary (not special) tokens, as Qwen3 adds `<think>`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -66,55 +69,97 @@ def build_tokenizer(vocab_size: int = 1000):
                                   show_progress=False)
     tok.train_from_iterator(corpus(), trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
+    if extra_tokens:
+        tok.add_tokens(list(extra_tokens))
+    if chat_template is None:
+        from vlmtune.families import FAMILIES, chat_template_text
+
+        chat_template = chat_template_text(FAMILIES[0])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=QWEN2_VL_CHAT_TEMPLATE,
+        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=chat_template,
         model_max_length=32768, clean_up_tokenization_spaces=False,
     )
 
 
-def tiny_config(tokenizer, text_hidden: int = 128, text_layers: int = 2, vision_hidden: int = 64,
-                vision_depth: int = 2):
-    from transformers import Qwen2_5_VLConfig
+# `--arch`: the config.json model types `tiny_config` builds (all of `vlmtune.families`).
+ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
+# Qwen3's thought delimiters: added tokens of its vocabulary, not special ones (decoding keeps them).
+THINK_TOKENS = ["<think>", "</think>"]
+
+
+def mrope_sections(head_dim: int, interleaved: bool) -> list[int]:
+    """(temporal, height, width) rotary frequency counts summing to head_dim / 2, shaped like Qwen's:
+    [16, 24, 24] of 64 for Qwen2-VL / 2.5-VL, [24, 20, 20] of 64 for Qwen3-VL (interleaved)."""
+    half = head_dim // 2
+    if interleaved:
+        side = (half * 5) // 16
+        return [half - 2 * side, side, side]
+    quarter = head_dim // 8
+    return [quarter, (half - quarter) // 2, half - quarter - (half - quarter) // 2]
+
+
+def tiny_config(tokenizer, arch: str = "qwen2_5_vl", text_hidden: int = 128, text_layers: int = 2,
+                vision_hidden: int = 64, vision_depth: int = 2):
+    """A tiny config of the family's real architecture: 4 attention heads over 2 KV heads, 2 × 2 patch
+    merge; Qwen3-VL with deepstack from the first vision block (into the first text layer) and a learned
+    4 × 4 position grid; its MoE with 4 experts, 2 per token, in every layer."""
+    import transformers
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = ((len(tokenizer) + 63) // 64) * 64
     heads = 4
     head_dim = text_hidden // heads
-    # mrope sections (temporal, height, width) split head_dim/2 rotary frequencies like Qwen's [16, 24, 24].
-    quarter = head_dim // 8
-    mrope = [quarter, (head_dim // 2 - quarter) // 2, head_dim // 2 - quarter - (head_dim // 2 - quarter) // 2]
-    return Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab, hidden_size=text_hidden, intermediate_size=text_hidden * 2,
-            num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=2,
-            max_position_embeddings=32768, rms_norm_eps=1e-6, max_window_layers=text_layers,
-            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": mrope},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-            tie_word_embeddings=False,
-        ),
-        vision_config=dict(
-            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=4,
-            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-            fullatt_block_indexes=[vision_depth - 1], out_hidden_size=text_hidden, tokens_per_second=2,
-        ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
+    qwen3 = arch.startswith("qwen3")
+    text = dict(
+        vocab_size=vocab, hidden_size=text_hidden, intermediate_size=text_hidden * 2, num_hidden_layers=text_layers,
+        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0 if qwen3 else 1000000.0,
+                         "mrope_section": mrope_sections(head_dim, interleaved=qwen3),
+                         **({"mrope_interleaved": True} if qwen3 else {})},
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False)
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=4,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text_hidden)
+    if qwen3:
+        text["head_dim"] = head_dim
+        vision.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0])
+        if arch == "qwen3_vl_moe":
+            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text_hidden // 2,
+                        decoder_sparse_step=1, mlp_only_layers=[])
+    else:
+        text["max_window_layers"] = text_layers
+        vision.update(patch_size=14, window_size=112, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2)
+        if arch == "qwen2_vl":  # Qwen2-VL's tower: one MLP width, no windows
+            vision = dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=2,
+                          num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    config_class = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen2_vl": transformers.Qwen2VLConfig,
+                    "qwen3_vl": transformers.Qwen3VLConfig, "qwen3_vl_moe": transformers.Qwen3VLMoeConfig}[arch]
+    return config_class(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
 
 
 def build_tiny_model(out: str | Path, seed: int = 0, text_hidden: int = 128, text_layers: int = 2,
-                     vision_hidden: int = 64, vision_depth: int = 2, max_pixels: int = 448 * 448) -> Path:
-    """Write a tiny random Qwen2.5-VL (config, safetensors, tokenizer, preprocessor) into `out`."""
+                     vision_hidden: int = 64, vision_depth: int = 2, max_pixels: int = 448 * 448,
+                     arch: str = "qwen2_5_vl") -> Path:
+    """Write a tiny random model of `arch` (config, safetensors, tokenizer, preprocessor, chat template)."""
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+    from vlmtune.families import chat_template_text, family_of_type
+
+    if arch not in ARCHS:
+        raise VlmtuneError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    family = family_of_type(arch)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    config = tiny_config(tokenizer, text_hidden, text_layers, vision_hidden, vision_depth)
+    chat_template = chat_template_text(family)
+    tokenizer = build_tokenizer(chat_template=chat_template, extra_tokens=THINK_TOKENS if arch.startswith("qwen3")
+                                else ())
+    config = tiny_config(tokenizer, arch, text_hidden, text_layers, vision_hidden, vision_depth)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config = GenerationConfig(
@@ -122,14 +167,20 @@ def build_tiny_model(out: str | Path, seed: int = 0, text_hidden: int = 128, tex
         pad_token_id=tokenizer.pad_token_id, do_sample=False)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    Qwen2VLImageProcessorPil(max_pixels=max_pixels, min_pixels=28 * 28).save_pretrained(out)
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}), encoding="utf-8")
+    image = family.image_defaults
+    factor = image["patch_size"] * image["merge_size"]
+    Qwen2VLImageProcessorPil(max_pixels=max_pixels, min_pixels=factor * factor, patch_size=image["patch_size"],
+                             merge_size=image["merge_size"], image_mean=image["image_mean"],
+                             image_std=image["image_std"]).save_pretrained(out)
+    # As the releases ship it: the processor's template (AutoTokenizer of transformers 5 reads the .jinja).
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}), encoding="utf-8")
     return out
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlmtune tiny-model", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write the model into")
+    parser.add_argument("--arch", default="qwen2_5_vl", choices=ARCHS, help="the family's model_type (default qwen2_5_vl)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text_hidden", type=int, default=128)
     parser.add_argument("--text_layers", type=int, default=2)
@@ -139,7 +190,9 @@ def main(argv: list[str]) -> int:
     if args.text_hidden % 32:
         raise VlmtuneError("--text_hidden must be a multiple of 32")
     out = build_tiny_model(args.out, args.seed, args.text_hidden, args.text_layers, args.vision_hidden,
-                           args.vision_depth)
+                           args.vision_depth, arch=args.arch)
+    from vlmtune.families import family_of_type
+
     n_files = len(list(out.iterdir()))
-    print(f"tiny Qwen2.5-VL written to {out} ({n_files} files)")
+    print(f"tiny {family_of_type(args.arch).name} written to {out} ({n_files} files)")
     return 0

@@ -29,9 +29,15 @@ sizes, LoRA on the vision blocks):
   ones included —, the merger), called as transformers calls it.
 
 Flash-attention models keep transformers' forward (their varlen kernel is already one call per
-layer), as does any vision tower this does not recognise, and a patch embedding that is not a plain
-Conv3d (a LoRA on it). Inference only in spirit — it is differentiable, but training uses it only
-for a frozen tower's cached features (`train.image_features`) and otherwise keeps the library's forward.
+layer), as does any vision tower this was not proven on (`vlmtune.families`: Qwen3-VL's tower runs
+transformers' own forward), and a patch embedding that is not a plain Conv3d (a LoRA on it).
+Inference only in spirit — it is differentiable, but training uses it only for a frozen tower's
+cached features (`train.image_features`) and otherwise keeps the library's forward.
+
+What the encoder returns is `ImageFeatures`: the merged features the language model puts at the
+image tokens and, for towers with deepstack (Qwen3-VL), the features of the tower's deepstack layers
+that the language model adds to its first layers' hidden states. `encoder_outputs` turns per-image
+features back into the `mm_encoder_outputs` the model's forward takes.
 """
 
 from __future__ import annotations
@@ -43,8 +49,39 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-SUPPORTED = ("Qwen2_5_VisionTransformerPretrainedModel",)
+from vlmtune.families import FAMILIES, Family, import_object
+
+SUPPORTED = tuple(name for family in FAMILIES for name in family.fast_vision_towers)
 PLAIN_ATTENTION = (None, "sdpa", "eager")
+
+
+@dataclass
+class ImageFeatures:
+    """Vision-tower output for one image (or several, concatenated): what the language model receives."""
+
+    embeds: torch.Tensor  # (tokens, text hidden): put at the image tokens (`pooler_output`)
+    deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: one (tokens, text hidden) per deepstack layer
+
+    def to(self, *args, **kwargs) -> "ImageFeatures":
+        return ImageFeatures(self.embeds.to(*args, **kwargs), tuple(d.to(*args, **kwargs) for d in self.deepstack))
+
+    def clone(self) -> "ImageFeatures":
+        return ImageFeatures(self.embeds.clone(), tuple(d.clone() for d in self.deepstack))
+
+
+def encoder_outputs(features: list[ImageFeatures], family: Family | None) -> dict:
+    """`mm_encoder_outputs` for a model's forward: the per-image features in the output class its vision
+    tower returns (with `deepstack_features` for a deepstack family, whose forward reads them)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    embeds = [f.embeds for f in features]
+    if family is None or family.deepstack_output is None:
+        return {"image": BaseModelOutputWithPooling(pooler_output=embeds)}
+    layers = len(features[0].deepstack) if features else 0
+    if any(len(f.deepstack) != layers for f in features):
+        raise ValueError("image features with and without deepstack features in one batch")
+    deepstack = [[f.deepstack[k] for f in features] for k in range(layers)]
+    return {"image": import_object(family.deepstack_output)(pooler_output=embeds, deepstack_features=deepstack)}
 
 
 @dataclass
@@ -59,12 +96,16 @@ class Segments:
 class Plan:
     """Everything the forward needs that depends on `grid_thw` only (not on pixels or weights)."""
 
-    window_index: torch.Tensor  # merge-unit order of the windowed layers (transformers' window_index)
-    reverse_index: torch.Tensor
-    cos: torch.Tensor  # rotary tables in window order, (tokens, head_dim)
+    cos: torch.Tensor  # rotary tables in the order the blocks see the tokens, (tokens, head_dim)
     sin: torch.Tensor
-    windows: Segments
-    full: Segments
+    full: Segments  # one segment per image
+    # Qwen2.5-VL's windowed layers: the merge-unit order they run in (transformers' window_index),
+    # its inverse, and the windows; None for towers without windows (Qwen3-VL).
+    window_index: torch.Tensor | None = None
+    reverse_index: torch.Tensor | None = None
+    windows: Segments | None = None
+    # Qwen3-VL's learned position grid resampled to each image: (patches, taps) indices and weights.
+    position_taps: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def segments(lengths: list[int], device: torch.device) -> Segments:
@@ -113,7 +154,7 @@ def usable(visual: torch.nn.Module) -> bool:
 
 
 class VisionEncoder:
-    """`encoder(pixel_values, grid_thw)` → image features (tokens, out_hidden), as `visual(...).pooler_output`.
+    """`encoder(pixel_values, grid_thw)` → `ImageFeatures` of all images, as `visual(...)` gives them.
 
     Wraps a vision tower without changing it; the plan cache holds tables for the last `cache_size`
     distinct `grid_thw` batches.
@@ -126,16 +167,17 @@ class VisionEncoder:
         self._plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._plans_lock = threading.Lock()  # prediction scores batches from several threads
 
-    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> ImageFeatures:
         """From `pixel_values` as the image processor makes them ([patches, C·T·P·P])."""
         visual = self.visual
-        if not self.fast:
-            return visual(pixel_values.to(visual.dtype), grid_thw=grid_thw).pooler_output
+        if not self.fast:  # transformers' own forward
+            out = visual(pixel_values.to(visual.dtype), grid_thw=grid_thw)
+            return ImageFeatures(out.pooler_output, tuple(getattr(out, "deepstack_features", None) or ()))
         proj = visual.patch_embed.proj
         x = pixel_values.to(proj.weight.dtype).reshape(pixel_values.shape[0], -1)
         return self._blocks(F.linear(x, proj.weight.reshape(proj.weight.shape[0], -1), proj.bias), grid_thw)
 
-    def still_images(self, images: list[torch.Tensor], grid_thw: torch.Tensor, settings) -> torch.Tensor:
+    def still_images(self, images: list[torch.Tensor], grid_thw: torch.Tensor, settings) -> ImageFeatures:
         """From resized still images as they are (uint8, C × H × W, `data.images.load_resized`), with
         the image settings (`data.image_settings.ImageSettings`) that say how to normalise them.
 
@@ -168,22 +210,37 @@ class VisionEncoder:
             parts.append(y.reshape(-1, e))
         return self._blocks(torch.cat(parts), grid_thw)
 
-    def _blocks(self, x: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """The rest of Qwen2_5_VisionTransformerPretrainedModel.forward after the patch embedding."""
+    def _blocks(self, x: torch.Tensor, grid_thw: torch.Tensor) -> ImageFeatures:
+        """The rest of the tower's forward after the patch embedding: Qwen2_5_VisionTransformerPretrainedModel's
+        (windowed layers, tokens in window order) or Qwen3VLVisionModel's (learned positions added, every
+        layer full attention, the deepstack mergers' outputs after their layers)."""
         visual = self.visual
         plan = self.plan(grid_thw, x.device)
-        unit = visual.spatial_merge_unit
-        x = x.reshape(-1, unit, x.shape[-1])[plan.window_index].reshape(x.shape)
+        if plan.window_index is not None:
+            unit = visual.spatial_merge_unit
+            x = x.reshape(-1, unit, x.shape[-1])[plan.window_index].reshape(x.shape)
+        if plan.position_taps is not None:
+            indices, weights = plan.position_taps
+            x = x + (visual.pos_embed(indices) * weights[:, :, None]).sum(1).to(x.dtype)
         position = (plan.cos, plan.sin)  # float32, as transformers keeps them (rotary runs in float32)
+        full_layers = getattr(visual, "fullatt_block_indexes", None)
+        deepstack_layers = list(getattr(visual, "deepstack_visual_indexes", None) or ())
+        deepstack = []
         for layer, block in enumerate(visual.blocks):
-            layout = plan.full if layer in visual.fullatt_block_indexes else plan.windows
+            layout = plan.full if full_layers is None or layer in full_layers else plan.windows
             x = x + self.attention(block.attn, block.norm1(x), position, layout)
             x = x + block.mlp(block.norm2(x))
-        return visual.merger(x)[plan.reverse_index]
+            if layer in deepstack_layers:
+                deepstack.append(visual.deepstack_merger_list[deepstack_layers.index(layer)](x))
+        merged = visual.merger(x)
+        return ImageFeatures(merged if plan.reverse_index is None else merged[plan.reverse_index], tuple(deepstack))
 
-    def split(self, features: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]:
-        """Per-image features, as `get_image_features(...).pooler_output`."""
-        return list(torch.split(features, (grid_thw.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()))
+    def split(self, features: ImageFeatures, grid_thw: torch.Tensor) -> list[ImageFeatures]:
+        """Per-image features, as `get_image_features(...)` splits them."""
+        sizes = (grid_thw.prod(-1) // self.visual.spatial_merge_size ** 2).tolist()
+        embeds = torch.split(features.embeds, sizes)
+        deepstack = [torch.split(layer, sizes) for layer in features.deepstack]
+        return [ImageFeatures(e, tuple(layer[i] for layer in deepstack)) for i, e in enumerate(embeds)]
 
     # -- pieces ------------------------------------------------------------------------------
 
@@ -227,23 +284,31 @@ class VisionEncoder:
         return plan
 
     def _make_plan(self, grid_thw: torch.Tensor, device: torch.device) -> Plan:
-        from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
+        from transformers.vision_utils import (get_vision_cu_seqlens, get_vision_interpolation_indices_and_weights,
+                                               get_vision_position_ids, get_vision_window_index)
 
         visual = self.visual
         unit = visual.spatial_merge_unit
-        window_index, cu_windows = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
-                                                           window_size=visual.window_size,
-                                                           patch_size=visual.patch_size)
-        window_index = window_index.to(device)
         cu_full = get_vision_cu_seqlens(grid_thw)
         position_ids = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
         tokens = int(cu_full[-1])
         anchor = torch.empty(0, device=device)  # the rotary module only reads its device
         cos, sin = visual.rotary_pos_emb(anchor, position_ids.to(device))
-        cos, sin = (t.reshape(tokens // unit, unit, -1)[window_index].reshape(tokens, -1) for t in (cos, sin))
-        return Plan(window_index, torch.argsort(window_index), cos, sin,
-                    windows=segments(cu_windows.diff().tolist(), device),
-                    full=segments(cu_full.diff().tolist(), device))
+        plan = Plan(cos, sin, full=segments(cu_full.diff().tolist(), device))
+        if getattr(visual, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: windowed layers
+            window_index, cu_windows = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                                               window_size=visual.window_size,
+                                                               patch_size=visual.patch_size)
+            window_index = window_index.to(device)
+            cos, sin = (t.reshape(tokens // unit, unit, -1)[window_index].reshape(tokens, -1) for t in (cos, sin))
+            plan = Plan(cos, sin, plan.full, window_index, torch.argsort(window_index),
+                        segments(cu_windows.diff().tolist(), device))
+        if getattr(visual, "pos_embed", None) is not None:  # Qwen3-VL: a learned position grid, resampled
+            indices, weights = get_vision_interpolation_indices_and_weights(
+                grid_thw, num_grid_per_side=visual.num_grid_per_side, mode=visual.interpolation_mode,
+                align_corners=visual.interpolation_align_corners, spatial_merge_size=visual.spatial_merge_size)
+            plan.position_taps = (indices.to(device), weights.to(device))
+        return plan
 
 
 def vision_encoder(visual: torch.nn.Module) -> VisionEncoder:

@@ -5,7 +5,9 @@ output for an image is the same in epoch 1 and epoch 30. The first time a sample
 features are computed (no grad) and kept on the CPU, and its decoded pixels are dropped; afterwards the
 model receives them as `mm_encoder_outputs` and skips the vision tower. Memory per image: image tokens ×
 hidden size in the compute dtype (64 × 128 × 4 B = 32 KB on the tiny model, 334 × 3584 × 2 B = 2.4 MB on
-Qwen2.5-VL-7B at 262,144 pixels), against 3 bytes per pixel for the kept pixels.
+Qwen2.5-VL-7B at 262,144 pixels), against 3 bytes per pixel for the kept pixels. Qwen3-VL's tower also
+gives deepstack features, one more such tensor per deepstack layer (three on the releases), which the
+language model adds to its first layers: they are cached with the features.
 """
 
 from __future__ import annotations
@@ -37,8 +39,7 @@ class ImageFeatureCache:
             encoder = vision_encoder(_vision_owner(self.accelerator.unwrap_model(self.model)).visual)
             with self.accelerator.autocast():
                 features = encoder.still_images(images, grids.to(self.accelerator.device), settings)
-            features = encoder.split(features, grids)
-            features = [f.to("cpu") for f in features]
+            features = [f.to("cpu") for f in encoder.split(features, grids)]
             del images
             # Copied once the forward's temporaries are freed, so the kept copies land in the holes they
             # left, not above them: kept tensors at the top of the heap pin everything below them (glibc
