@@ -10,7 +10,11 @@ according to the rule its prompt states. Generation then stops at `<|im_end|>` a
 fine-tuned model does, and both labels occur — so the check that score mode and generate mode
 predict the same label wherever generation gave a valid label is not trivial.
 
-    python benchmarks/predict_throughput.py [--samples 64] [--threads 2]
+    python benchmarks/predict_throughput.py [--samples 64] [--threads 2] [--arch qwen3_vl] [--library]
+
+`--arch` picks the family of the tiny model (default qwen2_5_vl, the reference's); `--library` turns
+vlmtune's fast paths off (the vision encoder, the last-layer trick, the rope shortcut), so that the
+model runs transformers' own code end to end — the fallback every unproven architecture takes.
 
 Prints seconds per sample and samples/s for each mode and batch size, timing the loop `vlmtune predict`
 runs (image decoding one batch ahead in a helper thread, encoding, the model; not model loading or
@@ -111,7 +115,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train_steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3, help="time each configuration this often, keep the median")
+    parser.add_argument("--arch", default="qwen2_5_vl", help="tiny model family: qwen2_5_vl, qwen2_vl, qwen3_vl, "
+                                                             "qwen3_vl_moe")
+    parser.add_argument("--library", action="store_true", help="transformers' own code: vlmtune's fast paths off")
     args = parser.parse_args()
+    if args.library:
+        from vlmtune.infer import last_positions, scoring
+        from vlmtune.model import vision
+
+        vision.SUPPORTED, last_positions.SUPPORTED, scoring.FAST_POSITIONS = (), (), ()
 
     from vlmtune import allocator
 
@@ -127,7 +139,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(tmp / "tiny", max_pixels=args.image_size ** 2)
+        model_dir = build_tiny_model(tmp / "tiny", max_pixels=args.image_size ** 2, arch=args.arch)
         write_dataset(tmp / "data", args.samples, args.image_size)
         convs = load_datasets("bench", str(tmp / "data"), None).conversations
         started = time.perf_counter()
@@ -138,8 +150,8 @@ def main() -> None:
         model, processor = engine.model, engine.processor
         n = len(convs)
         n_image_tokens = image_tokens(load_images(convs[0], processor), processor)[0]
-        print(f"{n} samples, {args.image_size}x{args.image_size} images ({n_image_tokens} image tokens), "
-              f"{args.threads} threads, fp32\n")
+        print(f"{args.arch}{' (library path)' if args.library else ''}: {n} samples, {args.image_size}x"
+              f"{args.image_size} images ({n_image_tokens} image tokens), {args.threads} threads, fp32\n")
 
         labels = [POS, NEG]
         predictor = TransformersPredictor(engine)  # what `vlmtune predict` runs, minus the JSONL writing

@@ -5,7 +5,9 @@ peak RSS 939 MiB, 12 s from start to the first step): a tiny Qwen2.5-VL (text hi
 vision depth 2, hidden 64), 96 ShareGPT samples with 448×448 images, batch 1, gradient accumulation 8,
 2 epochs, val_size 0.1, LoRA r=8 on all language-model linears, fp32.
 
-    python benchmarks/train_throughput.py [--repeat 3] [--threads 2] [--samples 96] [--image_size 448] [key=value ...]
+    python benchmarks/train_throughput.py [--repeat 3] [--threads 2] [--samples 96] [--image_size 448] [--arch qwen3_vl] [key=value ...]
+
+`--arch` picks the tiny model's family (default qwen2_5_vl, the reference's), with its default template.
 
 Prints: train samples/s and tokens/s (from vlmtune's own log), peak RSS of the training process, the
 time from process start to the end of the first optimisation step, and the load average around each
@@ -34,6 +36,8 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=448)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs; medians are printed when more than one")
+    parser.add_argument("--arch", default="qwen2_5_vl", help="tiny model family: qwen2_5_vl, qwen2_vl, qwen3_vl, "
+                                                             "qwen3_vl_moe")
     parser.add_argument("overrides", nargs="*", help="key=value settings for the training YAML")
     args = parser.parse_args()
 
@@ -42,11 +46,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(tmp / "tiny", max_pixels=args.image_size ** 2)
+        model_dir = build_tiny_model(tmp / "tiny", max_pixels=args.image_size ** 2, arch=args.arch)
         generate(args.samples, tmp / "data", seed=1, preset="easy", name="bench", image_size=args.image_size)
         cfg = {
             "model_name_or_path": str(model_dir), "dataset": "bench", "dataset_dir": str(tmp / "data"),
-            "template": "qwen2_vl", "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all",
+            "template": None, "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all",
             "image_max_pixels": args.image_size ** 2, "cutoff_len": 4096, "output_dir": str(tmp / "out"),
             "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "num_train_epochs": 2,
             "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "val_size": 0.1,

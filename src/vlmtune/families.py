@@ -78,13 +78,15 @@ FAMILIES: tuple[Family, ...] = (
         name="Qwen3-VL", model_types=("qwen3_vl",), templates=("qwen3_vl_nothink", "qwen3_vl"),
         thinking_template="qwen3_vl", image_defaults=QWEN3_IMAGES, chat_template="qwen3_vl_instruct.jinja",
         deepstack_output="transformers.models.qwen3_vl.modeling_qwen3_vl.BaseModelOutputWithDeepstackFeatures",
-        fast_decoder_layers=("Qwen3VLTextDecoderLayer",), fast_rope_models=("Qwen3VLModel",)),
+        fast_vision_towers=("Qwen3VLVisionModel",), fast_decoder_layers=("Qwen3VLTextDecoderLayer",),
+        fast_rope_models=("Qwen3VLModel",)),
     Family(
         name="Qwen3-VL-MoE", model_types=("qwen3_vl_moe",), templates=("qwen3_vl_nothink", "qwen3_vl"),
         thinking_template="qwen3_vl", image_defaults=QWEN3_IMAGES, chat_template="qwen3_vl_instruct.jinja",
         deepstack_output=("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe."
                           "BaseModelOutputWithDeepstackFeatures"),
-        fast_decoder_layers=("Qwen3VLMoeTextDecoderLayer",), fast_rope_models=("Qwen3VLMoeModel",)),
+        fast_vision_towers=("Qwen3VLMoeVisionModel",), fast_decoder_layers=("Qwen3VLMoeTextDecoderLayer",),
+        fast_rope_models=("Qwen3VLMoeModel",)),
 )
 MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 ASSETS = Path(__file__).resolve().parent / "assets" / "chat_templates"

@@ -73,7 +73,7 @@ def read_model_config(model_dir: Path):
         config = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as exc:
         raise VlmtuneError(f"{model_dir / 'config.json'}: cannot read ({str(exc).splitlines()[0]})") from None
-    family_of_type(config.model_type, str(model_dir / "config.json"))  # a one-line error for an unsupported one
+    family_of_type(config.model_type, str(Path(model_dir) / "config.json"))  # one line for an unsupported one
     return config
 
 

@@ -1,20 +1,22 @@
-"""Qwen2.5-VL's vision tower for inference: transformers' weights and math, in fewer and larger ops.
+"""Qwen2.5-VL's and Qwen3-VL's vision towers for inference: transformers' weights and math, in fewer and
+larger ops.
 
 Why not just call `model.visual(pixel_values, grid_thw)`: with sdpa or eager attention, transformers'
-`Qwen2_5_VisionTransformerPretrainedModel.forward` (5.x)
+forward of these towers (5.x)
 
-* runs one attention call per window per image in every windowed layer (a 448×448 image has 16
-  windows: 128 calls per layer for a batch of 8) and one per image in the full-attention layers —
-  with two torch threads on a busy machine each small call can cost a millisecond of waiting;
-* recomputes the window order, the rotary table and the segment lengths from `grid_thw` with Python
-  loops on every call;
+* runs one attention call per image in the full-attention layers (every layer of Qwen3-VL's tower)
+  and, in Qwen2.5-VL's windowed layers, one per window per image (a 448×448 image has 16 windows:
+  128 calls per layer for a batch of 8) — with two torch threads on a busy machine each small call
+  can cost a millisecond of waiting;
+* recomputes the per-grid tables from `grid_thw` on every call: window order, rotary tables, segment
+  lengths, and for Qwen3-VL the taps that resample its learned position grid to each image;
 * embeds patches with a Conv3d whose kernel equals its stride: a plain matmul, which the Conv3d path
   runs about 2× slower on a CPU, and for a still image half of it is redundant: the image processor
   repeats the frame over the temporal patch (`temporal_patch_size` 2), so the two halves of the
   kernel see the same pixels.
 
 Here, with the same result (tests/infer/test_vision.py: ≤ 1e-5 against `visual(...)`, mixed image
-sizes, LoRA on the vision blocks):
+sizes, LoRA on the vision blocks, Qwen3-VL's deepstack features included):
 
 * patches are embedded by one matmul with the Conv3d kernel flattened; `VisionEncoder.still_images`
   takes the resized uint8 images themselves and runs the patch embedding as a strided conv2d with
@@ -22,14 +24,17 @@ sizes, LoRA on the vision blocks):
   (W₀ + W₁)·x) and the pixel normalisation folded in;
 * windows (and images) of equal length attend in one batched `scaled_dot_product_attention` call;
 * q and k get their rotary embedding together, in four half-size ops (`rotate`) instead of ten;
-* the per-grid tables (window order and its inverse, rotary cos/sin in window order, segment groups)
-  come from transformers' own functions (`vision_utils.get_vision_*`, the model's rotary module) and
-  are cached per `grid_thw`;
+* the per-grid tables come from transformers' own functions (`vision_utils.get_vision_*`, the model's
+  rotary module) and are cached per `grid_thw`;
 * everything with weights is the model's own module (norms, qkv / proj / MLP linears — LoRA-wrapped
-  ones included —, the merger), called as transformers calls it.
+  ones included —, the learned position grid, the mergers), called as transformers calls it.
+
+Measured on the tiny models (2 threads, batches of 8 images of 448², 2026-12-02): 4.6–4.8 ms per image for
+Qwen2.5-VL's and Qwen3-VL's towers, against 8.1–8.4 ms for transformers' forward of the already cut
+patches (docs/benchmarks.md).
 
 Flash-attention models keep transformers' forward (their varlen kernel is already one call per
-layer), as does any vision tower this was not proven on (`vlmtune.families`: Qwen3-VL's tower runs
+layer), as does any vision tower this was not proven on (`vlmtune.families`: Qwen2-VL's runs
 transformers' own forward), and a patch embedding that is not a plain Conv3d (a LoRA on it).
 Inference only in spirit — it is differentiable, but training uses it only for a frozen tower's
 cached features (`train.image_features`) and otherwise keeps the library's forward.
@@ -247,7 +252,8 @@ class VisionEncoder:
     @staticmethod
     def attention(attn: torch.nn.Module, hidden: torch.Tensor, position: tuple[torch.Tensor, torch.Tensor],
                   layout: Segments) -> torch.Tensor:
-        """Qwen2_5_VLVisionAttention.forward with segments of equal length batched."""
+        """Qwen2_5_VLVisionAttention.forward (and Qwen3VLVisionAttention's, the same) with segments of equal
+        length batched."""
         tokens = hidden.shape[0]
         qkv = attn.qkv(hidden).view(tokens, 3, attn.num_heads, -1)
         q, k = rotate(qkv[:, :2], *position).unbind(1)
