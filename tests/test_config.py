@@ -73,6 +73,17 @@ def test_ignored_keys_are_reported_not_dropped():
     assert any("ddp_timeout=180000000" in n for n in notes)
     assert any("video_max_pixels" in n for n in notes)
     assert not any("ddp_timeout" in n for n in inert_settings(cfg, world_size=8, has_cuda=True))
+    assert any("enable_thinking=false has no effect with template qwen2_vl" in n
+               for n in inert_settings(load_config(USER_YAML, ["enable_thinking=false"]), 1, False))
+    thinking = load_config(USER_YAML, ["enable_thinking=false", "template=qwen3_vl"])
+    assert not any("enable_thinking" in n for n in inert_settings(thinking, 1, False))
+
+
+def test_template_names_are_llama_factorys():
+    for name in ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen2_5_vl"):
+        assert load_config(USER_YAML, [f"template={name}"]).data.template == name
+    with pytest.raises(VlmtuneError, match="'template' must be one of qwen2_vl, qwen3_vl_nothink, qwen3_vl"):
+        load_config(USER_YAML, ["template=llava"])
 
 
 def test_every_key_has_help_and_one_section():

@@ -461,6 +461,8 @@ def inert_settings(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
                      f"CPU cores")
     if not cfg.train.do_train:
         notes.append("do_train=false has no effect: `vlmtune train` always trains")
+    if not cfg.data.enable_thinking and cfg.data.template is not None and cfg.data.template != "qwen3_vl":
+        notes.append(f"enable_thinking=false has no effect with template {cfg.data.template} (only with qwen3_vl)")
     if cfg.data.overwrite_cache:
         notes.append("overwrite_cache has no effect: data is encoded in memory at start-up, there is no cache")
     return notes

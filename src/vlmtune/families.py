@@ -21,12 +21,12 @@ parametrised over `FAMILIES`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import read_json_object
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -104,13 +104,7 @@ def family_of_type(model_type: str | None, where: str = "config.json") -> Family
 def family_of_dir(model_dir: str | Path) -> Family:
     """The family of a model directory, from its config.json read as JSON (no transformers import)."""
     path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise VlmtuneError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
-    if not isinstance(config, dict):
-        raise VlmtuneError(f"{path}: expected a JSON object")
-    return family_of_type(config.get("model_type"), str(path))
+    return family_of_type(read_json_object(path).get("model_type"), str(path))
 
 
 def family_of_model(model) -> Family | None:

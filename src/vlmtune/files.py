@@ -1,7 +1,9 @@
-"""Write a file so that readers see the old content or the new one, never half of it."""
+"""Write a file so that readers see the old content or the new one, never half of it; read a JSON object
+or say in one line why the file is not one."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -41,3 +43,15 @@ def _replace(path: Path, payload: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def read_json_object(path: str | Path) -> dict:
+    """The JSON object in `path`, or a one-line VlmtuneError naming the file (unreadable, not JSON, not an object)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise VlmtuneError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    if not isinstance(value, dict):
+        raise VlmtuneError(f"{path}: expected a JSON object")
+    return value

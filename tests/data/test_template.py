@@ -251,3 +251,23 @@ def test_every_family_names_templates_that_exist():
     for family in FAMILIES:
         assert family.templates and all(name in TEMPLATES for name in family.templates)
         assert family.thinking_template in (None, *family.templates)
+
+
+def test_template_is_saved_with_the_processor_and_reused(tiny_models, tmp_path):
+    """What an adapter directory records (`vlmtune_template.json`) is what prediction renders with; a broken
+    record is a one-line error naming it."""
+    from vlmtune.data.processor import TEMPLATE_RECORD, saved_template
+    from vlmtune.infer.engine import resolve_template
+
+    load_processor(tiny_models("qwen3_vl"), template="qwen3_vl", enable_thinking=False).save_pretrained(tmp_path)
+    assert saved_template(tmp_path) == ("qwen3_vl", False)
+    reloaded = load_processor(tmp_path)  # the saved processor alone (no config.json): its family from the record
+    assert (reloaded.family.name, reloaded.template.name, reloaded.template.enable_thinking) == ("Qwen3-VL",
+                                                                                                "qwen3_vl", False)
+    assert resolve_template(tmp_path, None, None) == ("qwen3_vl", False)  # the adapter's
+    assert resolve_template(tmp_path, None, True) == ("qwen3_vl", True)  # an explicit enable_thinking wins
+    assert resolve_template(tmp_path, "qwen3_vl_nothink", None) == ("qwen3_vl_nothink", None)
+    (tmp_path / TEMPLATE_RECORD).write_text('{"template": 3}')
+    with pytest.raises(VlmtuneError, match=TEMPLATE_RECORD) as info:
+        saved_template(tmp_path)
+    assert "\n" not in str(info.value)

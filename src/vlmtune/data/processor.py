@@ -24,6 +24,7 @@ from vlmtune.data.image_settings import ImageSettings
 from vlmtune.data.template import IMAGE_PAD, Template, get_template
 from vlmtune.errors import VlmtuneError
 from vlmtune.families import Family, chat_template_text, family_of_dir, family_of_type
+from vlmtune.files import read_json_object, write_atomic
 
 TEMPLATE_RECORD = "vlmtune_template.json"
 
@@ -61,7 +62,7 @@ class Processor:
         self.image_processor.save_pretrained(directory)
         record = {"template": self.template.name, "enable_thinking": self.template.enable_thinking,
                   "model_type": self.family.model_types[0]}
-        (Path(directory) / TEMPLATE_RECORD).write_text(json.dumps(record) + "\n", encoding="utf-8")
+        write_atomic(Path(directory) / TEMPLATE_RECORD, json.dumps(record) + "\n")
 
 
 def saved_template(directory: str | Path) -> tuple[str | None, bool | None]:
@@ -69,13 +70,11 @@ def saved_template(directory: str | Path) -> tuple[str | None, bool | None]:
     path = Path(directory) / TEMPLATE_RECORD
     if not path.is_file():
         return None, None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        name, thinking = record.get("template"), record.get("enable_thinking")
-        if not isinstance(name, str) or not isinstance(thinking, (bool, type(None))):
-            raise ValueError("expected {\"template\": name, \"enable_thinking\": true|false}")
-    except (ValueError, AttributeError) as exc:
-        raise VlmtuneError(f"{path}: not a usable template record ({exc})") from None
+    record = read_json_object(path)
+    name, thinking = record.get("template"), record.get("enable_thinking")
+    if not isinstance(name, str) or not isinstance(thinking, (bool, type(None))):
+        raise VlmtuneError(f"{path}: not a usable template record (expected {{\"template\": name, "
+                           f"\"enable_thinking\": true|false}})")
     return name, thinking
 
 
@@ -83,11 +82,7 @@ def family_of(directory: Path) -> Family:
     """The family of a model directory (its config.json), or of an adapter's saved processor (its record)."""
     record = directory / TEMPLATE_RECORD
     if not (directory / "config.json").is_file() and record.is_file():
-        try:
-            model_type = json.loads(record.read_text(encoding="utf-8")).get("model_type")
-        except (ValueError, AttributeError):
-            model_type = None
-        return family_of_type(model_type, str(record))
+        return family_of_type(read_json_object(record).get("model_type"), str(record))
     return family_of_dir(directory)
 
 
@@ -113,10 +108,7 @@ def own_chat_template(tokenizer, model_dir: Path, family: Family) -> str:
     if (model_dir / "chat_template.jinja").is_file():
         return (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
     if (model_dir / "chat_template.json").is_file():
-        try:
-            value = json.loads((model_dir / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
-        except (ValueError, AttributeError):
-            value = None
+        value = read_json_object(model_dir / "chat_template.json").get("chat_template")
         if isinstance(value, str) and value:
             return value
     return chat_template_text(family)
