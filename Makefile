@@ -10,7 +10,13 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?=
 
-.PHONY: setup test test-fast demo docs clean
+# The oldest transformers vlmtune supports (pyproject.toml's lower bound): `make test-oldest` runs the fast
+# tests in a second venv with it, and checks its predictions against the newest's (tests/versions.py).
+TRANSFORMERS_OLDEST ?= 5.16.1
+OLD_VENV := .venv-oldest
+OLD_PY := $(OLD_VENV)/bin/python
+
+.PHONY: setup test test-fast test-oldest demo docs clean
 
 setup: $(STAMP)
 
@@ -34,6 +40,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+test-oldest: setup
+	test -x $(OLD_PY) || $(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_PY) -m pip --disable-pip-version-check install -q "torch==$(TORCH_CPU_VERSION)" $(if $(TORCH_CPU_INDEX),--index-url $(TORCH_CPU_INDEX))
+	$(OLD_PY) -m pip --disable-pip-version-check install -q "transformers==$(TRANSFORMERS_OLDEST)" -e ".[test,api]"
+	rm -rf $(OLD_VENV)/reference && $(PY) tests/versions.py make $(OLD_VENV)/reference
+	VLMTUNE_REFERENCE=$(OLD_VENV)/reference $(OLD_PY) -m pytest -q -m "not slow"
+
 demo: setup
 	$(VENV)/bin/vlmtune demo
 
@@ -41,4 +54,4 @@ docs: setup
 	$(PY) -m vlmtune.config > docs/config.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLD_VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -79,6 +79,14 @@ def test_ignored_keys_are_reported_not_dropped():
     assert not any("enable_thinking" in n for n in inert_settings(thinking, 1, False))
 
 
+def test_bare_no_is_the_string_no(tmp_path):
+    """`eval_strategy: no` in a YAML, or eval_strategy=no on the command line, is the choice "no", not false."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text("eval_strategy: no\nsave_strategy: steps\n")
+    assert load_config(path).train.eval_strategy == "no"
+    assert load_config(path, ["save_strategy=no"]).train.save_strategy == "no"
+
+
 def test_template_names_are_llama_factorys():
     for name in ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen2_5_vl"):
         assert load_config(USER_YAML, [f"template={name}"]).data.template == name

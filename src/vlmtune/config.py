@@ -321,6 +321,8 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
     if hint is str:
         if isinstance(value, (dict, list)):
             raise VlmtuneError(f"{origin}: '{key}' must be a string, got {value!r}")
+        if isinstance(value, bool):  # YAML 1.1 reads a bare `no` (eval_strategy: no) as false, `yes` as true
+            return "no" if value is False else "yes"
         return str(value)
     return value
 

@@ -51,8 +51,8 @@ def test_loading_matches_transformers(tmp_path, config, overrides):
     if config:
         (tmp_path / CONFIG_NAME).write_text(json.dumps(config))
         reference = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path), **overrides)
-    else:
-        reference = Qwen2VLImageProcessorPil(**overrides)
+    else:  # no file: vlmtune's defaults are transformers 5.2x's (older versions' class defaults differ)
+        reference = Qwen2VLImageProcessorPil(**{"max_pixels": 28 * 28 * 1280, "min_pixels": 56 * 56, **overrides})
     assert attributes(ImageSettings.from_pretrained(tmp_path, **overrides)) == attributes(reference)
 
 

@@ -12,7 +12,8 @@ from vlmtune.data.images import header_size, load_resized, to_patches, token_cou
     ((224, 224), None, 64), ((448, 448), None, 256), ((1024, 768), None, 999), ((1024, 768), 262144, 315),
 ])
 def test_token_counts_match_qwen(size, max_pixels, tokens):
-    ip = Qwen2VLImageProcessorPil(**({"max_pixels": max_pixels} if max_pixels else {}))
+    # None: Qwen2-VL's default limits, given explicitly (transformers' class defaults differ between versions)
+    ip = Qwen2VLImageProcessorPil(max_pixels=max_pixels or 28 * 28 * 1280, min_pixels=56 * 56)
     assert token_count(*size, ImageSettings.from_dict(ip.to_dict())) == tokens
 
 

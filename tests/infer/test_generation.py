@@ -38,7 +38,8 @@ def test_score_mode_agrees_with_greedy_generation(tiny_models, label_adapters, a
 def test_reasoning_template_answers_after_the_thought(tiny_models, label_adapters, conversations):
     """qwen3_vl with enable_thinking: the adapter learns to open with the empty thought, generation writes it
     first, and the answer (what is compared with the label) is the text after it; scoring agrees."""
-    from vlmtune.infer.scoring import evaluating, to_model, unwrap
+    from vlmtune.infer.scoring import evaluating, to_model
+    from vlmtune.model.compat import image_inputs, unwrap
 
     model_dir = tiny_models("qwen3_vl")
     adapter = label_adapters("qwen3_vl", template="qwen3_vl", steps=60)
@@ -59,8 +60,9 @@ def test_reasoning_template_answers_after_the_thought(tiny_models, label_adapter
     with evaluating(engine.model):
         core = unwrap(engine.model)
         batch = to_model(Collator(processor, padding_side="left", raw_images=True)(samples), core)
-        out = core.generate(**batch, **sampling_kwargs(12, 0.0), eos_token_id=stop_token_ids(processor),
-                            pad_token_id=processor.pad_token_id)
+        with image_inputs(core, batch) as inputs:
+            out = core.generate(**inputs, **sampling_kwargs(12, 0.0), eos_token_id=stop_token_ids(processor),
+                                pad_token_id=processor.pad_token_id)
     raw = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert raw.startswith("<think>\n\n</think>\n\n") and raw.endswith(convs[0].answer)
 

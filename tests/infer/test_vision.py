@@ -9,6 +9,7 @@ import torch
 
 from vlmtune.data.images import image_grids, to_patches
 from vlmtune.data.processor import load_processor
+from vlmtune.model.compat import image_inputs
 from vlmtune.model.load import load_model
 from vlmtune.model.vision import VisionEncoder, encoder_outputs, rotate, usable, vision_encoder
 
@@ -96,6 +97,8 @@ def test_features_given_to_the_model_give_the_pixel_forward(tiny_models, arch):
         want = model.model.get_image_features(pixels, grid)
         deepstack = getattr(want, "deepstack_features", None) or []
         assert bool(deepstack) is arch.startswith("qwen3")
+        sizes = [p.shape[0] for p in want.pooler_output]  # per image; before transformers 5.18 deepstack is not
+        deepstack = [layer if isinstance(layer, (list, tuple)) else torch.split(layer, sizes) for layer in deepstack]
         parts = encoder.split(encoder.still_images(raw, grid, processor.image_processor), grid)
         for i, part in enumerate(parts):
             assert_close_features(part, want.pooler_output[i], [layer[i] for layer in deepstack],
@@ -104,8 +107,10 @@ def test_features_given_to_the_model_give_the_pixel_forward(tiny_models, arch):
         ids = torch.tensor([[5, 6] + [pad] * parts[0].embeds.shape[0] + [7] + [pad] * parts[1].embeds.shape[0] + [8]])
         mm = (ids == pad).long()
         through_pixels = model(input_ids=ids, pixel_values=pixels, image_grid_thw=grid, mm_token_type_ids=mm).logits
-        through_features = model(input_ids=ids, mm_encoder_outputs=encoder_outputs(parts, processor.family),
-                                 image_grid_thw=grid, mm_token_type_ids=mm).logits
+        given = {"input_ids": ids, "mm_encoder_outputs": encoder_outputs(parts, processor.family),
+                 "image_grid_thw": grid, "mm_token_type_ids": mm}
+        with image_inputs(model, given) as inputs:  # as `mm_encoder_outputs` where the forward takes them
+            through_features = model(**inputs).logits
     assert (through_pixels - through_features).abs().max() <= 1e-5
 
 

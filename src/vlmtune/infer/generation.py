@@ -21,7 +21,8 @@ from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import Collator, EncodedSample
 from vlmtune.data.processor import Processor
 from vlmtune.data.template import IM_END
-from vlmtune.infer.scoring import encode_prompts, evaluating, to_model, unwrap
+from vlmtune.infer.scoring import encode_prompts, evaluating, to_model
+from vlmtune.model.compat import image_inputs, unwrap
 
 
 def stop_token_ids(processor: Processor) -> list[int]:
@@ -64,8 +65,9 @@ def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, ma
     if seed is not None:
         torch.manual_seed(seed)
     stops = stop_token_ids(processor)
-    output = core.generate(**batch, **sampling_kwargs(max_new_tokens, temperature), eos_token_id=stops,
-                           pad_token_id=processor.pad_token_id)
+    with image_inputs(core, batch) as inputs:
+        output = core.generate(**inputs, **sampling_kwargs(max_new_tokens, temperature), eos_token_id=stops,
+                               pad_token_id=processor.pad_token_id)
     new_tokens = output[:, batch["input_ids"].shape[1]:]
     texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [processor.template.answer_of(text) for text in texts]

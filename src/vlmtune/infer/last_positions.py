@@ -113,18 +113,20 @@ def supported(lm: torch.nn.Module, layer: torch.nn.Module) -> bool:
 
 
 def last_layer_at(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch.Tensor, *,
-                  position_embeddings: tuple[torch.Tensor, torch.Tensor], cache=None, **_ignored) -> torch.Tensor:
+                  position_embeddings: tuple[torch.Tensor, torch.Tensor], cache=None, past_key_values=None,
+                  **_ignored) -> torch.Tensor:
     """The decoder layer's forward (`Qwen2_5_VLDecoderLayer.forward`, `Qwen3VLTextDecoderLayer.forward`) at
     `positions` only; keys and values of every position go into the cache. The causal mask the model
     passes is not needed: a right-padded row's kept position sees exactly the keys at or before it."""
+    cache = cache if cache is not None else past_key_values  # the keyword before transformers 5.24
     attn = layer.self_attn
-    rotate_half = sys.modules[type(layer).__module__].rotate_half
+    module = sys.modules[type(layer).__module__]
     batch, length, _ = hidden.shape
     kept = positions.shape[1]
     rows = positions[..., None]
 
-    def at_kept(t):  # (batch, length, …) → (batch, kept, …)
-        return torch.take_along_dim(t, rows, dim=1)
+    def at_kept(t, dim=1):  # (batch, length, …) → (batch, kept, …)
+        return torch.take_along_dim(t, rows if dim == 1 else rows[None], dim=dim)
 
     normed = layer.input_layernorm(hidden)
     head_dim = attn.head_dim
@@ -133,11 +135,19 @@ def last_layer_at(layer: torch.nn.Module, hidden: torch.Tensor, positions: torch
     value = attn.v_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     query = q_norm(attn.q_proj(at_kept(normed)).view(batch, kept, -1, head_dim)).transpose(1, 2)
 
-    def rotary(t, cos, sin):  # the module's apply_rotary_pos_emb for one tensor (keys and queries differ in length)
-        return t * cos.unsqueeze(1) + rotate_half(t) * sin.unsqueeze(1)
-
     cos, sin = position_embeddings
-    key, query = rotary(key, cos, sin), rotary(query, at_kept(cos), at_kept(sin))
+    if cos.ndim == 4:
+        # Before transformers 5.2x Qwen2(.5)-VL's tables are (3, batch, length, dim) and the attention merges
+        # the sections itself: the module's own function, once for keys and once for the kept queries.
+        section = attn.config.rope_parameters["mrope_section"]
+
+        def rotary(t, cos, sin):
+            return module.apply_multimodal_rotary_pos_emb(t, t, cos, sin, section)[0]
+        key, query = rotary(key, cos, sin), rotary(query, at_kept(cos, 2), at_kept(sin, 2))
+    else:
+        def rotary(t, cos, sin):  # the module's apply_rotary_pos_emb for one tensor (keys and queries differ)
+            return t * cos.unsqueeze(1) + module.rotate_half(t) * sin.unsqueeze(1)
+        key, query = rotary(key, cos, sin), rotary(query, at_kept(cos), at_kept(sin))
     if cache is not None:
         key, value = cache.update(key, value, attn.layer_idx)
     visible = torch.arange(key.shape[2], device=hidden.device) <= positions[..., None]  # (batch, kept, keys)
@@ -153,7 +163,7 @@ def agrees_with_library(lm: torch.nn.Module) -> bool:
     then one more token from each cache (so the cache the layer left behind is checked too)."""
     from transformers import DynamicCache
 
-    from vlmtune.infer.scoring import cache_kwarg
+    from vlmtune.model.compat import cache_kwarg
 
     param = next(lm.parameters())
     cache_name = cache_kwarg(lm)

@@ -30,7 +30,6 @@ tests/infer/test_scoring.py checks the result against one plain full forward per
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections import Counter
 from typing import Iterator, Sequence
 
@@ -43,6 +42,7 @@ from vlmtune.data.template import ASSISTANT_START, IM_END
 from vlmtune.families import FAMILIES, family_of_model
 from vlmtune.infer import rope_positions
 from vlmtune.infer.last_positions import kept_positions
+from vlmtune.model.compat import cache_kwarg, image_inputs, image_owner, unwrap
 
 # Models whose rope rule `infer.rope_positions` writes out (and is checked against on each model's first batch).
 FAST_POSITIONS = tuple(name for family in FAMILIES for name in family.fast_rope_models)
@@ -98,26 +98,9 @@ def label_token_ids(labels: Sequence[str], processor: Processor) -> list[list[in
 # Model plumbing
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under DDP and peft wrappers (peft's LoRA layers live inside it)."""
-    while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
-
-
 def rope_module(core: torch.nn.Module) -> torch.nn.Module:
-    """The inner Qwen2-VL model that owns `get_rope_index` and the `rope_deltas` state."""
-    for module in core.modules():
-        if callable(getattr(module, "get_rope_index", None)):
-            return module
-    raise TypeError(f"{type(core).__name__} has no get_rope_index (not a Qwen2-VL / Qwen2.5-VL model)")
-
-
-def cache_kwarg(core: torch.nn.Module) -> str:
-    """transformers renamed `past_key_values` to `cache` (5.x); use whichever this model's forward takes."""
-    return "cache" if "cache" in inspect.signature(type(core).forward).parameters else "past_key_values"
+    """The inner model that owns `get_rope_index` and the `rope_deltas` state."""
+    return image_owner(core)
 
 
 def output_cache(output):
@@ -219,10 +202,15 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     # attention kernels skip the upper triangle instead of reading a B×S×S mask), and the last
     # decoder layer needs to run only at that token (`infer.last_positions`).
     last = (lengths - 1 if right_padded else torch.full_like(lengths, width - 1))[:, None]
-    with kept_positions(core, last) if right_padded else contextlib.nullcontext(False) as only_last:
-        out = core(**{**batch, "attention_mask": None if right_padded else mask}, position_ids=positions,
-                   use_cache=True, logits_to_keep=0 if only_last else last)
-    first = out.logits[:, -1].float().log_softmax(-1)  # (B, V)
+    inputs = {**batch, "attention_mask": None if right_padded else mask}
+    with kept_positions(core, last) if right_padded else contextlib.nullcontext(False) as only_last, \
+            image_inputs(core, inputs) as inputs:
+        # Otherwise logits at the rows' last positions only (any version takes a 1-D index; one row's is picked).
+        columns = None if only_last else last.flatten().unique()
+        out = core(**inputs, position_ids=positions, use_cache=True, logits_to_keep=0 if only_last else columns)
+    logits = out.logits[:, -1] if only_last else \
+        out.logits[torch.arange(n_rows, device=device), torch.searchsorted(columns, last.flatten())]
+    first = logits.float().log_softmax(-1)  # (B, V)
     first_ids = torch.tensor([ids[0] for ids in label_ids], device=device)
     scores = first[:, first_ids]  # (B, K)
     cont_len = max(len(ids) for ids in label_ids) - 1

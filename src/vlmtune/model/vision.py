@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from vlmtune.families import FAMILIES, Family, import_object
+from vlmtune.model.compat import vision_rotary
 
 SUPPORTED = tuple(name for family in FAMILIES for name in family.fast_vision_towers)
 PLAIN_ATTENTION = (None, "sdpa", "eager")
@@ -298,8 +299,7 @@ class VisionEncoder:
         cu_full = get_vision_cu_seqlens(grid_thw)
         position_ids = get_vision_position_ids(grid_thw, visual.spatial_merge_size)
         tokens = int(cu_full[-1])
-        anchor = torch.empty(0, device=device)  # the rotary module only reads its device
-        cos, sin = visual.rotary_pos_emb(anchor, position_ids.to(device))
+        cos, sin = vision_rotary(visual, position_ids.to(device))
         plan = Plan(cos, sin, full=segments(cu_full.diff().tolist(), device))
         if getattr(visual, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: windowed layers
             window_index, cu_windows = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,

@@ -6,7 +6,7 @@ Features and their trade-offs:
 - Loss is normalised by the label tokens of the whole optimisation step (all micro-batches, all
   ranks), so gradient accumulation and data parallelism give the gradient of one big batch. A plain
   mean per micro-batch would weight a 2-token answer like a 20-token one.
-- Logits are computed only at the positions that predict a label token (`logits_to_keep` mask):
+- Logits are computed only at the positions that predict a label token (`logits_to_keep`, a 1-D index):
   with Qwen's 152k vocabulary the full logits of an 880-token sample would be ~270 MB.
 - Data order is a pure function of (seed, epoch) (batches.py); a checkpoint stores how far into the
   epoch the run got, so resuming replays no sample and skips none.
@@ -51,14 +51,20 @@ from vlmtune.train.state import TrainerState
 
 def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the label tokens of a batch, and how many there are."""
+    from vlmtune.model.compat import image_inputs, unwrap
+
     labels = batch["labels"]
-    # Position t predicts token t+1: keep the logits of positions whose next token is labelled.
+    # Position t predicts token t+1: only positions whose next token is labelled need logits. The model
+    # computes them at the columns where any row has one (a 1-D `logits_to_keep`, which every supported
+    # transformers version takes), and each row's own are picked from those.
     predicts_label = torch.zeros_like(labels, dtype=torch.bool)
     predicts_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False, logits_to_keep=predicts_label).logits
-    targets = labels[:, 1:][predicts_label[:, :-1]]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, reduction="sum"), targets.numel()
+    columns = predicts_label.any(0).nonzero().flatten()
+    with image_inputs(unwrap(model), {k: v for k, v in batch.items() if k != "labels"}) as inputs:
+        logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits
+    logits = logits[predicts_label[:, columns]]  # (label tokens, vocabulary)
+    targets = labels[:, columns + 1][predicts_label[:, columns]]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
 
 def make_accelerator(cfg: Config):
