@@ -415,10 +415,12 @@ class Evaluator:
         world, rank = accelerator.num_processes, accelerator.process_index
         self.shard: list[EncodedSample] = data.val[rank::world]
         self.n_real = len(self.shard)
-        if zero_stage(accelerator) == 3 and data.val:
-            # ZeRO-3 gathers each layer's weights from all ranks in every forward, so every rank must run
-            # as many: a short shard is topped up with a copy of a sample that has no labelled tokens
-            # (it adds nothing to eval_loss) and whose task-metric row is dropped.
+        if world > 1 and data.val:
+            # Every rank must run as many forwards: DDP broadcasts buffers in the first forward after a step
+            # and ZeRO-3 gathers each layer's weights from all ranks in every forward, so a rank with fewer
+            # (or no) validation samples would leave the others waiting forever. A short shard is topped up
+            # with a copy of a sample that has no labelled tokens (it adds nothing to eval_loss) and whose
+            # task-metric row is dropped.
             filler = dataclasses.replace(data.val[-1], labels=torch.full_like(data.val[-1].labels, IGNORE_INDEX))
             self.shard += [filler] * (math.ceil(len(data.val) / world) - self.n_real)
         self.has_val = bool(data.val)
