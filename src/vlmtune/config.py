@@ -130,7 +130,10 @@ class FinetuneConfig:
         "Comma list of extra modules trained in full next to LoRA (e.g. lm_head, embed_tokens).")
     use_rslora: bool = _help("Rank-stabilised LoRA scaling (alpha / sqrt(r)).", False)
     use_dora: bool = _help("Weight-decomposed LoRA (DoRA).", False)
-    freeze_vision_tower: bool = _help("Keep the vision encoder frozen.", True)
+    freeze_vision_tower: bool = _help(
+        "Keep the vision encoder frozen. false: with LoRA, LoRA on the vision tower's linear layers too (as "
+        "LLaMA-Factory's lora_target: all then; saved in the adapter; vLLM applies it only with "
+        "enable_tower_connector_lora); with full/freeze fine-tuning, the tower trains in full.", True)
     freeze_multi_modal_projector: bool = _help("Keep the vision-to-language projector (merger) frozen.", True)
     freeze_language_model: bool = _help("Keep the language model frozen (full/freeze fine-tuning only).", False)
     freeze_trainable_layers: int = _help(

@@ -143,8 +143,12 @@ def test_qwen3_deepstack_mergers_belong_to_the_tower(tiny_models, finetuning_typ
 
     assert not trainable()  # both frozen by default
     tower = trainable(freeze_vision_tower=False)
-    assert any(".deepstack_merger_list." in n for n in tower) and any(".pos_embed." in n for n in tower)
+    assert any(".deepstack_merger_list." in n for n in tower) and any(".blocks." in n for n in tower)
     assert not any(".visual.merger." in n for n in tower)
+    if finetuning_type == "full":
+        assert any(".pos_embed." in n for n in tower)
+    else:  # LoRA on the tower's linears (the adapter holds them), nothing else of it
+        assert all("lora_" in n for n in tower)
     projector = trainable(freeze_multi_modal_projector=False)
     assert projector and all(".visual.merger." in n for n in projector)
 
@@ -154,3 +158,34 @@ def test_unknown_lora_target_is_clear(tiny_model_dir):
 
     with pytest.raises(VlmtuneError, match="no linear module named qkv_proj"):
         apply_finetuning(load_model(Path(tiny_model_dir)), FinetuneConfig(lora_target="qkv_proj"), log=lambda _: None)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_unfrozen_tower_with_lora_is_saved_with_the_adapter(tiny_models, arch, tmp_path):
+    """freeze_vision_tower: false + LoRA: what trains in the tower is in the saved adapter, and the adapter
+    loaded onto a fresh base gives the trained model's outputs (the tower's changes included)."""
+    from peft import PeftModel
+
+    model_dir = tiny_models(arch)
+    torch.manual_seed(0)
+    model = apply_finetuning(load_model(model_dir), FinetuneConfig(freeze_vision_tower=False), log=lambda _: None)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)  # as if trained
+    trained_tower = {n for n, p in model.named_parameters() if p.requires_grad and ".visual." in n}
+    assert trained_tower
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(".visual." in k for k in saved)
+    assert len([k for k in saved if ".visual." in k]) == len(trained_tower)
+    visual = model.get_base_model().model.visual
+    pixels = torch.randn(64, visual.patch_embed.proj.weight[0].numel())
+    grid = torch.tensor([[1, 8, 8]])
+    reloaded = PeftModel.from_pretrained(load_model(model_dir), str(tmp_path)).get_base_model().model.visual
+    with torch.no_grad():
+        want = visual(pixels, grid_thw=grid).pooler_output
+        assert (reloaded(pixels, grid_thw=grid).pooler_output - want).abs().max() < 1e-5
+        assert (load_model(model_dir).model.visual(pixels, grid_thw=grid).pooler_output - want).abs().max() > 1e-3

@@ -9,7 +9,10 @@ attention projections, as in LLaMA-Factory; `lora_target_experts: true` adds LoR
 parameters through peft's `target_parameters`.
 
 The vision tower and projector are frozen by default. The projector is the tower's `merger`; Qwen3-VL's
-deepstack mergers belong to the tower (LLaMA-Factory's split, `freeze_vision_tower`).
+deepstack mergers belong to the tower (LLaMA-Factory's split, `freeze_vision_tower`). With LoRA,
+`freeze_vision_tower: false` puts LoRA on the tower's linear layers as well (as LLaMA-Factory's `all` does
+then), so the adapter holds what trains; an unfrozen projector is trained in full and saved with it
+(peft's `modules_to_save`).
 """
 
 from __future__ import annotations
@@ -44,18 +47,26 @@ def model_parts(model: nn.Module) -> ModelParts:
     raise VlmtuneError("unrecognised model layout: expected Qwen2-VL's language_model and visual modules")
 
 
-def language_model_linear_names(model: nn.Module) -> list[str]:
-    """Distinct suffixes of the linear layers inside the language model."""
-    prefix = model_parts(model).language_model + "."
+def linear_names(model: nn.Module, prefix: str, exclude: str | None = None) -> list[str]:
+    """Distinct suffixes of the linear layers under `prefix` (not under `exclude`), in first-seen order."""
     found: dict[str, None] = {}  # first-seen order: q, k, v, o, gate, up, down
     for name, module in model.named_modules():
-        if name.startswith(prefix) and isinstance(module, nn.Linear):
+        if name.startswith(prefix + ".") and not (exclude and name.startswith(exclude + ".")) \
+                and isinstance(module, nn.Linear):
             found.setdefault(name.rsplit(".", 1)[-1])
     return list(found)
 
 
-def lora_target_regex(model: nn.Module, lora_target: str) -> tuple[str, list[str]]:
-    """peft target_modules regex restricted to the language model, and the module names it targets."""
+def language_model_linear_names(model: nn.Module) -> list[str]:
+    """Distinct suffixes of the linear layers inside the language model."""
+    return linear_names(model, model_parts(model).language_model)
+
+
+def lora_target_regex(model: nn.Module, lora_target: str, vision_tower: bool = False) -> tuple[str, list[str]]:
+    """peft target_modules regex restricted to the language model — and, with `vision_tower`, the vision
+    tower without its projector (LLaMA-Factory's `freeze_vision_tower: false` under LoRA) —, and the module
+    names it targets."""
+    parts = model_parts(model)
     available = language_model_linear_names(model)
     if lora_target.strip() == "all":
         names = available
@@ -65,8 +76,18 @@ def lora_target_regex(model: nn.Module, lora_target: str) -> tuple[str, list[str
         if unknown:
             raise VlmtuneError(f"lora_target: no linear module named {', '.join(unknown)} in the language model "
                                f"(available: {', '.join(available)})")
-    prefix = re.escape(model_parts(model).language_model)
-    return rf"{prefix}\..*\.({'|'.join(names)})", names
+    regex = rf"{re.escape(parts.language_model)}\..*\.({'|'.join(names)})"
+    if not vision_tower:
+        return regex, names
+    tower = linear_names(model, parts.vision_tower, exclude=parts.projector)
+    if lora_target.strip() != "all":
+        tower = [n for n in tower if n in names]
+    if tower:
+        # The projector (merger) is not part of the tower; a negative look-ahead keeps it out.
+        regex = (rf"({regex})|({re.escape(parts.vision_tower)}\.(?!{re.escape(parts.projector.rsplit('.', 1)[-1])}\.)"
+                 rf".*\.({'|'.join(tower)}))")
+        names = names + [n for n in tower if n not in names]
+    return regex, names
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
@@ -111,7 +132,7 @@ def _apply_lora(model: nn.Module, cfg: FinetuneConfig, log) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     log("Fine-tuning method: LoRA")
-    regex, names = lora_target_regex(model, cfg.lora_target)
+    regex, names = lora_target_regex(model, cfg.lora_target, vision_tower=not cfg.freeze_vision_tower)
     log(f"Found linear modules: {','.join(names)}")
     parts = model_parts(model)
     modules_to_save = [m.strip() for m in (cfg.additional_target or "").split(",") if m.strip()]
@@ -135,10 +156,6 @@ def _apply_lora(model: nn.Module, cfg: FinetuneConfig, log) -> nn.Module:
         # theirs to fix and says nothing to our user.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         model = get_peft_model(model, lora_config)
-    if not cfg.freeze_vision_tower:
-        for name, param in model.named_parameters():
-            if f"{parts.vision_tower}." in name and f"{parts.projector}." not in name:
-                param.requires_grad_(True)
     return model
 
 
