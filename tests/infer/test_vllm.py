@@ -216,3 +216,68 @@ def test_vllm_generate_mode(tmp_path, tiny_model_dir, random_adapter, rules_dir)
                      "--vllm_config", json.dumps({"gpu_memory_utilization": 0.3, "enforce_eager": True}))
     assert result.returncode == 0, result.stderr
     assert len((tmp_path / "g.jsonl").read_text().splitlines()) == 4
+
+
+# --- the decisions taken before vLLM starts (everywhere: real configs and adapters, no engine) ---------
+
+
+def saved_adapter(model_dir, out, **lora):
+    """An adapter as peft saves it, with LoRA settings of the kind vLLM accepts or refuses."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlmtune.model.adapters import lora_target_regex
+    from vlmtune.model.load import load_model
+
+    model = load_model(model_dir)
+    regex = lora.pop("target_modules", None) or lora_target_regex(model, "all")[0]
+    get_peft_model(model, LoraConfig(r=8, target_modules=regex, **lora)).save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ({"modules_to_save": ["lm_head"]}, r"fully trained modules \(lm_head"),
+    ({"use_dora": True}, "DoRA"),
+    ({"target_modules": r".*visual.*\.qkv"}, "LoRA on the vision tower"),
+])
+def test_adapters_vllm_cannot_apply_are_refused_with_the_fix(tiny_model_dir, tmp_path, kind, fragment):
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.infer.engine import read_adapter_config
+    from vlmtune.infer.vllm_backend import check_adapter
+
+    adapter = saved_adapter(tiny_model_dir, tmp_path / "adapter", **dict(kind))
+    with pytest.raises(VlmtuneError, match=fragment) as info:
+        check_adapter(adapter, read_adapter_config(adapter), {})
+    assert "vlmtune export" in str(info.value) and "\n" not in str(info.value)
+    plain = saved_adapter(tiny_model_dir, tmp_path / "plain")
+    check_adapter(plain, read_adapter_config(plain), {})  # language-model LoRA: fine
+    if "target_modules" in kind:  # tower LoRA with vLLM's option on: allowed
+        check_adapter(adapter, read_adapter_config(adapter), {"enable_tower_connector_lora": True})
+
+
+def test_tensor_parallel_size_is_checked_against_the_heads():
+    from helpers import FIXTURES
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.files import read_json_object
+    from vlmtune.infer.vllm_backend import check_tensor_parallel
+
+    seven_b = read_json_object(FIXTURES / "qwen2_5_vl_7b" / "config.json")  # 28 text heads, 16 vision heads
+    for size in (1, 2, 4):
+        check_tensor_parallel(seven_b, size, "vllm_config")
+    with pytest.raises(VlmtuneError, match="tensor_parallel_size 8 does not divide the language model's 28 and the "
+                                           "vision tower's 16 attention heads; use 1, 2 or 4"):
+        check_tensor_parallel(seven_b, 8, "vllm_config")
+    check_tensor_parallel(read_json_object(FIXTURES / "qwen3_vl_8b_instruct" / "config.json"), 8, "vllm_config")
+
+
+def test_default_max_model_len_comes_from_the_data(tiny_model_dir, rules_dir):
+    from vlmtune.data.checks import check_conversations
+    from vlmtune.data.loader import load_datasets
+    from vlmtune.data.processor import load_processor
+    from vlmtune.infer.vllm_backend import default_max_model_len
+
+    processor = load_processor(tiny_model_dir)
+    convs = load_datasets("rules", str(rules_dir), None).conversations
+    longest = max(s.total_tokens for s in check_conversations(convs, processor).stats.values())
+    length = default_max_model_len(longest, 64)
+    assert length % 256 == 0 and longest + 64 <= length < longest + 64 + 256 + 16
+    assert default_max_model_len(900, 64) == 1024  # the user's ≈880-token samples: 1k, not 128k

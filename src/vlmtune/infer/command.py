@@ -276,7 +276,8 @@ def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversa
                                   vllm_config=pargs.vllm_config, cache_dir=cfg.model.cache_dir,
                                   revision=cfg.model.model_revision,
                                   max_images=max((len(c.images) for c in conversations), default=1),
-                                  seed=cfg.train.seed, log=log, **chat)
+                                  seed=cfg.train.seed, conversations=conversations,
+                                  max_new_tokens=pargs.max_new_tokens, log=log, **chat)
     from vlmtune.infer.engine import load_engine
     from vlmtune.infer.runner import TransformersPredictor
 

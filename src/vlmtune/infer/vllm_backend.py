@@ -56,6 +56,58 @@ def lora_rank_limit(rank: int) -> int:
     raise VlmtuneError(f"LoRA rank {rank} is larger than vLLM supports ({LORA_RANKS[-1]})")
 
 
+def check_adapter(adapter_dir: Path, adapter_config: dict, vllm_config: dict) -> None:
+    """Refuse, before the engine starts, an adapter vLLM would reject inside it or silently apply in part
+    (vLLM 0.33: `PEFTHelper` rejects `modules_to_save` other than classifier/score and DoRA; LoRA on the
+    vision tower is dropped without a word unless `enable_tower_connector_lora` is on)."""
+    fix = (f"merge it with `vlmtune export --adapter_name_or_path {adapter_dir} --export_dir DIR` and predict "
+           f"or serve the merged model (no adapter)")
+    trained = [m for m in adapter_config.get("modules_to_save") or [] if m not in ("classifier", "score")]
+    if trained:
+        raise VlmtuneError(f"{adapter_dir}: vLLM cannot apply an adapter with fully trained modules "
+                           f"({', '.join(trained)}, peft's modules_to_save); {fix}")
+    if adapter_config.get("use_dora"):
+        raise VlmtuneError(f"{adapter_dir}: vLLM cannot apply a DoRA adapter; {fix}")
+    if adapter_has_tower_lora(adapter_dir) and not vllm_config.get("enable_tower_connector_lora"):
+        raise VlmtuneError(f"{adapter_dir}: the adapter has LoRA on the vision tower, which vLLM ignores unless "
+                           f"--vllm_config '{{\"enable_tower_connector_lora\": true}}' (experimental there); or "
+                           f"{fix}")
+
+
+def adapter_has_tower_lora(adapter_dir: Path) -> bool:
+    """True when the adapter's weights include LoRA layers of the vision tower (`.visual.`)."""
+    path = adapter_dir / "adapter_model.safetensors"
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as weights:
+        return any(".visual." in key for key in weights.keys())
+
+
+def check_tensor_parallel(model_config: dict, size: int, where: str) -> None:
+    """vLLM splits attention heads over the GPUs: both the language model's and the vision tower's head
+    counts must be multiples of tensor_parallel_size (Qwen2.5-VL-7B: 28 and 16 heads → 1, 2 or 4)."""
+    text = model_config.get("text_config") or model_config
+    vision = model_config.get("vision_config") or {}
+    heads = {"language model": text.get("num_attention_heads"), "vision tower": vision.get("num_heads")}
+    heads = {k: int(v) for k, v in heads.items() if v}
+    if size < 1 or any(n % size for n in heads.values()):
+        fits = [str(t) for t in range(1, max(heads.values(), default=1) + 1) if all(n % t == 0 for n in heads.values())]
+        counts = " and ".join(f"the {k}'s {n}" for k, n in heads.items())
+        choices = f"{', '.join(fits[:-1])} or {fits[-1]}" if len(fits) > 1 else fits[0]
+        raise VlmtuneError(f"{where}: tensor_parallel_size {size} does not divide {counts} attention heads; "
+                           f"use {choices}")
+
+
+def default_max_model_len(longest_sample: int, max_new_tokens: int) -> int:
+    """The context vLLM reserves KV cache for: the longest sample of the data (prompt, image tokens and
+    answer) plus the answer budget, in blocks of 256 — not the model's 128k or 256k, whose cache alone
+    does not fit a 24 GB GPU next to a 7B model."""
+    need = longest_sample + max_new_tokens + 16
+    return -(-need // 256) * 256
+
+
 def vllm_prompt(template, messages, n_images: int, default_system: str | None, mode: str = "generate") -> str:
     """The prompt with one image pad per image, ending with the open assistant turn as `mode` (score or
     generate) needs it (`data.template.Template.render`)."""
@@ -99,7 +151,8 @@ class VllmPredictor:
              image_max_pixels: int | None, image_min_pixels: int | None, bf16: bool = False, fp16: bool = False,
              vllm_config: dict[str, Any] | None = None, cache_dir: str | None = None, revision: str = "main",
              max_images: int = 1, max_model_len: int | None = None, seed: int = 0, template: str | None = None,
-             enable_thinking: bool | None = None, log=print) -> "VllmPredictor":
+             enable_thinking: bool | None = None, conversations=(), max_new_tokens: int = 64,
+             log=print) -> "VllmPredictor":
         ok, why = vllm_available()
         if not ok:
             raise VlmtuneError(f"--backend vllm: {why}; use --backend transformers")
@@ -124,12 +177,25 @@ class VllmPredictor:
             limit_mm_per_prompt={"image": max(1, max_images)},
             mm_processor_kwargs={"max_pixels": processor.max_pixels, "min_pixels": processor.min_pixels},
         )
+        vllm_config = dict(vllm_config or {})
+        if max_model_len is None and conversations:
+            from vlmtune.data.checks import check_conversations
+
+            stats = check_conversations(list(conversations), processor).stats.values()
+            max_model_len = default_max_model_len(max((s.total_tokens for s in stats), default=0), max_new_tokens)
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if adapter_dir is not None:
+            check_adapter(adapter_dir, adapter_config, vllm_config)
             kwargs.update(enable_lora=True, max_loras=1,
                           max_lora_rank=lora_rank_limit(int(adapter_config.get("r", 8))))
-        kwargs.update(vllm_config or {})  # the user's settings win (tensor_parallel_size, gpu_memory_utilization, ...)
+        # Scoring sends each prompt once per label: the label requests of a sample share its prompt's cache.
+        kwargs["enable_prefix_caching"] = True
+        kwargs.update(vllm_config)  # the user's settings win (tensor_parallel_size, gpu_memory_utilization, ...)
+        from vlmtune.files import read_json_object
+
+        check_tensor_parallel(read_json_object(model_dir / "config.json"), int(kwargs.get("tensor_parallel_size", 1)),
+                              "vllm_config")
         log(f"vLLM: {json.dumps({k: v for k, v in kwargs.items() if k != 'model'}, default=str)}")
         try:
             llm = LLM(**kwargs)
@@ -167,8 +233,19 @@ class VllmPredictor:
 
         requests = [self._request(prompt, images, text + IM_END) for prompt, images in prepared
                     for text, _ in continuations]
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
-        outputs = iter(self.llm.generate(requests, params, lora_request=lora, use_tqdm=False))
+        # prompt_logprobs makes vLLM skip reading the prefix cache (a cached position has no log-prob); only
+        # the label's own positions are read here, never cached for a new label suffix, so the K requests of a
+        # sample may share its prompt's cache. Without that setting (older vLLM) each runs the whole prompt.
+        base = dict(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        try:
+            params = SamplingParams(**base, skip_reading_prefix_cache=False)
+        except TypeError:
+            params = SamplingParams(**base)
+        results = self.llm.generate(requests, params, lora_request=lora, use_tqdm=False)
+        if any(None in (r.prompt_logprobs or [None])[-len(ids):]
+               for r, (_, ids) in zip(results, continuations * len(prepared))):  # a label position came cached
+            results = self.llm.generate(requests, SamplingParams(**base), lora_request=lora, use_tqdm=False)
+        outputs = iter(results)
         out = []
         for _ in prepared:
             row = []
