@@ -18,7 +18,6 @@ Rules that matter here:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -244,9 +243,12 @@ def _check_record(obj: Any, path: Path, line: int) -> dict[str, Any]:
                            f"got {type(scores).__name__}")
     else:
         for key, value in scores.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise VlmtuneError(f"{_at(path, line, 'scores')}: value for {key!r} must be a finite number, "
-                                   f"got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise VlmtuneError(f"{_at(path, line, 'scores')}: value for {key!r} must be a probability in "
+                                   f"[0, 1], got {value!r}")
+        stripped = [str(key).strip() for key in scores]
+        if len(set(stripped)) != len(stripped):
+            raise VlmtuneError(f"{_at(path, line, 'scores')}: the same label twice ({sorted(scores)})")
     record["_line"] = line
     return record
 
@@ -280,6 +282,8 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise VlmtuneError(f"{_at(path, line)}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise VlmtuneError(f"{_at(path, line)}: JSON nested too deeply") from None
         records.append(_check_record(obj, path, line))
     if not records:
         raise VlmtuneError(f"{path}: no predictions (the file is empty)")
