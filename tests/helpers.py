@@ -1,7 +1,9 @@
-"""Plain helpers for tests: small ShareGPT datasets with images, and running the CLI."""
+"""Plain helpers for tests: small ShareGPT datasets with images, running the CLI (in a subprocess, or in this
+process), and checksums of a command's inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -84,3 +86,23 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
     return errors[0]
+
+
+def run_inline(capsys, *args) -> subprocess.CompletedProcess:
+    """`vlmtune ARGS` in this process (no 8 s of imports); the result looks like run_cli's. A Python exception
+    other than the one-line errors cli.py turns into `error: ...` escapes, and fails the test."""
+    from vlmtune.cli import main as cli_main
+
+    code = cli_main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+def checksums(*paths: Path) -> dict[str, str]:
+    """sha256 of every file under `paths` (files, or directories walked recursively), by path."""
+    found = {}
+    for path in paths:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            found[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return found

@@ -6,14 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import FAMILY_ARCHS, assert_one_line_error, make_dataset
+from helpers import FAMILY_ARCHS, assert_one_line_error, make_dataset, run_inline
 from label_adapters import one_torch_thread
-from vlmtune.cli import main as cli_main
 
 STEPS = (2, 4, 6)
 MAX_PIXELS = 128 * 128
@@ -28,12 +26,6 @@ def _one_torch_thread():
 @pytest.fixture(scope="module", params=FAMILY_ARCHS)
 def tiny_model_dir(request, tiny_models):
     return tiny_models(request.param)
-
-
-def run_inline(capsys, *args) -> subprocess.CompletedProcess:
-    code = cli_main([str(a) for a in args])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
 @pytest.fixture(scope="module")

@@ -96,8 +96,13 @@ def _images(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return [], [Problem(*where, column, "must be a list of image paths")]
     paths = []
-    for item in value:
-        path = Path(item).expanduser()
+    for i, item in enumerate(value):
+        if "\0" in item or not item.strip():
+            return [], [Problem(*where, f"{column}[{i}]", f"not a file path: {item!r}")]
+        try:
+            path = Path(item).expanduser()
+        except RuntimeError:  # `~someone/...` for a user this machine does not have
+            return [], [Problem(*where, f"{column}[{i}]", f"no home directory for {item!r}")]
         paths.append(str(path if path.is_absolute() else (entry.dataset_dir / path).resolve()))
     return paths, []
 
