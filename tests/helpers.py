@@ -106,3 +106,9 @@ def checksums(*paths: Path) -> dict[str, str]:
         for file in files:
             found[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
     return found
+
+
+def changed_files(before: dict[str, str], *paths: Path) -> list[str]:
+    """The files of a `checksums(*paths)` taken earlier that are now different or gone (new files do not count)."""
+    now = checksums(*paths)
+    return sorted(path for path, digest in before.items() if now.get(path) != digest)

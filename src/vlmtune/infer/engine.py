@@ -86,23 +86,17 @@ def base_model_of(adapter_dir: str | Path) -> str | None:
 
 
 def warn_if_other_base(adapter_dir: Path, model_name_or_path: str, model_dir: Path, warn) -> None:
-    """The adapter records the model it was trained on; loading it onto another one is allowed but said
-    (one line on stderr), unless the recorded directory is this one or holds the same config.json (a copy).
-    Weights of another shape are refused when they load (`attach_adapter`)."""
+    """The adapter records the model it was trained on (`base_model_name_or_path`); loading it onto another
+    directory or hub id is allowed — it may be a copy — but said in one line on stderr. Weights of another
+    shape are refused when they load (`attach_adapter`)."""
     recorded = base_model_of(adapter_dir)
     if not recorded or recorded == model_name_or_path:  # the same directory or hub id as at training
         return
     recorded_dir = Path(recorded).expanduser()
-    if recorded_dir.is_dir():
-        if recorded_dir.resolve() == model_dir.resolve():
-            return
-        try:
-            if (recorded_dir / "config.json").read_bytes() == (model_dir / "config.json").read_bytes():
-                return
-        except OSError:
-            pass
+    if recorded_dir.is_dir() and recorded_dir.resolve() == model_dir.resolve():
+        return
     warn(f"warning: {adapter_dir}: trained on {recorded} (base_model_name_or_path in {ADAPTER_CONFIG}), now "
-         f"loaded onto {model_dir}; its answers may not mean much on another base model")
+         f"loaded onto {model_dir}; if that is another model, its answers may mean little")
 
 
 def saved_pixel_limits(directory: str | Path) -> tuple[int | None, int | None]:
