@@ -112,3 +112,13 @@ def changed_files(before: dict[str, str], *paths: Path) -> list[str]:
     """The files of a `checksums(*paths)` taken earlier that are now different or gone (new files do not count)."""
     now = checksums(*paths)
     return sorted(path for path, digest in before.items() if now.get(path) != digest)
+
+
+def write_config(path: Path, **values) -> Path:
+    """examples/tiny_cpu.yaml with `values` changed, written to `path` (a training YAML for the tiny model)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "examples" / "tiny_cpu.yaml").read_text())
+    cfg.update(values)
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path

@@ -102,16 +102,25 @@ def _write_checkpoint(accelerator, model, processor, optimizer, scheduler, state
         unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         processor.save_pretrained(tmp)
     if not save_only_model:
-        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
+        save_torch(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
         if uses_deepspeed(accelerator):
             accelerator.save_state(str(tmp / "deepspeed"))  # every rank writes its optimizer partition
         elif accelerator.is_main_process:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         if accelerator.is_main_process:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state.save(tmp / STATE_FILE)  # last: its presence marks the checkpoint complete
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save, whose C++ writer reports a failed write (a full disk) as a cryptic RuntimeError: said plainly."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else exc.__class__.__name__
+        raise OSError(f"{path.name} could not be written completely (a full disk or a quota?; torch: {detail})") from None
 
 
 def _write_errors() -> tuple[type[BaseException], ...]:
@@ -127,7 +136,7 @@ WRITE_ERRORS = _write_errors()
 
 def describe_write_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
+        return f"{Path(exc.filename).name}: {exc.strerror}" if exc.filename else exc.strerror
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else exc.__class__.__name__
 
