@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import importlib.util
 import io
+import shutil
 import time
 from pathlib import Path
 
@@ -184,3 +185,33 @@ def test_a_client_that_leaves_abandons_its_generation(server, small_url):
         time.sleep(0.1)
     assert "abandoned a request: the client disconnected during generation" in Path(server["log"]).read_text()
     assert waited < full / 2, (waited, full)
+
+
+def start_errors(tmp: Path, label_adapter: Path) -> dict:
+    damaged = tmp / "damaged-adapter"
+    shutil.copytree(label_adapter, damaged)
+    weights = damaged / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return {
+        "--max_labels 0": (["--max_labels", "0"], ["--max_labels", "≥ 1"]),
+        "--max_new_tokens above --max_tokens_limit": (["--max_new_tokens", "1000"], ["--max_new_tokens 1000",
+                                                                                     "--max_tokens_limit 512"]),
+        "--max_image_pixels above --max_request_pixels": (["--max_image_pixels", "200000000"],
+                                                          ["--max_image_pixels", "--max_request_pixels"]),
+        "one label": (["--labels", "满足要求"], ["--labels", "at least two"]),
+        "truncated adapter": (["--adapter_name_or_path", str(damaged)],
+                              ["adapter_model.safetensors", "not a readable safetensors"]),
+    }
+
+
+def test_bad_server_settings_are_one_line(tmp_path, capsys, tiny_model_dir, label_adapter):
+    from helpers import assert_one_line_error, checksums, run_inline
+
+    for name, (args, fragments) in start_errors(tmp_path, label_adapter).items():
+        before = checksums(tmp_path, tiny_model_dir)
+        result = run_inline(capsys, "api", "--model_name_or_path", tiny_model_dir, "--port", free_port(), *args)
+        try:
+            assert_one_line_error(result, *fragments)
+        except AssertionError as exc:
+            raise AssertionError(name) from exc
+        assert checksums(tmp_path, tiny_model_dir) == before, name
