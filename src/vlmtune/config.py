@@ -150,8 +150,9 @@ class TrainConfig:
     do_train: bool = _help("Train. (`vlmtune train` always trains; accepted for LLaMA-Factory YAMLs.)", True)
     do_eval: bool = _help("Evaluate at the end of training when a validation split exists.", True)
     overwrite_output_dir: bool = _help(
-        "Allow writing into a non-empty output_dir. Without it, a non-empty output_dir is refused unless "
-        "the run resumes.", False)
+        "Allow writing into a non-empty output_dir. The earlier run's checkpoint-N directories are then removed "
+        "when training starts (the log lists them), so a later resume cannot pick one of them up. Without it, a "
+        "non-empty output_dir is refused unless the run resumes.", False)
     per_device_train_batch_size: int = _help("Samples per device per micro-batch.", 1)
     per_device_eval_batch_size: int = _help("Samples per device per evaluation batch.", 1)
     gradient_accumulation_steps: int = _help("Micro-batches per optimisation step.", 1)
@@ -184,7 +185,10 @@ class TrainConfig:
         "Checkpoints hold only the adapter/model, not optimizer, scheduler and RNG state (cannot resume).",
         False)
     resume_from_checkpoint: str | bool | None = _help(
-        "Continue a run: a checkpoint directory, or true for the latest complete checkpoint in output_dir.")
+        "Continue a run: a checkpoint directory, or true for the latest complete checkpoint in output_dir. A "
+        "checkpoint that does not fit this run is refused with the reason: a step beyond its schedule, another "
+        "batch size, gradient accumulation, world size, number of examples, seed or adapter (lora_rank, "
+        "lora_target), or damaged files.")
     report_to: str | list[str] = _help(
         "Where metrics go besides trainer_log.jsonl: tensorboard, none (comma list or YAML list).", "none")
     logging_dir: str | None = _help("TensorBoard directory (default: output_dir/runs).")

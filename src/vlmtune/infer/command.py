@@ -13,6 +13,8 @@ most probable label, no invalid answers. `--mode generate` writes the generated 
 Each line of the output: `id`, `images`, `prompt` (the rendered prompt, `<image>` not expanded),
 `predict`, `label`, and in score mode `scores` {label: probability}. Rows are written as they come;
 rerunning the same command after a crash continues where it stopped (see `infer/output.py`).
+`--save_name` may not be one of the run's inputs (the dataset, dataset_info.json, an image, a model or
+adapter file); `--overwrite` keeps the old file until the new one is complete.
 The image pixel limits default to the ones saved with the adapter.
 """
 
@@ -56,7 +58,9 @@ class PredictArgs:
     temperature: float = field(default=0.0, metadata={"help": "Generate mode: 0 = greedy; > 0 samples (seeded)."})
     vllm_config: dict = field(default_factory=dict, metadata={
         "help": "Extra vllm.LLM arguments as JSON, e.g. '{\"tensor_parallel_size\": 4}'."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing save_name instead of resuming."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an existing save_name instead of resuming. The new rows go to a temporary file that "
+                "replaces it once every row is written: a run that fails leaves the old predictions."})
 
 
 PREDICT_KEYS = {f.name: f for f in dataclasses.fields(PredictArgs)}
