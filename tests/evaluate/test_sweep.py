@@ -121,3 +121,18 @@ def test_best_row_takes_the_earliest_of_equals_and_skips_undefined():
             {"name": "checkpoint-6", "f1": 0.8}, {"name": "final", "f1": 0.7}]
     assert best_row(rows, "f1")["name"] == "checkpoint-4"
     assert best_row([{"name": "base", "f1": None}], "f1") is None
+
+
+def test_sweep_never_writes_over_its_dataset(tmp_path, capsys, label_adapter, rules_dir):
+    """A dataset kept in the run directory as sweep.json would be replaced by the sweep's summary: refused."""
+    from helpers import checksums
+
+    run = Path(shutil.copytree(label_adapter, tmp_path / "run"))
+    shutil.copytree(rules_dir, run, dirs_exist_ok=True)
+    (run / "rules.json").rename(run / "sweep.json")
+    registry = run / "dataset_info.json"
+    registry.write_text(registry.read_text().replace("rules.json", "sweep.json"))
+    before = checksums(run)
+    result = run_inline(capsys, "sweep", run, "--dataset", "rules", "--dataset_dir", run)
+    assert_one_line_error(result, "sweep output", "sweep.json", "inputs")
+    assert checksums(run) == before

@@ -66,7 +66,21 @@ CASES = {
                                 ["output_dir", "is under", "taken", "a file"]),
     "output_dir read-only": (lambda tmp, cfg: dict(output_dir=str(read_only_dir(tmp) / "out")),
                              ["output_dir", "cannot write there"]),
+    "a decompression bomb in the data": (lambda tmp, cfg: bomb(tmp / "data" / "images" / "img_3.png"),
+                                         ["1 data problem(s) in 1 record(s)", "skip_bad_records"]),
+    "a truncated image in the data": (lambda tmp, cfg: cut(tmp / "data" / "images" / "img_5.png"),
+                                      ["1 record(s) could not be encoded", "skip_bad_records"]),
 }
+
+
+def bomb(path: Path) -> None:
+    from PIL import Image
+
+    Image.new("1", (20_000, 20_000)).save(path, format="PNG")  # 400 M pixels: over Pillow's bomb limit
+
+
+def cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
 
 
 @pytest.mark.parametrize("case", list(CASES))
