@@ -37,6 +37,14 @@ def save_image(path: Path, size: tuple[int, int], seed: int) -> None:
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
 
 
+def png_data_url(path: Path, size: tuple[int, int] = (112, 84), seed: int = 7) -> str:
+    """A random image saved at `path`, as the `data:image/png;base64,...` URL an API client sends."""
+    import base64
+
+    save_image(path, size, seed)
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
 def record(image: str, answer: str, system: bool = True) -> dict:
     messages = [{"role": "system", "content": SYSTEM}] if system else []
     messages += [{"role": "user", "content": RULES_PROMPT}, {"role": "assistant", "content": answer}]
@@ -122,3 +130,23 @@ def write_config(path: Path, **values) -> Path:
     cfg.update(values)
     path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
     return path
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file to `keep` of its bytes (a copy interrupted, a download cut short)."""
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def save_bomb(path: Path) -> None:
+    """A 20000 × 20000 PNG (1-bit, ≈50 KB): 400 M pixels, over twice Pillow's decompression-bomb limit."""
+    Image.new("1", (20_000, 20_000)).save(path, format="PNG")
+
+
+def unwritable_dir(tmp: Path) -> Path:
+    """A directory path nothing can be written under: sysfs refuses even root; a 0555 directory others."""
+    if os.geteuid() == 0:
+        return Path("/sys/vlmtune-unwritable")
+    path = tmp / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    return path / "out"

@@ -55,15 +55,19 @@ def decode_text(raw: bytes, path: str | Path) -> str:
                            f"save the file as UTF-8") from None
 
 
-def read_text(path: str | Path) -> str:
-    """The UTF-8 text of a file (BOM dropped), or a one-line VlmtuneError naming it."""
+def read_bytes(path: str | Path) -> bytes:
+    """The bytes of a file, or a one-line VlmtuneError naming it (not found, a directory, no permission)."""
     try:
-        raw = Path(path).read_bytes()
+        return Path(path).read_bytes()
     except FileNotFoundError:
         raise VlmtuneError(f"{path}: file not found") from None
     except OSError as exc:
         raise VlmtuneError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_text(raw, path)
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a file (BOM dropped), or a one-line VlmtuneError naming it."""
+    return decode_text(read_bytes(path), path)
 
 
 def parse_json(text: str, where: str | Path) -> Any:
@@ -96,9 +100,9 @@ def same_file(a: str | Path, b: str | Path) -> bool:
     try:
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
+        return a.resolve() == b.resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte in a name, a symlink loop: not a file we write
+        return False
 
 
 def refuse_input_as_output(output: str | Path, inputs: Iterable[str | Path], setting: str) -> None:

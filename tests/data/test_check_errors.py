@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import RULES_PROMPT, SHAREGPT_ENTRY, checksums, make_dataset, record, run_inline, write_dataset
+from helpers import RULES_PROMPT, checksums, make_dataset, record, run_inline, save_bomb, write_dataset
 
 
 def dataset_file(data: Path) -> Path:
@@ -47,8 +47,7 @@ def broken_image(data: Path, raw: bytes) -> None:
 
 
 def bomb(data: Path) -> None:
-    """A 20000 × 20000 PNG (1-bit, 50 KB): over twice Pillow's decompression-bomb limit."""
-    Image.new("1", (20_000, 20_000)).save(data / "images" / "bomb.png")
+    save_bomb(data / "images" / "bomb.png")
     with_record(data, record("images/bomb.png", "满足要求"))
 
 

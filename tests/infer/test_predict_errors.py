@@ -10,9 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
-from helpers import assert_one_line_error, changed_files, checksums, run_inline
+from helpers import assert_one_line_error, changed_files, checksums, run_inline, save_bomb, truncate
 
 
 @pytest.fixture
@@ -22,28 +21,14 @@ def data(rules_dir, tmp_path) -> Path:
 
 
 @pytest.fixture
-def adapter(label_adapter, tmp_path) -> Path:
-    """A copy of the trained label adapter that a case may damage."""
-    return Path(shutil.copytree(label_adapter, tmp_path / "adapter"))
-
-
-@pytest.fixture(scope="module")
-def wider_model(tmp_path_factory) -> Path:
-    """A tiny model with text hidden 256 (the adapter was trained on hidden 128): another base's shapes."""
-    from vlmtune.model.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("wide") / "tiny-256", text_hidden=256)
+def adapter(adapter_copy) -> Path:
+    return adapter_copy
 
 
 def predict(model, adapter, data, save, *extra) -> list:
     args = ["predict", "--model_name_or_path", model, "--dataset", "rules", "--dataset_dir", data, "--save_name", save,
             "--max_samples", "6", *extra]
     return args + (["--adapter_name_or_path", adapter] if adapter is not None else [])
-
-
-def truncate(path: Path, keep: float = 0.5) -> None:
-    raw = path.read_bytes()
-    path.write_bytes(raw[: int(len(raw) * keep)])
 
 
 def rules_file(data: Path) -> Path:
@@ -54,10 +39,6 @@ def set_record(data: Path, index: int, value) -> None:
     records = json.loads(rules_file(data).read_text(encoding="utf-8"))
     records[index] = value
     rules_file(data).write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
-
-
-def bomb(data: Path) -> None:
-    Image.new("1", (20_000, 20_000)).save(data / "images" / "r2.png")  # 400 M pixels, a 50 KB file
 
 
 def earlier_predictions(save: Path, meta) -> None:
@@ -114,7 +95,7 @@ CASES = {
     "dataset not UTF-8": (then(lambda a, d, t: rules_file(d).write_bytes(b"[\xff]")), ["rules.json", "not UTF-8"]),
     "a null record": (then(lambda a, d, t: set_record(d, 2, None)),
                       ["rules.json: record 2", "got null", "--skip_bad_records"]),
-    "a decompression bomb": (then(lambda a, d, t: bomb(d)),
+    "a decompression bomb": (then(lambda a, d, t: save_bomb(d / "images" / "r2.png")),
                              ["rules.json: record 2", "field 'images[0]'", "too many pixels"]),
     "a truncated image": (then(lambda a, d, t: truncate(d / "images" / "r3.png", 0.6)),
                           ["rules.json: record 3", "field 'images[0]'", "unreadable image"]),
@@ -156,9 +137,9 @@ def test_overwrite_keeps_the_old_rows_until_the_new_ones_exist(tmp_path, capsys,
     assert json.loads(Path(f"{save}.meta.json").read_text())["labels"] == ["不满足要求", "满足要求"]
 
 
-def test_adapter_of_another_base(tmp_path, capsys, tiny_model_dir, adapter, data, wider_model):
+def test_adapter_of_another_base(tmp_path, capsys, tiny_model_dir, adapter, data, wider_model_dir):
     """Another base of other shapes: refused in one line. Another directory (here a copy): a warning, and it runs."""
-    result = run_inline(capsys, *predict(wider_model, adapter, data, tmp_path / "p.jsonl"))
+    result = run_inline(capsys, *predict(wider_model_dir, adapter, data, tmp_path / "p.jsonl"))
     assert_one_line_error(result, "cannot load the adapter onto", "tiny-256", "size mismatch")
     copy = Path(shutil.copytree(tiny_model_dir, tmp_path / "copy-of-base"))
     result = run_inline(capsys, *predict(copy, adapter, data, tmp_path / "p.jsonl"))

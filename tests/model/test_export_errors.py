@@ -3,43 +3,21 @@ the flag, exit code 1, no traceback, no input changed. In-process runs (`run_inl
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, changed_files, checksums, run_inline
+from helpers import assert_one_line_error, changed_files, checksums, run_inline, truncate, unwritable_dir
 
 
 @pytest.fixture
-def adapter(label_adapter, tmp_path) -> Path:
-    return Path(shutil.copytree(label_adapter, tmp_path / "adapter"))
-
-
-@pytest.fixture(scope="module")
-def wider_model(tmp_path_factory) -> Path:
-    from vlmtune.model.tiny import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("wide") / "tiny-256", text_hidden=256)
-
-
-def cut(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def read_only(tmp: Path) -> Path:
-    if os.geteuid() == 0:
-        return Path("/sys/vlmtune-export")  # sysfs refuses even root
-    path = tmp / "ro"
-    path.mkdir()
-    path.chmod(0o555)
-    return path / "merged"
+def adapter(adapter_copy) -> Path:
+    return adapter_copy
 
 
 # case → (prepare(adapter, tmp) → (export_dir, base model or None for the tiny one), fragments)
 CASES = {
-    "truncated adapter weights": (lambda a, t: (cut(a / "adapter_model.safetensors"), t / "merged")[1],
+    "truncated adapter weights": (lambda a, t: (truncate(a / "adapter_model.safetensors"), t / "merged")[1],
                                   ["adapter_model.safetensors", "not a readable safetensors"]),
     "adapter_config.json not UTF-8": (lambda a, t: ((a / "adapter_config.json").write_bytes(b'{"r": "\xff"}'),
                                                     t / "merged")[1], ["adapter_config.json", "not UTF-8"]),
@@ -52,7 +30,7 @@ CASES = {
                           ["--export_dir", "taken", "not a directory"]),
     "export_dir under a file": (lambda a, t: ((t / "taken").write_text("mine"), t / "taken" / "merged")[1],
                                 ["--export_dir", "under", "taken", "a file"]),
-    "export_dir read-only": (lambda a, t: read_only(t), ["--export_dir", "cannot write there"]),
+    "export_dir read-only": (lambda a, t: unwritable_dir(t), ["--export_dir", "cannot write there"]),
 }
 
 
@@ -68,8 +46,8 @@ def test_bad_input_is_one_line_and_no_input_changes(tmp_path, capsys, tiny_model
     assert not list(Path(tmp_path).rglob("*.safetensors.*"))
 
 
-def test_an_adapter_of_another_base_is_refused(tmp_path, capsys, adapter, wider_model):
-    result = run_inline(capsys, "export", "--model_name_or_path", wider_model, "--adapter_name_or_path", adapter,
+def test_an_adapter_of_another_base_is_refused(tmp_path, capsys, adapter, wider_model_dir):
+    result = run_inline(capsys, "export", "--model_name_or_path", wider_model_dir, "--adapter_name_or_path", adapter,
                         "--export_dir", tmp_path / "merged")
     assert_one_line_error(result, "cannot load the adapter onto", "tiny-256", "size mismatch")
     assert "warning:" in result.stderr and "trained on" in result.stderr  # said before the shapes refuse it

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import RULES_PROMPT, save_image
+from helpers import RULES_PROMPT, assert_one_line_error, checksums, png_data_url, run_inline, truncate
 from serve.servers import free_port, running
 
 for _package in ("fastapi", "uvicorn"):
@@ -56,9 +56,7 @@ def png_url(image: Image.Image) -> str:
 
 @pytest.fixture(scope="module")
 def small_url(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    save_image(path, (112, 84), seed=3)
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return png_data_url(tmp_path_factory.mktemp("img") / "scene.png", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -188,10 +186,8 @@ def test_a_client_that_leaves_abandons_its_generation(server, small_url):
 
 
 def start_errors(tmp: Path, label_adapter: Path) -> dict:
-    damaged = tmp / "damaged-adapter"
-    shutil.copytree(label_adapter, damaged)
-    weights = damaged / "adapter_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
+    damaged = Path(shutil.copytree(label_adapter, tmp / "damaged-adapter"))
+    truncate(damaged / "adapter_model.safetensors")
     return {
         "--max_labels 0": (["--max_labels", "0"], ["--max_labels", "≥ 1"]),
         "--max_new_tokens above --max_tokens_limit": (["--max_new_tokens", "1000"], ["--max_new_tokens 1000",
@@ -205,8 +201,6 @@ def start_errors(tmp: Path, label_adapter: Path) -> dict:
 
 
 def test_bad_server_settings_are_one_line(tmp_path, capsys, tiny_model_dir, label_adapter):
-    from helpers import assert_one_line_error, checksums, run_inline
-
     for name, (args, fragments) in start_errors(tmp_path, label_adapter).items():
         before = checksums(tmp_path, tiny_model_dir)
         result = run_inline(capsys, "api", "--model_name_or_path", tiny_model_dir, "--port", free_port(), *args)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_one_line_error, changed_files, checksums, make_dataset, run_inline, write_config
+from helpers import (assert_one_line_error, changed_files, checksums, make_dataset, run_inline, save_bomb, truncate,
+                     unwritable_dir, write_config)
 from label_adapters import one_torch_thread
 
 SHORT = dict(max_steps=4, save_steps=2, logging_steps=1, gradient_accumulation_steps=1, per_device_train_batch_size=2,
@@ -29,16 +30,6 @@ def _one_torch_thread():
 
 def yaml_text(path: Path, text: bytes) -> Path:
     path.write_bytes(text)
-    return path
-
-
-def read_only_dir(tmp: Path) -> Path:
-    """A directory this process cannot write in: sysfs refuses even root; chmod does for others."""
-    if os.geteuid() == 0:
-        return Path("/sys/vlmtune-output")
-    path = tmp / "read-only"
-    path.mkdir()
-    path.chmod(0o555)
     return path
 
 
@@ -64,23 +55,13 @@ CASES = {
                              ["output_dir", "taken", "is a file"]),
     "output_dir under a file": (lambda tmp, cfg: dict(output_dir=str(yaml_text(tmp / "taken", b"mine") / "out")),
                                 ["output_dir", "is under", "taken", "a file"]),
-    "output_dir read-only": (lambda tmp, cfg: dict(output_dir=str(read_only_dir(tmp) / "out")),
+    "output_dir read-only": (lambda tmp, cfg: dict(output_dir=str(unwritable_dir(tmp))),
                              ["output_dir", "cannot write there"]),
-    "a decompression bomb in the data": (lambda tmp, cfg: bomb(tmp / "data" / "images" / "img_3.png"),
+    "a decompression bomb in the data": (lambda tmp, cfg: save_bomb(tmp / "data" / "images" / "img_3.png"),
                                          ["1 data problem(s) in 1 record(s)", "skip_bad_records"]),
-    "a truncated image in the data": (lambda tmp, cfg: cut(tmp / "data" / "images" / "img_5.png"),
+    "a truncated image in the data": (lambda tmp, cfg: truncate(tmp / "data" / "images" / "img_5.png", 2 / 3),
                                       ["1 record(s) could not be encoded", "skip_bad_records"]),
 }
-
-
-def bomb(path: Path) -> None:
-    from PIL import Image
-
-    Image.new("1", (20_000, 20_000)).save(path, format="PNG")  # 400 M pixels: over Pillow's bomb limit
-
-
-def cut(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -129,9 +110,8 @@ def finished_run(pristine_run, tmp_path, tiny_model_dir) -> tuple[Path, Path]:
     return write_config(tmp_path / "cfg.yaml", **run_settings(tiny_model_dir, data, out)), out
 
 
-def damage(path: Path, how: str) -> None:
-    raw = path.read_bytes()
-    path.write_bytes(raw[: len(raw) // 2] if how == "truncate" else b"not a checkpoint file" * 4)
+def garbage(path: Path) -> None:
+    path.write_bytes(b"not a checkpoint file" * 4)
 
 
 def without_run_shape(checkpoint: Path) -> None:
@@ -150,13 +130,13 @@ RESUMES = {
     "other lora_rank": (None, ["lora_rank=4"], ["lora_rank was 8", "4 now"]),
     "other lora_rank, unrecorded": (lambda out: without_run_shape(out / "checkpoint-4"), ["lora_rank=4"],
                                     ["checkpoint-4/adapter_model.safetensors", "[8, ", "[4, ", "lora_rank"]),
-    "truncated adapter": (lambda out: damage(out / "checkpoint-4" / "adapter_model.safetensors", "truncate"), [],
+    "truncated adapter": (lambda out: truncate(out / "checkpoint-4" / "adapter_model.safetensors"), [],
                           ["checkpoint-4/adapter_model.safetensors", "not a readable safetensors"]),
-    "garbage optimizer": (lambda out: damage(out / "checkpoint-4" / "optimizer.pt", "garbage"), [],
+    "garbage optimizer": (lambda out: garbage(out / "checkpoint-4" / "optimizer.pt"), [],
                           ["checkpoint-4/optimizer.pt", "cannot read", "damaged"]),
-    "truncated scheduler": (lambda out: damage(out / "checkpoint-4" / "scheduler.pt", "truncate"), [],
+    "truncated scheduler": (lambda out: truncate(out / "checkpoint-4" / "scheduler.pt"), [],
                             ["checkpoint-4/scheduler.pt", "cannot read"]),
-    "garbage trainer state": (lambda out: damage(out / "checkpoint-4" / "trainer_state.json", "garbage"), [],
+    "garbage trainer state": (lambda out: garbage(out / "checkpoint-4" / "trainer_state.json"), [],
                               ["checkpoint-4/trainer_state.json", "not valid JSON"]),
     "trainer state of the wrong shape": (
         lambda out: (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": "four"}'), [],

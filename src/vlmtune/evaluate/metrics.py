@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import read_bytes
 
 POSITIVE = "满足要求"
 INVALID = "invalid"  # name of the confusion-matrix column for answers equal to no label
@@ -262,12 +263,7 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
     naming the file, the line and the field.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise VlmtuneError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise VlmtuneError(f"{path}: cannot read ({exc.strerror})") from None
+    raw = read_bytes(path)
     records = []
     for line, chunk in enumerate(raw.split(b"\n"), start=1):
         try:

@@ -163,9 +163,7 @@ class PredictionFile:
 
     def commit(self) -> None:
         """Every row is written: with overwrite, the new file (then its metadata) replaces the old one."""
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._close_file()
         if self.replacing is not None:
             new, self.replacing = self.replacing, None  # from here on, close() leaves it alone
             try:
@@ -177,11 +175,14 @@ class PredictionFile:
 
     def close(self) -> None:
         """Close the file; an overwrite that was not committed is dropped (the old file stays)."""
+        self._close_file()
+        if self.replacing is not None:
+            self.replacing.unlink(missing_ok=True)
+
+    def _close_file(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        if self.replacing is not None:
-            self.replacing.unlink(missing_ok=True)
 
     def __enter__(self) -> "PredictionFile":
         return self
