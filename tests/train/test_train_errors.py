@@ -141,6 +141,9 @@ RESUMES = {
     "trainer state of the wrong shape": (
         lambda out: (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": "four"}'), [],
         ["trainer_state.json", "field 'global_step'", "'four'"]),
+    "trainer state with a best metric that is text": (
+        lambda out: (out / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4, "best_metric": "x"}'),
+        [], ["trainer_state.json", "field 'best_metric'"]),
 }
 
 

@@ -91,8 +91,9 @@ def deepspeed_plugin(cfg: Config, has_cuda: bool):
         raise VlmtuneError(f"deepspeed: {path}: DeepSpeed needs CUDA GPUs; on a CPU remove the deepspeed key")
     try:
         ds_config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise VlmtuneError(f"deepspeed: {path}: cannot read the DeepSpeed config ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise VlmtuneError(f"deepspeed: {path}: cannot read the DeepSpeed config ({exc.__class__.__name__}: "
+                           f"{str(exc)[:200]})") from None
     if not isinstance(ds_config, dict):
         raise VlmtuneError(f"deepspeed: {path}: a DeepSpeed config is a JSON object")
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -44,6 +44,13 @@ class TrainerState:
             value = data.get(key, 0)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise VlmtuneError(f"{path}: field '{key}' must be a whole number ≥ 0, got {value!r}")
+        for key, nullable in (("best_metric", True), ("train_loss_sum", False)):
+            value = data.get(key, None if nullable else 0.0)
+            if not (value is None and nullable) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise VlmtuneError(f"{path}: field '{key}' must be a number, got {value!r}")
+        best_step = data.get("best_step")
+        if best_step is not None and (isinstance(best_step, bool) or not isinstance(best_step, int)):
+            raise VlmtuneError(f"{path}: field 'best_step' must be a step number or null, got {best_step!r}")
         for key, kind in (("log_history", list), ("run", dict)):
             if not isinstance(data.get(key, kind()), kind):
                 raise VlmtuneError(f"{path}: field '{key}' must be a {kind.__name__}, got {data[key]!r}")
