@@ -80,3 +80,20 @@ def label_adapters(tiny_models, rules_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def label_adapter(label_adapters) -> Path:
     return label_adapters("qwen2_5_vl")
+
+
+@pytest.fixture(scope="session")
+def wider_model_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen2.5-VL with text hidden 256 (the label adapters are trained on hidden 128): another base of
+    other shapes."""
+    from vlmtune.model.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("wide") / "tiny-256", text_hidden=256)
+
+
+@pytest.fixture
+def adapter_copy(label_adapter, tmp_path) -> Path:
+    """A copy of the Qwen2.5-VL label adapter that a test may damage."""
+    import shutil
+
+    return Path(shutil.copytree(label_adapter, tmp_path / "adapter"))

@@ -1,7 +1,9 @@
-"""Plain helpers for tests: small ShareGPT datasets with images, and running the CLI."""
+"""Plain helpers for tests: small ShareGPT datasets with images, running the CLI (in a subprocess, or in this
+process), and checksums of a command's inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -33,6 +35,14 @@ def save_image(path: Path, size: tuple[int, int], seed: int) -> None:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+
+
+def png_data_url(path: Path, size: tuple[int, int] = (112, 84), seed: int = 7) -> str:
+    """A random image saved at `path`, as the `data:image/png;base64,...` URL an API client sends."""
+    import base64
+
+    save_image(path, size, seed)
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def record(image: str, answer: str, system: bool = True) -> dict:
@@ -84,3 +94,59 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     for fragment in fragments:
         assert fragment in errors[0], (fragment, errors[0])
     return errors[0]
+
+
+def run_inline(capsys, *args) -> subprocess.CompletedProcess:
+    """`vlmtune ARGS` in this process (no 8 s of imports); the result looks like run_cli's. A Python exception
+    other than the one-line errors cli.py turns into `error: ...` escapes, and fails the test."""
+    from vlmtune.cli import main as cli_main
+
+    code = cli_main([str(a) for a in args])
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
+
+
+def checksums(*paths: Path) -> dict[str, str]:
+    """sha256 of every file under `paths` (files, or directories walked recursively), by path."""
+    found = {}
+    for path in paths:
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        for file in files:
+            found[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return found
+
+
+def changed_files(before: dict[str, str], *paths: Path) -> list[str]:
+    """The files of a `checksums(*paths)` taken earlier that are now different or gone (new files do not count)."""
+    now = checksums(*paths)
+    return sorted(path for path, digest in before.items() if now.get(path) != digest)
+
+
+def write_config(path: Path, **values) -> Path:
+    """examples/tiny_cpu.yaml with `values` changed, written to `path` (a training YAML for the tiny model)."""
+    import yaml
+
+    cfg = yaml.safe_load((REPO / "examples" / "tiny_cpu.yaml").read_text())
+    cfg.update(values)
+    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
+    return path
+
+
+def truncate(path: Path, keep: float = 0.5) -> None:
+    """Cut a file to `keep` of its bytes (a copy interrupted, a download cut short)."""
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * keep)])
+
+
+def save_bomb(path: Path) -> None:
+    """A 20000 × 20000 PNG (1-bit, ≈50 KB): 400 M pixels, over twice Pillow's decompression-bomb limit."""
+    Image.new("1", (20_000, 20_000)).save(path, format="PNG")
+
+
+def unwritable_dir(tmp: Path) -> Path:
+    """A directory path nothing can be written under: sysfs refuses even root; a 0555 directory others."""
+    if os.geteuid() == 0:
+        return Path("/sys/vlmtune-unwritable")
+    path = tmp / "read-only"
+    path.mkdir()
+    path.chmod(0o555)
+    return path / "out"

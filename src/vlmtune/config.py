@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import yaml
 
 from vlmtune.data.template import TEMPLATE_NAMES
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import read_text
 
 
 def _help(text: str, default: Any = None) -> Any:
@@ -151,8 +153,9 @@ class TrainConfig:
     do_train: bool = _help("Train. (`vlmtune train` always trains; accepted for LLaMA-Factory YAMLs.)", True)
     do_eval: bool = _help("Evaluate at the end of training when a validation split exists.", True)
     overwrite_output_dir: bool = _help(
-        "Allow writing into a non-empty output_dir. Without it, a non-empty output_dir is refused unless "
-        "the run resumes.", False)
+        "Allow writing into a non-empty output_dir. The earlier run's checkpoint-N directories are then removed "
+        "when training starts (the log lists them), so a later resume cannot pick one of them up. Without it, a "
+        "non-empty output_dir is refused unless the run resumes.", False)
     per_device_train_batch_size: int = _help("Samples per device per micro-batch.", 1)
     per_device_eval_batch_size: int = _help("Samples per device per evaluation batch.", 1)
     gradient_accumulation_steps: int = _help("Micro-batches per optimisation step.", 1)
@@ -185,7 +188,10 @@ class TrainConfig:
         "Checkpoints hold only the adapter/model, not optimizer, scheduler and RNG state (cannot resume).",
         False)
     resume_from_checkpoint: str | bool | None = _help(
-        "Continue a run: a checkpoint directory, or true for the latest complete checkpoint in output_dir.")
+        "Continue a run: a checkpoint directory, or true for the latest complete checkpoint in output_dir. A "
+        "checkpoint that does not fit this run is refused with the reason: a step beyond its schedule, another "
+        "batch size, gradient accumulation, world size, number of examples, seed or adapter (lora_rank, "
+        "lora_target), or damaged files.")
     report_to: str | list[str] = _help(
         "Where metrics go besides trainer_log.jsonl: tensorboard, none (comma list or YAML list).", "none")
     logging_dir: str | None = _help("TensorBoard directory (default: output_dir/runs).")
@@ -359,17 +365,48 @@ def build_config(values: dict[str, Any], origin: str = "config") -> Config:
     return cfg
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(key)
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; a YAML config with `learning_rate` twice is
+    almost always an edit that went wrong, so it is refused. (Keys merged in with `<<` may override.)"""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: PyYAML's own error says so
+                    break
+                if first != key_node.start_mark.line + 1:
+                    raise _DuplicateKey(key, first, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A flat YAML mapping, or a one-line error naming the file (and line)."""
     path = Path(path)
     if not path.is_file():
         raise VlmtuneError(f"{path}: config file not found")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = yaml.load(read_text(path), Loader=_UniqueKeyLoader)  # noqa: S506 — a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise VlmtuneError(f"{path}: line {exc.line}: key '{exc.key}' is already set at line {exc.first_line}; "
+                           f"keep one of them") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise VlmtuneError(f"{path}: not valid YAML{at}") from None
+    except RecursionError:
+        raise VlmtuneError(f"{path}: not valid YAML (nested too deeply)") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -441,8 +478,7 @@ def validate(cfg: Config, origin: str = "config") -> None:
     if cfg.model.image_min_pixels > cfg.model.image_max_pixels:
         raise VlmtuneError(f"{origin}: 'image_min_pixels' ({cfg.model.image_min_pixels}) is larger than "
                            f"'image_max_pixels' ({cfg.model.image_max_pixels})")
-    if cfg.data.val_size < 0:
-        raise VlmtuneError(f"{origin}: 'val_size' must be ≥ 0, got {cfg.data.val_size}")
+    _check_ranges(cfg, origin)
     if cfg.train.bf16 and cfg.train.fp16:
         raise VlmtuneError(f"{origin}: 'bf16' and 'fp16' cannot both be true")
     if cfg.data.max_samples is not None and cfg.data.max_samples <= 0:
@@ -450,6 +486,58 @@ def validate(cfg: Config, origin: str = "config") -> None:
     for report in cfg.train.report_to:
         if report not in ("tensorboard", "all"):
             raise VlmtuneError(f"{origin}: 'report_to' supports tensorboard or none, got '{report}'")
+    metric = cfg.train.metric_for_best_model
+    if metric is not None and metric.removeprefix("eval_") not in BEST_METRICS:
+        raise VlmtuneError(f"{origin}: 'metric_for_best_model' must be one of {', '.join(BEST_METRICS)} (eval_ "
+                           f"prefix allowed), got '{metric}'")
+    labels = cfg.data.labels
+    if labels is not None:
+        stripped = [label.strip() for label in labels]
+        if len([label for label in stripped if label]) < 2:
+            raise VlmtuneError(f"{origin}: 'labels' needs at least two labels (a closed set to choose from), "
+                               f"got {labels}")
+        if len(set(stripped)) != len(stripped) or not all(stripped):
+            raise VlmtuneError(f"{origin}: 'labels' must be distinct non-empty labels, got {labels}")
+
+
+# Metrics that can pick the best checkpoint (eval_loss, or a task metric of label scoring).
+BEST_METRICS = ("loss", "f1", "accuracy", "precision", "recall", "specificity", "auc", "roc_auc", "pr_auc")
+# Seeds seed Python, numpy and torch (transformers' set_seed); numpy takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+
+
+def _check_ranges(cfg: Config, origin: str) -> None:
+    """Numbers a run cannot work with. Written as `not (lo <= x <= hi)` so that NaN (`.nan` in YAML) fails."""
+    t, f = cfg.train, cfg.finetune
+    ranges = [  # (key, value, low, high, low included, high included, what the range means)
+        ("learning_rate", t.learning_rate, 0, math.inf, False, False, "> 0"),
+        ("weight_decay", t.weight_decay, 0, math.inf, True, False, "≥ 0"),
+        ("adam_beta1", t.adam_beta1, 0, 1, True, False, "in [0, 1)"),
+        ("adam_beta2", t.adam_beta2, 0, 1, True, False, "in [0, 1)"),
+        ("adam_epsilon", t.adam_epsilon, 0, math.inf, False, False, "> 0"),
+        ("max_grad_norm", t.max_grad_norm, 0, math.inf, True, False, "≥ 0 (0 disables clipping)"),
+        ("warmup_ratio", t.warmup_ratio, 0, 1, True, True, "in [0, 1]"),
+        ("warmup_steps", t.warmup_steps, 0, math.inf, True, False, "≥ 0"),
+        ("lora_dropout", f.lora_dropout, 0, 1, True, False, "in [0, 1)"),
+        ("lora_alpha", f.lora_alpha, 0, math.inf, False, False, "> 0"),
+        ("val_size", cfg.data.val_size, 0, math.inf, True, False, "≥ 0 (a fraction < 1 or a count)"),
+        ("seed", t.seed, 0, MAX_SEED, True, True, f"in [0, {MAX_SEED}]"),
+        ("dataloader_num_workers", t.dataloader_num_workers, 0, math.inf, True, False, "≥ 0"),
+    ]
+    if t.max_steps <= 0:  # epochs decide the length only without max_steps
+        ranges.append(("num_train_epochs", t.num_train_epochs, 0, math.inf, False, False,
+                       "> 0 (or set max_steps)"))
+    for key in ("save_total_limit", "early_stopping_patience"):
+        if getattr(t, key) is not None:
+            ranges.append((key, getattr(t, key), 1, math.inf, True, False, "≥ 1 when set"))
+    if cfg.data.preprocessing_num_workers is not None:
+        ranges.append(("preprocessing_num_workers", cfg.data.preprocessing_num_workers, 0, math.inf, True, False,
+                       "≥ 0 (0: as many as the cores)"))
+    for key, value, low, high, low_in, high_in, meaning in ranges:
+        above = value >= low if low_in else value > low
+        below = value <= high if high_in else value < high
+        if not (above and below):
+            raise VlmtuneError(f"{origin}: '{key}' must be {meaning}, got {value}")
 
 
 def inert_settings(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:

@@ -1,5 +1,5 @@
-"""Write a file so that readers see the old content or the new one, never half of it; read a JSON object
-or say in one line why the file is not one."""
+"""Write a file so that readers see the old content or the new one, never half of it; read text and JSON
+or say in one line why the file cannot be read; refuse an output that is one of the command's inputs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any, Iterable
 
 from vlmtune.errors import VlmtuneError
 
@@ -45,13 +46,87 @@ def _replace(path: Path, payload: bytes) -> None:
         raise
 
 
+def decode_text(raw: bytes, path: str | Path) -> str:
+    """UTF-8 bytes → text, a leading BOM (Windows editors write one) dropped; else a one-line error."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise VlmtuneError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                           f"save the file as UTF-8") from None
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The bytes of a file, or a one-line VlmtuneError naming it (not found, a directory, no permission)."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise VlmtuneError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise VlmtuneError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a file (BOM dropped), or a one-line VlmtuneError naming it."""
+    return decode_text(read_bytes(path), path)
+
+
+def parse_json(text: str, where: str | Path) -> Any:
+    """json.loads with one-line errors: where the syntax breaks, or that the nesting is too deep
+    (Python's parser recurses, so a body of 100,000 '[' would otherwise end in a RecursionError)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise VlmtuneError(f"{where}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg})") from None
+    except RecursionError:
+        raise VlmtuneError(f"{where}: JSON nested too deeply") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value in `path` (UTF-8, BOM allowed), or a one-line VlmtuneError naming the file."""
+    return parse_json(read_text(path), path)
+
+
 def read_json_object(path: str | Path) -> dict:
     """The JSON object in `path`, or a one-line VlmtuneError naming the file (unreadable, not JSON, not an object)."""
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise VlmtuneError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    value = read_json(path)
     if not isinstance(value, dict):
-        raise VlmtuneError(f"{path}: expected a JSON object")
+        raise VlmtuneError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (after symlinks; hard links too, when both exist)."""
+    a, b = Path(a), Path(b)
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+        return a.resolve() == b.resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte in a name, a symlink loop: not a file we write
+        return False
+
+
+def refuse_input_as_output(output: str | Path, inputs: Iterable[str | Path], setting: str) -> None:
+    """No command writes over one of its own inputs: a one-line error when `output` is one of `inputs`."""
+    for source in inputs:
+        if source is not None and same_file(output, source):
+            raise VlmtuneError(f"{setting} {output}: is one of this command's inputs ({source}); it would be "
+                               f"overwritten — choose another output path")
+
+
+def ensure_writable_dir(path: str | Path, setting: str) -> Path:
+    """Create directory `path` if needed and prove a file can be written in it, or a one-line error that
+    names the setting: a file in the way (the path or a parent), a read-only or full file system."""
+    path = Path(path)
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                where = "is a file" if parent == path else f"is under {parent}, which is a file"
+                raise VlmtuneError(f"{setting} {path}: {where}, not a directory")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise VlmtuneError(f"{setting} {path}: cannot write there ({exc.strerror or exc})") from None
+    return path

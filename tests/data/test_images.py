@@ -59,3 +59,20 @@ def test_pixel_affine_is_the_processors_normalisation(config):
         x = values * ip.rescale_factor if ip.do_rescale else values
         expected = (x - ip.image_mean[c]) / ip.image_std[c] if ip.do_normalize else x
         assert np.allclose(values * scale[c].item() + shift[c].item(), expected, atol=1e-5)
+
+
+def test_16_bit_greyscale_is_scaled_not_whitened(tmp_path):
+    """A 16-bit PNG (mode I;16) keeps its picture: values scaled by 255/65535, not clipped at 255 (which made
+    every pixel above 255 — nearly all of them — white)."""
+    settings = ImageSettings.from_dict({"max_pixels": 64 * 64, "min_pixels": 56 * 56})
+    ramp = np.tile(np.linspace(0, 65535, 56).astype(np.uint16), (56, 1))
+    path = tmp_path / "scan16.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode == "I;16"
+    loaded = load_resized(path, settings)
+    assert loaded.shape == (3, 56, 56)
+    expected = torch.from_numpy(np.rint(ramp / 257.0).astype(np.uint8))
+    assert torch.equal(loaded[0], expected) and torch.equal(loaded[1], expected)
+    eight_bit = tmp_path / "scan8.png"
+    Image.fromarray(expected.numpy()).save(eight_bit)  # the same picture saved in 8 bits loads the same
+    assert torch.equal(load_resized(eight_bit, settings), loaded)

@@ -6,14 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from helpers import FAMILY_ARCHS, assert_one_line_error, make_dataset
+from helpers import FAMILY_ARCHS, assert_one_line_error, make_dataset, run_inline
 from label_adapters import one_torch_thread
-from vlmtune.cli import main as cli_main
 
 STEPS = (2, 4, 6)
 MAX_PIXELS = 128 * 128
@@ -28,12 +26,6 @@ def _one_torch_thread():
 @pytest.fixture(scope="module", params=FAMILY_ARCHS)
 def tiny_model_dir(request, tiny_models):
     return tiny_models(request.param)
-
-
-def run_inline(capsys, *args) -> subprocess.CompletedProcess:
-    code = cli_main([str(a) for a in args])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +121,18 @@ def test_best_row_takes_the_earliest_of_equals_and_skips_undefined():
             {"name": "checkpoint-6", "f1": 0.8}, {"name": "final", "f1": 0.7}]
     assert best_row(rows, "f1")["name"] == "checkpoint-4"
     assert best_row([{"name": "base", "f1": None}], "f1") is None
+
+
+def test_sweep_never_writes_over_its_dataset(tmp_path, capsys, label_adapter, rules_dir):
+    """A dataset kept in the run directory as sweep.json would be replaced by the sweep's summary: refused."""
+    from helpers import checksums
+
+    run = Path(shutil.copytree(label_adapter, tmp_path / "run"))
+    shutil.copytree(rules_dir, run, dirs_exist_ok=True)
+    (run / "rules.json").rename(run / "sweep.json")
+    registry = run / "dataset_info.json"
+    registry.write_text(registry.read_text().replace("rules.json", "sweep.json"))
+    before = checksums(run)
+    result = run_inline(capsys, "sweep", run, "--dataset", "rules", "--dataset_dir", run)
+    assert_one_line_error(result, "sweep output", "sweep.json", "inputs")
+    assert checksums(run) == before

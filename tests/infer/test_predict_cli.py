@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import TEMPLATE_OF, assert_one_line_error, make_dataset, run_cli
-from vlmtune.cli import main as cli_main
+from helpers import TEMPLATE_OF, assert_one_line_error, make_dataset, run_cli, run_inline
 from vlmtune.infer.command import DELAY_ENV
 
 POS, NEG = "满足要求", "不满足要求"
@@ -27,13 +26,6 @@ def dataset_ids(data_dir: Path, name: str = "rules") -> list[str]:
     from vlmtune.data.loader import load_datasets
 
     return [c.id for c in load_datasets(name, str(data_dir), None).conversations]
-
-
-def run_inline(capsys, *args: str) -> subprocess.CompletedProcess:
-    """`vlmtune ARGS` in this process (no 8 s of imports); the result looks like run_cli's."""
-    code = cli_main([str(a) for a in args])
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(list(args), code, out.out, out.err)
 
 
 def predict_args(model_dir, adapter, data_dir, save, *extra) -> list[str]:

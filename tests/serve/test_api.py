@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from serve.servers import free_port, running
-from helpers import RULES_PROMPT, SYSTEM, save_image
+from helpers import RULES_PROMPT, SYSTEM, png_data_url
 
 for _package in ("fastapi", "uvicorn"):
     if importlib.util.find_spec(_package) is None:
@@ -46,9 +46,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def image_url(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("img") / "scene.png"
-    save_image(path, (112, 84), seed=7)
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    return png_data_url(tmp_path_factory.mktemp("img") / "scene.png", seed=7)
 
 
 def messages(image_url: str, prompt: str = RULES_PROMPT) -> list[dict]:

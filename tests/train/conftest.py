@@ -3,16 +3,8 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
-from helpers import REPO, TEMPLATE_OF
-
-
-def write_config(path: Path, **values) -> Path:
-    cfg = yaml.safe_load((REPO / "examples" / "tiny_cpu.yaml").read_text())
-    cfg.update(values)
-    path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
-    return path
+from helpers import TEMPLATE_OF, write_config
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """Checks before any GPU time: everything wrong with the data, one line per problem.
 
 Record structure (roles, empty content, `<image>` count) is checked while converting
-(`formats.structure_problems`); here come the images (exist, readable — from the header only, no
-decode) and, with a processor, each sample's token count against cutoff_len. Image token counts come
-from Qwen's smart resize of the header size, so they equal what encoding will produce.
+(`formats.structure_problems`); here come the images (exist, readable: from the header, or with
+`decode` every pixel — `vlmtune data check` decodes, since a truncated file has a good header) and,
+with a processor, each sample's token count against cutoff_len. Image token counts come from Qwen's
+smart resize of the header size, so they equal what encoding will produce.
 """
 
 from __future__ import annotations
@@ -32,22 +33,23 @@ class CheckResult:
 
 
 def check_conversations(conversations: list[Conversation], processor=None, cutoff_len: int | None = None,
-                        default_system: str | None = None) -> CheckResult:
-    """Image problems for every conversation; with a processor, token counts and cutoff_len overruns."""
+                        default_system: str | None = None, decode: bool = False) -> CheckResult:
+    """Image problems for every conversation (with `decode`, found by decoding every image, not only its
+    header); with a processor, token counts and cutoff_len overruns."""
     result = CheckResult()
     for conv in conversations:
         sizes = []
         for i, path in enumerate(conv.images):
             try:
-                sizes.append(header_size(path))
+                sizes.append(header_size(path, decode=decode))
             except ImageError as exc:
-                result.problems.append(Problem(conv.source, conv.index, f"images[{i}]", f"{exc}: {path}"))
+                result.problems.append(Problem(conv.source, conv.index, f"{conv.images_field}[{i}]", f"{exc}: {path}"))
         if processor is None or len(sizes) != len(conv.images):
             continue
         try:
             counts = [token_count(w, h, processor.image_processor) for w, h in sizes]
         except ImageError as exc:
-            result.problems.append(Problem(conv.source, conv.index, "images", str(exc)))
+            result.problems.append(Problem(conv.source, conv.index, conv.images_field, str(exc)))
             continue
         # One pad per image, counted out afterwards: the same total as tokenising every pad (see
         # data.encode.tokenize_rendered), in a third of the time.
@@ -55,7 +57,7 @@ def check_conversations(conversations: list[Conversation], processor=None, cutof
         total = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"]) - len(counts) + sum(counts)
         result.stats[conv.id] = SampleStats(sum(counts), total)
         if cutoff_len is not None and total > cutoff_len:
-            result.problems.append(Problem(conv.source, conv.index, "messages",
+            result.problems.append(Problem(conv.source, conv.index, conv.messages_field,
                                            f"{total} tokens ({sum(counts)} image tokens + prompt + answer) do not "
                                            f"fit in cutoff_len {cutoff_len}; raise cutoff_len or lower "
                                            f"image_max_pixels"))

@@ -44,7 +44,7 @@ def run_check(cfg) -> int:
         processor = load_processor(resolve_model_dir(cfg.model.model_name_or_path, cfg.model.cache_dir),
                                    cfg.model.image_max_pixels, cfg.model.image_min_pixels, cfg.data.template,
                                    cfg.data.enable_thinking)
-    splits = load_splits(cfg.data, cfg.train.seed, processor)
+    splits = load_splits(cfg.data, cfg.train.seed, processor, decode_images=True)
     train, val, problems = splits.train, splits.val, splits.problems
     bad_records = len({(p.file, p.record) for p in problems})
 
@@ -64,6 +64,7 @@ def run_check(cfg) -> int:
               f"(cutoff_len {cfg.data.cutoff_len})")
     else:
         print("token counts: pass --model_name_or_path (or set it in the YAML) to count tokens per sample")
+    print("images: every image decoded in full (a truncated file has a good header)")
     if not problems:
         print("no problems found")
         return 0

@@ -11,6 +11,15 @@ IMAGE_PLACEHOLDER = "<image>"
 class Message:
     role: str  # system | user | assistant
     content: str
+    # Where the role and the content are in the dataset file, in its own terms (`conversations[3].from`,
+    # `conversations[3].value`; alpaca: `instruction`, `output`), for messages that name a field.
+    origin: tuple[str, str] | None = field(default=None, compare=False, repr=False)
+
+    def role_field(self, index: int) -> str:
+        return self.origin[0] if self.origin else f"messages[{index}].role"
+
+    def content_field(self, index: int) -> str:
+        return self.origin[1] if self.origin else f"messages[{index}].content"
 
 
 @dataclass
@@ -23,6 +32,9 @@ class Conversation:
     index: int  # record index in that file (0-based)
     dataset: str = ""
     id: str = ""
+    # The file's own names of the messages and images columns, for messages that name a field.
+    messages_field: str = field(default="messages", compare=False, repr=False)
+    images_field: str = field(default="images", compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id:

@@ -59,7 +59,7 @@ def load_images(conversation: Conversation, processor: Processor) -> list[torch.
         try:
             images.append(load_resized(path, processor.image_processor))
         except ImageError as exc:
-            raise EncodeError(f"{exc}: {path}", field=f"images[{i}]") from None
+            raise EncodeError(f"{exc}: {path}", field=f"{conversation.images_field}[{i}]") from None
     return images
 
 

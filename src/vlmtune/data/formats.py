@@ -6,60 +6,79 @@ field, so `vlmtune data check` can list them all and training can skip them when
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from vlmtune.data.conversation import Conversation, LoadedData, Message, Problem
 from vlmtune.data.registry import DatasetEntry
+from vlmtune.errors import VlmtuneError
+from vlmtune.files import decode_text, parse_json
+
+
+# A jsonl line that did not parse (already reported): not the same as a `null` record, which is reported.
+UNPARSED = object()
 
 
 def read_records(path: Path) -> tuple[list[Any], list[Problem]]:
-    """All records of a .json (a list) or .jsonl file; unreadable lines become problems."""
+    """All records of a .json (a list) or .jsonl file; unreadable lines become problems.
+
+    The file must be UTF-8 (a BOM is dropped); a file that cannot be read at all is one fatal problem.
+    """
     if not path.is_file():
         return [], [Problem(str(path), None, None, "dataset file not found", fatal=True)]
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = decode_text(path.read_bytes(), path)
+    except OSError as exc:
+        return [], [Problem(str(path), None, None, f"cannot read ({exc.strerror or exc})", fatal=True)]
+    except VlmtuneError as exc:
+        return [], [Problem(str(path), None, None, str(exc).removeprefix(f"{path}: "), fatal=True)]
     if path.suffix == ".jsonl":
         records, problems = [], []
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                problems.append(Problem(str(path), len(records), None, f"line {line_no} is not valid JSON ({exc.msg})"))
-                records.append(None)
+                records.append(parse_json(line, f"line {line_no}"))
+            except VlmtuneError as exc:  # "line 3: not valid JSON at line 1 column 9 (...)": the line's own column
+                problems.append(Problem(str(path), len(records), None, str(exc).replace(" at line 1 column", " at column")))
+                records.append(UNPARSED)
         return records, problems
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return [], [Problem(str(path), None, None, f"not valid JSON at line {exc.lineno} column {exc.colno}",
-                            fatal=True)]
+        data = parse_json(text, path)
+    except VlmtuneError as exc:
+        return [], [Problem(str(path), None, None, str(exc).removeprefix(f"{path}: "), fatal=True)]
     if not isinstance(data, list):
-        return [], [Problem(str(path), None, None, "expected a JSON list of records", fatal=True)]
+        return [], [Problem(str(path), None, None, f"expected a JSON list of records, got {type(data).__name__}",
+                            fatal=True)]
     return data, []
 
 
 def load_entry(entry: DatasetEntry, max_samples: int | None = None) -> LoadedData:
     """Convert the records of one registry entry, keeping the first max_samples."""
     records, problems = read_records(entry.path)
+    if not records and not problems:
+        problems = [Problem(str(entry.path), None, None, "no records (the file holds no record)", fatal=True)]
     if max_samples is not None:
         records = records[:max_samples]
     out = LoadedData(problems=list(problems))
     convert = _sharegpt if entry.formatting == "sharegpt" else _alpaca
+    messages_field = (entry.columns.get("messages") or "conversations") if entry.formatting == "sharegpt" \
+        else entry.columns.get("prompt") or "instruction"
     for index, record in enumerate(records):
-        if record is None:  # a jsonl line that did not parse: already reported
+        if record is UNPARSED:
             continue
         where = (str(entry.path), index)
         if not isinstance(record, dict):
-            out.problems.append(Problem(*where, None, "record must be a JSON object"))
+            got = "null" if record is None else type(record).__name__
+            out.problems.append(Problem(*where, None, f"record must be a JSON object, got {got}"))
             continue
         messages, record_problems = convert(record, entry, where)
         images, image_problems = _images(record, entry, where)
         record_problems += image_problems
         if messages is not None and not record_problems:
             conv = Conversation(messages=messages, images=images, source=str(entry.path), index=index,
-                                dataset=entry.name)
+                                dataset=entry.name, messages_field=messages_field,
+                                images_field=entry.columns.get("images") or "images")
             record_problems += structure_problems(conv)
             if not record_problems:
                 out.conversations.append(conv)
@@ -77,8 +96,13 @@ def _images(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return [], [Problem(*where, column, "must be a list of image paths")]
     paths = []
-    for item in value:
-        path = Path(item).expanduser()
+    for i, item in enumerate(value):
+        if "\0" in item or not item.strip():
+            return [], [Problem(*where, f"{column}[{i}]", f"not a file path: {item!r}")]
+        try:
+            path = Path(item).expanduser()
+        except RuntimeError:  # `~someone/...` for a user this machine does not have
+            return [], [Problem(*where, f"{column}[{i}]", f"no home directory for {item!r}")]
         paths.append(str(path if path.is_absolute() else (entry.dataset_dir / path).resolve()))
     return paths, []
 
@@ -95,14 +119,14 @@ def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tupl
     messages, problems = [], []
     system_column = entry.columns.get("system")
     if system_column and isinstance(record.get(system_column), str):
-        messages.append(Message("system", record[system_column]))
+        messages.append(Message("system", record[system_column], origin=(system_column, system_column)))
     for i, turn in enumerate(turns):
         field_name = f"{column}[{i}]"
         if not isinstance(turn, dict):
             problems.append(Problem(*where, field_name, "message must be an object"))
             continue
         role = turn.get(tags["role_tag"])
-        if role not in role_of:
+        if not isinstance(role, str) or role not in role_of:
             allowed = ", ".join(role_of)
             problems.append(Problem(*where, f"{field_name}.{tags['role_tag']}",
                                     f"unknown role {role!r} (expected one of {allowed})"))
@@ -111,7 +135,8 @@ def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tupl
         if not isinstance(content, str):
             problems.append(Problem(*where, f"{field_name}.{tags['content_tag']}", "content must be a string"))
             continue
-        messages.append(Message(role_of[role], content))
+        messages.append(Message(role_of[role], content,
+                                origin=(f"{field_name}.{tags['role_tag']}", f"{field_name}.{tags['content_tag']}")))
     return (messages if not problems else None), problems
 
 
@@ -120,13 +145,17 @@ def _alpaca(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[
     problems: list[Problem] = []
     messages: list[Message] = []
     if cols.get("system") and isinstance(record.get(cols["system"]), str):
-        messages.append(Message("system", record[cols["system"]]))
+        messages.append(Message("system", record[cols["system"]], origin=(cols["system"], cols["system"])))
     history = record.get(cols["history"]) if cols.get("history") else None
+    if history is not None and not isinstance(history, list):
+        return None, [Problem(*where, cols["history"], "must be a list of [query, response] pairs")]
     for i, pair in enumerate(history or []):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
             problems.append(Problem(*where, f"{cols['history']}[{i}]", "must be a [query, response] pair"))
             continue
-        messages += [Message("user", pair[0]), Message("assistant", pair[1])]
+        field_name = f"{cols['history']}[{i}]"
+        messages += [Message("user", pair[0], origin=(field_name, f"{field_name}[0]")),
+                     Message("assistant", pair[1], origin=(field_name, f"{field_name}[1]"))]
     prompt = record.get(cols["prompt"], "")
     query = record.get(cols["query"], "") if cols.get("query") else ""
     response = record.get(cols["response"])
@@ -140,34 +169,37 @@ def _alpaca(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[
     if problems:
         return None, problems
     user = "\n".join(part for part in (prompt, query) if part)
-    messages += [Message("user", user), Message("assistant", response)]
+    user_field = cols["prompt"] if prompt or not query else cols["query"]
+    messages += [Message("user", user, origin=(user_field, user_field)),
+                 Message("assistant", response, origin=(cols["response"], cols["response"]))]
     return messages, []
 
 
 def structure_problems(conv: Conversation) -> list[Problem]:
-    """Role order, empty content, a final assistant answer, and `<image>` count vs images."""
+    """Role order, empty content, a final assistant answer, and `<image>` count vs images — each named by
+    the file's own field (`conversations[3].from`), not vlmtune's."""
     where = (conv.source, conv.index)
     problems = []
     turns = conv.turns
     for i, message in enumerate(conv.messages):
         if message.role == "system" and i > 0:
-            problems.append(Problem(*where, f"messages[{i}].role", "system message must come first"))
+            problems.append(Problem(*where, message.role_field(i), "system message must come first"))
     expected = "user"
     offset = 1 if conv.system is not None else 0
     for i, message in enumerate(turns):
         if message.role != expected:
-            problems.append(Problem(*where, f"messages[{i + offset}].role",
+            problems.append(Problem(*where, message.role_field(i + offset),
                                     f"expected a {expected} turn, got {message.role} (turns must alternate "
                                     f"user, assistant)"))
             break
         expected = "assistant" if expected == "user" else "user"
     for i, message in enumerate(conv.messages):
         if not message.content.strip() and message.role != "system":
-            problems.append(Problem(*where, f"messages[{i}].content", f"empty {message.role} content"))
+            problems.append(Problem(*where, message.content_field(i), f"empty {message.role} content"))
     if not turns or turns[-1].role != "assistant":
-        problems.append(Problem(*where, "messages", "no assistant answer at the end"))
+        problems.append(Problem(*where, conv.messages_field, "no assistant answer at the end"))
     placeholders = sum(m.content.count("<image>") for m in conv.messages)
     if placeholders != len(conv.images):
-        problems.append(Problem(*where, "images", f"{placeholders} <image> placeholder(s) in the messages but "
-                                                 f"{len(conv.images)} image(s) given"))
+        problems.append(Problem(*where, conv.images_field, f"{placeholders} <image> placeholder(s) in the messages "
+                                                           f"but {len(conv.images)} image(s) given"))
     return problems

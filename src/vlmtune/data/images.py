@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vlmtune.data.image_settings import ImageSettings
 
@@ -27,15 +27,61 @@ class ImageError(Exception):
     """An image that cannot be used (missing, unreadable)."""
 
 
-def header_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) from the file header without decoding the pixels."""
+# Modes Pillow gives 16-bit and 32-bit greyscale images; `convert("RGB")` clips their values at 255,
+# which turns a 16-bit scan white. They are scaled to 8 bits instead.
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def open_header(source) -> Image.Image:
+    """A file path or binary stream opened lazily (header read, pixels not decoded), or an ImageError.
+
+    Pillow raises many kinds of exceptions on hostile or broken files (OSError, SyntaxError, ValueError,
+    struct.error, ...), so any exception here means "not a readable image". Its decompression-bomb guard
+    (an image over twice Image.MAX_IMAGE_PIXELS) is named as such.
+    """
     try:
-        with Image.open(path) as image:
-            return image.size
+        return Image.open(source)
     except FileNotFoundError:
         raise ImageError("image not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"too many pixels to decode safely ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 — see the docstring
         raise ImageError(f"unreadable image ({exc.__class__.__name__})") from None
+
+
+def header_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
+    """(width, height) from the file header; with decode, every pixel is decoded too (a truncated file
+    has a good header: only decoding finds it)."""
+    with open_header(path) as image:
+        if decode:
+            decode_rgb(image)
+        return image.size
+
+
+def decode_rgb(image: Image.Image) -> Image.Image:
+    """Decode a lazily opened image and convert it to 8-bit RGB (16-bit greyscale scaled, not clipped)."""
+    try:
+        image.load()
+        if image.mode in WIDE_MODES:
+            image = _to_8bit(image)
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except ImageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — a truncated or corrupt file fails only here, in many ways
+        raise ImageError(f"unreadable image ({exc.__class__.__name__}: {exc})") from None
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer / float) greyscale → 8-bit L, by the range its type holds."""
+    values = np.asarray(image)
+    if image.mode == "F":
+        top = 1.0 if values.size and float(values.max()) <= 1.0 else 255.0  # floats in [0, 1] or [0, 255]
+    elif image.mode.startswith("I;16") or (values.size and int(values.max()) > 255):
+        top = 65535.0
+    else:
+        top = 255.0
+    scaled = np.clip(values.astype(np.float64) * (255.0 / top), 0, 255)
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
 
 
 def resized_size(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:
@@ -54,16 +100,9 @@ def token_count(width: int, height: int, settings: ImageSettings) -> int:
 
 def load_resized(path: str | Path, settings: ImageSettings) -> "torch.Tensor":
     """Decode an image once, convert to RGB and resize it exactly as the processor does (uint8 CHW)."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode while the file is open; the pixels stay when it closes
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-    except FileNotFoundError:
-        raise ImageError("image not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ImageError(f"unreadable image ({exc.__class__.__name__}: {exc})") from None
-    return resize_decoded(image, settings)
+    with open_header(path) as image:
+        rgb = decode_rgb(image)  # decoded while the file is open; the pixels stay when it closes
+    return resize_decoded(rgb, settings)
 
 
 def resize_decoded(image: Image.Image, settings: ImageSettings) -> "torch.Tensor":

@@ -40,15 +40,18 @@ class Splits:
     n_records: int = 0  # records read, good and bad
 
 
-def load_splits(data: DataConfig, seed: int, processor=None) -> Splits:
-    """Checked training and validation conversations: eval_dataset when given, else a stratified split."""
+def load_splits(data: DataConfig, seed: int, processor=None, decode_images: bool = False) -> Splits:
+    """Checked training and validation conversations: eval_dataset when given, else a stratified split.
+
+    decode_images: decode every image to check it (`vlmtune data check`); training decodes them anyway.
+    """
     if not data.dataset:
         raise VlmtuneError("no dataset given (set `dataset` in the YAML or pass --dataset)")
     train = load_datasets(data.dataset, data.dataset_dir, data.max_samples)
     val = load_datasets(data.eval_dataset, data.dataset_dir, data.max_samples) if data.eval_dataset else LoadedData()
     problems = train.problems + val.problems
     checked = check_conversations(train.conversations + val.conversations, processor, data.cutoff_len,
-                                  data.default_system)
+                                  data.default_system, decode=decode_images)
     problems = sorted(problems + checked.problems, key=lambda p: (p.file, -1 if p.record is None else p.record))
     n_records = len(train.conversations) + len(val.conversations) + len({(p.file, p.record) for p in
                                                                           train.problems + val.problems})
@@ -57,6 +60,9 @@ def load_splits(data: DataConfig, seed: int, processor=None) -> Splits:
         train_part, val_part = good_train, without_bad(val.conversations, problems)
     else:
         train_part, val_part = stratified_split(good_train, data.val_size, seed)
+        if data.val_size > 0 and len(train_part) <= 1:
+            raise VlmtuneError(f"val_size {data.val_size:g}: leaves {len(train_part)} training record(s) of "
+                               f"{len(good_train)} usable ones; lower val_size or add records")
     return Splits(train_part, val_part, problems, checked.stats, n_records)
 
 

@@ -14,11 +14,11 @@ Columns and tags default to the ShareGPT convention (`conversations`, `from`/`va
 from __future__ import annotations
 
 import difflib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import read_json
 
 REGISTRY_FILE = "dataset_info.json"
 
@@ -45,10 +45,7 @@ def read_registry(dataset_dir: str | Path) -> dict:
     path = Path(dataset_dir) / REGISTRY_FILE
     if not path.is_file():
         raise VlmtuneError(f"{path}: not found (set dataset_dir to the folder holding {REGISTRY_FILE})")
-    try:
-        registry = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise VlmtuneError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}") from None
+    registry = read_json(path)
     if not isinstance(registry, dict):
         raise VlmtuneError(f"{path}: expected an object mapping dataset names to entries")
     return registry
@@ -76,21 +73,37 @@ def _entry(name: str, raw: dict, registry_path: Path, dataset_dir: Path) -> Data
         return VlmtuneError(f"{registry_path}: dataset '{name}': field '{field_name}': {message}")
 
     if not isinstance(raw, dict):
-        raise bad("", "entry must be an object")
+        raise VlmtuneError(f"{registry_path}: dataset '{name}': entry must be an object, got {type(raw).__name__}")
     if "file_name" not in raw:
         other = next((k for k in ("hf_hub_url", "ms_hub_url", "script_url", "om_hub_url") if k in raw), None)
         if other:
             raise bad(other, "hub datasets cannot be read here; download the file and use file_name")
         raise bad("file_name", "missing")
+    if not isinstance(raw["file_name"], str) or not raw["file_name"].strip():
+        raise bad("file_name", f"must be a file name (a string), got {raw['file_name']!r}")
     formatting = raw.get("formatting", "alpaca")
     if formatting not in ("sharegpt", "alpaca"):
-        raise bad("formatting", f"must be sharegpt or alpaca, got '{formatting}'")
+        raise bad("formatting", f"must be sharegpt or alpaca, got {formatting!r}")
     columns = dict(SHAREGPT_COLUMNS if formatting == "sharegpt" else ALPACA_COLUMNS)
-    columns.update(raw.get("columns") or {})
+    columns.update(_names(raw, "columns", bad, allow_null=True))
     tags = dict(SHAREGPT_TAGS)
-    tags.update(raw.get("tags") or {})
+    tags.update(_names(raw, "tags", bad, allow_null=False))
     path = Path(raw["file_name"])
     if not path.is_absolute():
         path = dataset_dir / path
     return DatasetEntry(name=name, path=path, formatting=formatting, columns=columns, tags=tags,
                         dataset_dir=dataset_dir)
+
+
+def _names(raw: dict, key: str, bad, allow_null: bool) -> dict[str, str | None]:
+    """`columns` / `tags`: an object of names (strings; a column may be null: not used)."""
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad(key, f"must be an object of names, got {type(value).__name__}")
+    for item, name in value.items():
+        if not (isinstance(name, str) or (allow_null and name is None)):
+            raise bad(f"{key}.{item}", f"must be a {'column' if key == 'columns' else 'tag'} name (a string), "
+                                       f"got {name!r}")
+    return value

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.files import write_atomic
+from vlmtune.files import refuse_input_as_output, write_atomic
 from vlmtune.evaluate.metrics import POSITIVE, load_predictions, metrics_of_file
 from vlmtune.evaluate.table import format_table
 
@@ -28,6 +28,8 @@ def parse_labels(text: str | None) -> list[str] | None:
     labels = [part.strip() for part in text.replace("，", ",").split(",") if part.strip()]
     if not labels:
         raise VlmtuneError("--labels: empty list")
+    if len(set(labels)) != len(labels):
+        raise VlmtuneError(f"--labels {text!r}: the same label twice")
     return labels
 
 
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: only the label {metrics['labels'][0]!r} occurs in {path}, so every other answer "
               f"counts as invalid; pass --labels to name the full label set", file=sys.stderr)
     out = Path(args.out) if args.out else path.parent / "metrics.json"
+    refuse_input_as_output(out, [path], "--out" if args.out else "metrics file")
     text = json.dumps({"predictions": str(path), **metrics}, ensure_ascii=False, indent=2) + "\n"
     print(f"predictions: {path}")
     print(format_table(metrics))

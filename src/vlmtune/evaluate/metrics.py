@@ -18,13 +18,13 @@ Rules that matter here:
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import read_bytes
 
 POSITIVE = "满足要求"
 INVALID = "invalid"  # name of the confusion-matrix column for answers equal to no label
@@ -244,9 +244,12 @@ def _check_record(obj: Any, path: Path, line: int) -> dict[str, Any]:
                            f"got {type(scores).__name__}")
     else:
         for key, value in scores.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise VlmtuneError(f"{_at(path, line, 'scores')}: value for {key!r} must be a finite number, "
-                                   f"got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise VlmtuneError(f"{_at(path, line, 'scores')}: value for {key!r} must be a probability in "
+                                   f"[0, 1], got {value!r}")
+        stripped = [str(key).strip() for key in scores]
+        if len(set(stripped)) != len(stripped):
+            raise VlmtuneError(f"{_at(path, line, 'scores')}: the same label twice ({sorted(scores)})")
     record["_line"] = line
     return record
 
@@ -260,12 +263,7 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
     naming the file, the line and the field.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise VlmtuneError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise VlmtuneError(f"{path}: cannot read ({exc.strerror})") from None
+    raw = read_bytes(path)
     records = []
     for line, chunk in enumerate(raw.split(b"\n"), start=1):
         try:
@@ -280,6 +278,8 @@ def load_predictions(path: str | Path) -> list[dict[str, Any]]:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise VlmtuneError(f"{_at(path, line)}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        except RecursionError:
+            raise VlmtuneError(f"{_at(path, line)}: JSON nested too deeply") from None
         records.append(_check_record(obj, path, line))
     if not records:
         raise VlmtuneError(f"{path}: no predictions (the file is empty)")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.files import write_atomic
+from vlmtune.files import refuse_input_as_output, write_atomic
 from vlmtune.evaluate.command import parse_labels
 from vlmtune.evaluate.metrics import POSITIVE, load_predictions, metrics_of_file
 from vlmtune.evaluate.report import build_report
@@ -37,11 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_gallery < 0:
         raise VlmtuneError(f"--max_gallery must be >= 0, got {args.max_gallery}")
     path = Path(args.predictions)
-    records = load_predictions(path)
-    metrics = metrics_of_file(records, path, positive=args.positive, label_set=parse_labels(args.labels))
-    page = build_report(records, metrics, path, run_dir=Path(args.run_dir) if args.run_dir else None,
-                        max_gallery=args.max_gallery)
     out = Path(args.out) if args.out else path.parent / "report.html"
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    inputs = [path] + ([p for p in run_dir.iterdir() if p.is_file()] if run_dir and run_dir.is_dir() else [])
+    refuse_input_as_output(out, inputs, "--out" if args.out else "report file")
+    records = load_predictions(path)
+    images = [Path(i) if Path(i).is_absolute() else path.parent / i for r in records for i in r["images"]]
+    refuse_input_as_output(out, images, "--out" if args.out else "report file")  # the gallery reads them
+    metrics = metrics_of_file(records, path, positive=args.positive, label_set=parse_labels(args.labels))
+    page = build_report(records, metrics, path, run_dir=run_dir, max_gallery=args.max_gallery)
     write_atomic(out, page)
     print(f"wrote {out} ({len(page.encode('utf-8')) / 1024:.0f} KB)")
     return 0

@@ -246,6 +246,9 @@ def render_plot(rows: Sequence[dict[str, Any]], metric: str, title: str) -> byte
     return buffer.getvalue()
 
 
+SWEEP_FILES = ("sweep.csv", "sweep.json", "sweep.png")
+
+
 def write_sweep(output_dir: str | Path, rows: Sequence[dict[str, Any]], metric: str, dataset: str,
                 labels: list[str], positive: str) -> dict[str, Any] | None:
     """sweep.csv, sweep.json and sweep.png into output_dir (each atomically); returns the best row."""

@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from vlmtune.evaluate.command import parse_labels
     from vlmtune.evaluate.sweep import (evaluate_points, find_points, format_sweep_table, normalise_metric,
                                         write_sweep)
-    from vlmtune.infer.command import load_test_data
+    from vlmtune.evaluate.sweep import SWEEP_FILES
+    from vlmtune.files import refuse_input_as_output
+    from vlmtune.infer.command import load_test_data, prediction_inputs
     from vlmtune.infer.scoring import infer_label_set
 
     metric = normalise_metric(args.metric)
@@ -64,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     values = {"dataset": args.dataset, "dataset_dir": args.dataset_dir}
     if args.max_samples is not None:
         values["max_samples"] = args.max_samples
-    conversations = load_test_data(build_config(values, "command line"))
+    cfg = build_config(values, "command line")
+    conversations = load_test_data(cfg)
+    inputs = prediction_inputs(cfg, conversations)
+    for name in SWEEP_FILES:  # a dataset kept in the run directory as sweep.json is not written over
+        refuse_input_as_output(Path(args.output_dir) / name, inputs, "sweep output")
     labels = parse_labels(args.labels) or infer_label_set(conversations)
     if labels is None:
         raise VlmtuneError(f"dataset '{args.dataset}': the answers do not form a small closed label set; "

@@ -13,6 +13,8 @@ most probable label, no invalid answers. `--mode generate` writes the generated 
 Each line of the output: `id`, `images`, `prompt` (the rendered prompt, `<image>` not expanded),
 `predict`, `label`, and in score mode `scores` {label: probability}. Rows are written as they come;
 rerunning the same command after a crash continues where it stopped (see `infer/output.py`).
+`--save_name` may not be one of the run's inputs (the dataset, dataset_info.json, an image, a model or
+adapter file); `--overwrite` keeps the old file until the new one is complete.
 The image pixel limits default to the ones saved with the adapter.
 """
 
@@ -56,7 +58,9 @@ class PredictArgs:
     temperature: float = field(default=0.0, metadata={"help": "Generate mode: 0 = greedy; > 0 samples (seeded)."})
     vllm_config: dict = field(default_factory=dict, metadata={
         "help": "Extra vllm.LLM arguments as JSON, e.g. '{\"tensor_parallel_size\": 4}'."})
-    overwrite: bool = field(default=False, metadata={"help": "Replace an existing save_name instead of resuming."})
+    overwrite: bool = field(default=False, metadata={
+        "help": "Replace an existing save_name instead of resuming. The new rows go to a temporary file that "
+                "replaces it once every row is written: a run that fails leaves the old predictions."})
 
 
 PREDICT_KEYS = {f.name: f for f in dataclasses.fields(PredictArgs)}
@@ -194,6 +198,30 @@ def load_test_data(cfg: Config, log=print):
     return conversations
 
 
+def prediction_inputs(cfg: Config, conversations) -> list[Path]:
+    """Every file this run reads: the registry, the dataset files, the images, the model's and adapter's files."""
+    from vlmtune.data.registry import REGISTRY_FILE, resolve
+
+    inputs = [Path(cfg.data.dataset_dir) / REGISTRY_FILE]
+    inputs += [entry.path for entry in resolve(cfg.data.dataset, cfg.data.dataset_dir)]
+    inputs += [Path(image) for conv in conversations for image in conv.images]
+    for directory in (cfg.model.model_name_or_path, cfg.model.adapter_name_or_path):
+        if directory and Path(directory).expanduser().is_dir():
+            inputs += [p for p in Path(directory).expanduser().iterdir() if p.is_file()]
+    return inputs
+
+
+def refuse_overwriting_inputs(save_name: Path, cfg: Config, conversations) -> None:
+    """save_name (and its .meta.json) must not be a file the run reads: `--save_name data/my_test.json`
+    would otherwise replace the dataset with its own predictions."""
+    from vlmtune.files import refuse_input_as_output
+    from vlmtune.infer.output import meta_path
+
+    inputs = prediction_inputs(cfg, conversations)
+    for output in (save_name, meta_path(save_name)):
+        refuse_input_as_output(output, inputs, "--save_name")
+
+
 def choose_mode(pargs: PredictArgs, cfg: Config, conversations) -> tuple[str, list[str] | None, str]:
     """(mode, label set or None, why) — score when there is a closed label set, unless told otherwise."""
     from vlmtune.infer.scoring import infer_label_set
@@ -316,6 +344,7 @@ def main(argv: list[str]) -> int:
     allocator.for_prediction()  # before torch allocates: see vlmtune/allocator.py
     log = print
     conversations = load_test_data(cfg, log)
+    refuse_overwriting_inputs(Path(pargs.save_name), cfg, conversations)
     if cfg.model.adapter_name_or_path:
         from vlmtune.infer.engine import read_adapter_config
 
@@ -337,6 +366,8 @@ def main(argv: list[str]) -> int:
 
     out = PredictionFile(pargs.save_name, fingerprint(cfg, pargs, mode, labels, predictor))
     done = out.start([c.id for c in conversations], overwrite=pargs.overwrite)
+    if out.replacing:
+        log(f"--overwrite: new rows go to {out.replacing}, which replaces {out.path} once every row is written")
     if out.repaired:
         log(f"{out.path}: cut a torn last line (the previous run stopped while writing)")
     if done:
@@ -360,7 +391,10 @@ def main(argv: list[str]) -> int:
                 bar.update(len(chunk))
                 if delay:
                     time.sleep(delay)
+        out.commit()
     finally:
+        if out.replacing:
+            log(f"{out.path}: left as it was (the run stopped before every row was written)")
         out.close()
         predictor.close()
     print_summary(out.path, len(todo), done, time.perf_counter() - started, labels, cfg.data.positive_label, log)

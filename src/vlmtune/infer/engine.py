@@ -17,7 +17,7 @@ PeftModel, so nothing downstream changes.
 
 from __future__ import annotations
 
-import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,7 @@ import torch
 
 from vlmtune.data.processor import Processor, load_processor
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import read_json_object
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,22 +46,37 @@ class Engine:
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """The adapter's `adapter_config.json`, or a one-line error saying why the directory is not an adapter."""
+    """The adapter's `adapter_config.json`, or a one-line error saying why the directory is not an adapter
+    (no config, a config that is not a JSON object, missing or damaged weights)."""
     path = Path(adapter_dir).expanduser()
     if not path.is_dir():
         raise VlmtuneError(f"{path}: adapter directory not found")
     config_path = path / ADAPTER_CONFIG
     if not config_path.is_file():
         raise VlmtuneError(f"{path}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VlmtuneError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise VlmtuneError(f"{config_path}: expected a JSON object")
-    if not any((path / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+    config = read_json_object(config_path)
+    base = config.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise VlmtuneError(f"{config_path}: field 'base_model_name_or_path' must be a string, got {base!r}")
+    weights = path / "adapter_model.safetensors"
+    if weights.is_file():
+        check_safetensors(weights)
+    elif not (path / "adapter_model.bin").is_file():
         raise VlmtuneError(f"{path}: no adapter_model.safetensors (the adapter weights are missing)")
     return config
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a .safetensors header (not the tensors): a truncated or foreign file fails here, in one line,
+    before the model loads. safetensors checks that the header covers the whole file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise VlmtuneError(f"{path}: not a readable safetensors file ({first[:200]}); the adapter is damaged") from None
 
 
 def base_model_of(adapter_dir: str | Path) -> str | None:
@@ -69,20 +85,39 @@ def base_model_of(adapter_dir: str | Path) -> str | None:
     return str(value) if value else None
 
 
+def warn_if_other_base(adapter_dir: Path, model_name_or_path: str, model_dir: Path, warn) -> None:
+    """The adapter records the model it was trained on (`base_model_name_or_path`); loading it onto another
+    directory or hub id is allowed — it may be a copy — but said in one line on stderr. Weights of another
+    shape are refused when they load (`attach_adapter`)."""
+    recorded = base_model_of(adapter_dir)
+    if not recorded or recorded == model_name_or_path:  # the same directory or hub id as at training
+        return
+    recorded_dir = Path(recorded).expanduser()
+    if recorded_dir.is_dir() and recorded_dir.resolve() == model_dir.resolve():
+        return
+    warn(f"warning: {adapter_dir}: trained on {recorded} (base_model_name_or_path in {ADAPTER_CONFIG}), now "
+         f"loaded onto {model_dir}; if that is another model, its answers may mean little")
+
+
 def saved_pixel_limits(directory: str | Path) -> tuple[int | None, int | None]:
     """(max_pixels, min_pixels) from a saved `preprocessor_config.json`, (None, None) when absent."""
     path = Path(directory) / PREPROCESSOR_CONFIG
     if not path.is_file():
         return None, None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise VlmtuneError(f"{path}: not valid JSON ({exc})") from None
+    config = read_json_object(path)
     size = config.get("size") or {}
+    if not isinstance(size, dict):
+        raise VlmtuneError(f"{path}: field 'size' must be an object, got {size!r}")
     max_pixels = size.get("longest_edge", config.get("max_pixels"))
     min_pixels = size.get("shortest_edge", config.get("min_pixels"))
-    return (int(max_pixels) if max_pixels is not None else None,
-            int(min_pixels) if min_pixels is not None else None)
+    limits = []
+    for key, value in (("size.longest_edge", max_pixels), ("size.shortest_edge", min_pixels)):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise VlmtuneError(f"{path}: field '{key}' must be a pixel count (an integer > 0), got {value!r}")
+        limits.append(value)
+    return limits[0], limits[1]
 
 
 def resolve_pixel_limits(adapter_dir: str | Path | None, image_max_pixels: int | None,
@@ -125,16 +160,19 @@ def inference_dtype(device: torch.device, bf16: bool = False, fp16: bool = False
 def attach_adapter(model: torch.nn.Module, adapter_dir: str | Path, model_dir: str | Path | None = None):
     """Wrap `model` with the LoRA adapter in `adapter_dir` (peft, not merged, eval mode)."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     read_adapter_config(adapter_dir)
     try:
         with warnings.catch_warnings():  # peft calls transformers APIs that 5.x deprecates: not the user's concern
             warnings.filterwarnings("ignore", category=FutureWarning)
             wrapped = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+    except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as exc:
+        # A size mismatch (another lora_rank, another base model's shapes) lands here too.
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
         onto = f" onto {model_dir}" if model_dir is not None else ""
-        raise VlmtuneError(f"{adapter_dir}: cannot load the adapter{onto} ({first[:300]})") from None
+        raise VlmtuneError(f"{adapter_dir}: cannot load the adapter{onto} ({(mismatch or first)[:300]})") from None
     wrapped.eval()
     return wrapped
 
@@ -159,6 +197,8 @@ def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None
                 raise VlmtuneError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model_name_or_path; "
                                    f"pass --model_name_or_path")
     model_dir = resolve_model_dir(model_name_or_path, cache_dir, revision)
+    if adapter_dir is not None:
+        warn_if_other_base(adapter_dir, model_name_or_path, model_dir, lambda line: print(line, file=sys.stderr, flush=True))
     max_pixels, min_pixels = resolve_pixel_limits(adapter_dir, image_max_pixels, image_min_pixels)
     processor = load_processor(model_dir, max_pixels, min_pixels,
                                *resolve_template(adapter_dir, template, enable_thinking))

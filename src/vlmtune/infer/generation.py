@@ -13,7 +13,7 @@ With a reasoning template (`qwen3_vl`) the answer is the text after the end of t
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -48,17 +48,31 @@ def sampling_kwargs(max_new_tokens: int, temperature: float) -> dict:
 
 
 def generate_samples(model: torch.nn.Module, processor: Processor, samples: Sequence[EncodedSample],
-                     max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+                     max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> list[str]:
     """Answers (new text, special tokens dropped, stripped) for encoded prompt samples, one batch.
 
-    The caller puts the model in eval mode under no_grad (see `scoring.evaluating`).
+    The caller puts the model in eval mode under no_grad (see `scoring.evaluating`). `should_stop` is asked
+    after every token; True ends the generation there (a server whose client went away).
     """
     batch = Collator(processor, padding_side="left", raw_images=True)(list(samples))
-    return generate_batch(model, processor, batch, max_new_tokens, temperature, seed)
+    return generate_batch(model, processor, batch, max_new_tokens, temperature, seed, should_stop)
+
+
+def stopping_criteria(should_stop: Callable[[], bool] | None):
+    """transformers' stopping criteria that end every row when `should_stop()` turns true."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AskEveryToken(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(should_stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([AskEveryToken()] if should_stop is not None else [])
 
 
 def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, max_new_tokens: int = 32,
-                   temperature: float = 0.0, seed: int | None = None) -> list[str]:
+                   temperature: float = 0.0, seed: int | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> list[str]:
     """`generate_samples` for an already collated, LEFT-padded batch."""
     core = unwrap(model)
     batch = to_model(batch, core)  # the images go through the vision tower here, once
@@ -67,7 +81,7 @@ def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, ma
     stops = stop_token_ids(processor)
     with image_inputs(core, batch) as inputs:
         output = core.generate(**inputs, **sampling_kwargs(max_new_tokens, temperature), eos_token_id=stops,
-                               pad_token_id=processor.pad_token_id)
+                               pad_token_id=processor.pad_token_id, stopping_criteria=stopping_criteria(should_stop))
     new_tokens = output[:, batch["input_ids"].shape[1]:]
     texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [processor.template.answer_of(text) for text in texts]
@@ -76,7 +90,8 @@ def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, ma
 def generate_conversations(model, processor: Processor, conversations: list[Conversation], batch_size: int = 8,
                            max_new_tokens: int = 32, temperature: float = 0.0, seed: int | None = None,
                            default_system: str | None = None,
-                           images: list[list[torch.Tensor]] | None = None) -> list[str]:
+                           images: list[list[torch.Tensor]] | None = None,
+                           should_stop: Callable[[], bool] | None = None) -> list[str]:
     """Generated answers for conversations (their final answer is dropped from the prompt).
 
     With sampling, each batch is seeded with `seed + index of its first sample`, so the answers do
@@ -89,5 +104,5 @@ def generate_conversations(model, processor: Processor, conversations: list[Conv
             chunk_images = images[start:start + batch_size] if images is not None else None
             samples = encode_prompts(chunk, processor, default_system, chunk_images, prompt="generate")
             out += generate_samples(model, processor, samples, max_new_tokens, temperature,
-                                    None if seed is None else seed + start)
+                                    None if seed is None else seed + start, should_stop)
     return out

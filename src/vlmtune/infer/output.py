@@ -10,7 +10,8 @@ labels, generation and image settings). Rerunning the same command:
 * and continues with the next sample — no duplicate, no missing row.
 
 A file written by a different run (another dataset, model, adapter, mode, ...) is refused with the
-setting that differs instead of being silently mixed; `--overwrite` starts over.
+setting that differs instead of being silently mixed; `--overwrite` starts over, in a temporary file
+that replaces the old one only once every row is written (a failed run leaves the old rows).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.files import write_atomic
+from vlmtune.files import read_json_object, write_atomic
 
 META_VERSION = 1
 # Settings that change the rows; a rerun must match them all. (batch_size and max_samples may change:
@@ -52,12 +53,18 @@ def _describe(value: Any) -> str:
 
 
 class PredictionFile:
-    """Appends rows to a prediction JSONL; `start` returns how many rows an earlier run already wrote."""
+    """Appends rows to a prediction JSONL; `start` returns how many rows an earlier run already wrote.
+
+    With overwrite, an existing file is not touched until the new one is complete: rows go to a sibling
+    temporary file that `commit` renames over it (then the metadata); a run that fails before leaves the
+    old predictions (and their metadata) as they were.
+    """
 
     def __init__(self, path: str | Path, meta: dict[str, Any]):
         self.path = Path(path)
         self.meta = {"vlmtune_predict": META_VERSION, **meta}
         self.repaired = False  # a torn last line was cut off by `start`
+        self.replacing: Path | None = None  # the temporary file that replaces `path` at commit (overwrite)
         self._fh = None
 
     # -- opening ------------------------------------------------------------------------------
@@ -70,28 +77,41 @@ class PredictionFile:
         if exists and not overwrite:
             self._check_meta(meta_file)
             done = self._resume(ids)
-        else:
-            done = 0
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(meta_file, json.dumps(self.meta, ensure_ascii=False, indent=2) + "\n")
-            self.path.write_bytes(b"")
+            self._open(self.path, "ab")
+            return done
+        if exists:  # overwrite: the old rows stay until commit
+            self.replacing = self.path.with_name(f".{self.path.name}.overwrite.tmp")
+            self._open(self.replacing, "wb")
+            return 0
+        self._mkdir()
+        write_atomic(meta_file, json.dumps(self.meta, ensure_ascii=False, indent=2) + "\n")
+        self._open(self.path, "wb")
+        return 0
+
+    def _mkdir(self) -> None:
         try:
-            self._fh = open(self.path, "ab")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise VlmtuneError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
-        return done
+            raise VlmtuneError(f"{self.path}: cannot create its directory ({exc.strerror or exc})") from None
+
+    def _open(self, path: Path, mode: str) -> None:
+        try:
+            self._fh = open(path, mode)
+        except OSError as exc:
+            raise VlmtuneError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
     def _check_meta(self, meta_file: Path) -> None:
         if not meta_file.is_file():
             raise VlmtuneError(f"{self.path}: exists but was not written by `vlmtune predict` (no {meta_file.name}); "
                                f"pass --overwrite to replace it or choose another --save_name")
         try:
-            old = json.loads(meta_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise VlmtuneError(f"{meta_file}: not valid JSON; pass --overwrite to start over") from None
+            old = read_json_object(meta_file)
+        except VlmtuneError as exc:
+            raise VlmtuneError(f"{exc}; pass --overwrite to start over") from None
         for key in FINGERPRINT:
             if key == "datasets" and old.get(key) != self.meta.get(key):
-                before = {d.get("file"): d.get("sha256") for d in old.get(key) or [] if isinstance(d, dict)}
+                listed = old.get(key) if isinstance(old.get(key), list) else []
+                before = {str(d.get("file")): d.get("sha256") for d in listed if isinstance(d, dict)}
                 now = {d["file"]: d["sha256"] for d in self.meta[key]}
                 changed = [f for f in now if f in before and before[f] != now[f]]
                 what = (f"the dataset file {changed[0]} changed since" if changed else
@@ -117,7 +137,7 @@ class PredictionFile:
             try:
                 row = json.loads(line)
                 row_id = row["id"]
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError, RecursionError):
                 raise VlmtuneError(f"{self.path}: line {line_no}: not a prediction row; pass --overwrite to "
                                    f"start over") from None
             if done >= len(ids):
@@ -133,11 +153,33 @@ class PredictionFile:
     def write(self, rows: Sequence[dict[str, Any]]) -> None:
         """Append rows and push them to disk (a crash loses at most the batch being written)."""
         payload = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-        self._fh.write(payload)
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            self._fh.write(payload)
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:  # a full disk: the rows before stay, and a rerun continues after them
+            kept = "the old file is unchanged" if self.replacing else "the rows written before are kept"
+            raise VlmtuneError(f"{self._fh.name}: cannot write ({exc.strerror or exc}); {kept}") from None
+
+    def commit(self) -> None:
+        """Every row is written: with overwrite, the new file (then its metadata) replaces the old one."""
+        self._close_file()
+        if self.replacing is not None:
+            new, self.replacing = self.replacing, None  # from here on, close() leaves it alone
+            try:
+                os.replace(new, self.path)
+            except OSError as exc:
+                raise VlmtuneError(f"{self.path}: cannot replace it with {new} ({exc.strerror or exc}); "
+                                   f"the new predictions are in {new}") from None
+            write_atomic(meta_path(self.path), json.dumps(self.meta, ensure_ascii=False, indent=2) + "\n")
 
     def close(self) -> None:
+        """Close the file; an overwrite that was not committed is dropped (the old file stays)."""
+        self._close_file()
+        if self.replacing is not None:
+            self.replacing.unlink(missing_ok=True)
+
+    def _close_file(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None

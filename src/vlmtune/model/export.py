@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import ensure_writable_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Files of a model release that the export copies from the base model when the adapter has none.
@@ -54,9 +55,13 @@ def base_dtype(model_dir: Path) -> str:
 
 
 def check_export_dir(export_dir: Path, overwrite: bool, *protected: Path | None) -> None:
-    """Refuse a file, a non-empty directory (without overwrite) and the model's or adapter's own directory."""
+    """Refuse a file (or a path under one), a non-empty directory (without overwrite) and the model's or
+    adapter's own directory."""
     if export_dir.exists() and not export_dir.is_dir():
         raise VlmtuneError(f"--export_dir {export_dir}: exists and is not a directory")
+    blocker = next((p for p in export_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise VlmtuneError(f"--export_dir {export_dir}: is under {blocker}, which is a file, not a directory")
     target = export_dir.resolve()
     for path in protected:
         if path is not None and Path(path).resolve() == target:
@@ -100,7 +105,6 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
 
     import torch
 
-    from vlmtune import __version__
     from vlmtune.infer.engine import base_model_of, load_engine, read_adapter_config
     from vlmtune.model.load import resolve_model_dir
 
@@ -111,6 +115,7 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
     model_name_or_path = model_name_or_path or base_model_of(adapter_dir)
     model_dir = resolve_model_dir(model_name_or_path)
     check_export_dir(export_dir, overwrite, model_dir, adapter_dir)
+    ensure_writable_dir(export_dir, "--export_dir")  # a read-only place fails now, not after the merge
     dtype_name = base_dtype(model_dir) if export_dtype == "auto" else export_dtype
     start = time.perf_counter()
     with warnings.catch_warnings():  # peft calls transformers APIs that 5.x deprecates: not the user's concern
@@ -122,7 +127,24 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
     merged.config.use_cache = True
     log(f"merged {adapter_dir} into {model_dir} ({dtype_name}) in {time.perf_counter() - start:.1f} s")
 
-    export_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        write_export(merged, engine, model_dir, adapter_dir, export_dir, dtype_name, export_size, overwrite)
+    except (OSError, RuntimeError) as exc:  # a full disk: one line (the base and the adapter are untouched)
+        from vlmtune.train.checkpoint import describe_write_error
+
+        raise VlmtuneError(f"--export_dir {export_dir}: writing the merged model failed ({describe_write_error(exc)}); "
+                           f"the export there is incomplete") from None
+    size = sum(p.stat().st_size for p in export_dir.glob("*.safetensors"))
+    log(f"exported to {export_dir}: {size / 2**20:.1f} MiB of safetensors, "
+        f"{len(list(export_dir.iterdir()))} files (load it like any {engine.processor.family.name}, no adapter)")
+    return export_dir
+
+
+def write_export(merged, engine, model_dir: Path, adapter_dir: Path, export_dir: Path, dtype_name: str,
+                 export_size: int, overwrite: bool) -> None:
+    """The merged weights, processor, chat templates, auxiliary files and vlmtune_export.json."""
+    from vlmtune import __version__
+
     if overwrite:
         remove_stale_weights(export_dir)
     merged.save_pretrained(export_dir, max_shard_size=f"{export_size}GB")
@@ -141,10 +163,6 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
             "vlmtune_version": __version__, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (export_dir / "vlmtune_export.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")
-    size = sum(p.stat().st_size for p in export_dir.glob("*.safetensors"))
-    log(f"exported to {export_dir}: {size / 2**20:.1f} MiB of safetensors, "
-        f"{len(list(export_dir.iterdir()))} files (load it like any {engine.processor.family.name}, no adapter)")
-    return export_dir
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,17 +37,26 @@ absolute paths) or `--allow_remote_images` (http/https) is given. Every error is
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status — a 500 only for
 a bug, without a traceback — and the server keeps serving. The model is loaded once; one lock
 serialises model calls.
+
+What one request may cost is bounded before the work (`Limits`; a 400 that names the flag): labels
+(`--max_labels`, `--max_label_chars`), images (`--max_images`, `--max_image_pixels` read from each
+header, `--max_request_pixels` for all together, checked before any image is decoded; images are then
+decoded one at a time and freed once resized), prompt tokens (`--max_prompt_tokens`) and max_tokens
+(`--max_tokens_limit`, and the model's context). A client that disconnects abandons its request: dropped
+if it is still queued, generation stopped at the next token.
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and
 # `Request` is imported inside create_app (the module imports without FastAPI installed).
 import argparse
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
 import os
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,16 +64,73 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
+from vlmtune import allocator
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Message
 from vlmtune.errors import VlmtuneError
-from vlmtune.serve.common import (MODES, Answer, ModelService, RequestError, add_model_args, check_port_free,
-                                  decode_data_url, is_loopback, model_label, open_image_bytes, parse_labels)
+from vlmtune.serve.common import (MAX_IMAGE_PIXELS, MODES, Answer, Cancelled, ModelService, RequestError,
+                                  add_model_args, check_port_free, decode_data_url, is_loopback, model_label,
+                                  open_image_bytes, parse_labels)
 
 API_KEY_ENV = "VLMTUNE_API_KEY"
 DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
 MAX_DRAIN_BYTES = 64 * 1024 * 1024  # read (and drop) at most this much of an oversize body before answering 413
 REMOTE_TIMEOUT_S = 15
+DISCONNECT_POLL_S = 0.2  # how often a request in progress checks that its client is still there
+SEED_RANGE = (-(2**63), 2**63 - 1)  # torch's generator seed is a 64-bit integer
+TOKENS_PER_MESSAGE = 4  # <|im_start|>, the role, a newline, <|im_end|>: the least a message costs in a prompt
 log = logging.getLogger("vlmtune.api")
+
+
+@dataclasses.dataclass
+class Limits:
+    """What one request may cost, each bound checked before the work it bounds (a 400 above it).
+
+    The defaults suit a 7B model on one GPU, answering short label-like answers: 16 labels of at most
+    128 characters (label scoring runs every label's tokens through the model, and its attention mask is
+    label length squared), 8 images and 128 M decoded pixels per request (each image is decoded on the CPU
+    at full size, 3 bytes per pixel, before it is resized to image_max_pixels), 64 M pixels per image,
+    16,384 prompt tokens (text + image tokens; ≈1 GB of KV cache on a 7B model in bf16) and max_tokens
+    up to 512 (one request holds the model while it generates; answers here are a few tokens).
+    """
+
+    max_labels: int = 16
+    max_label_chars: int = 128
+    max_images: int = 8
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_request_pixels: int = 128_000_000
+    max_prompt_tokens: int = 16384
+    max_tokens: int = 512
+    # Text longer than this many characters per allowed prompt token is refused without tokenising it:
+    # no real prompt averages 16 characters per token.
+    chars_per_token: int = 16
+
+    def check_labels(self, labels: list[str] | None) -> None:
+        if labels is None:
+            return
+        if len(labels) > self.max_labels:
+            raise RequestError(f"vlmtune_labels: {len(labels)} labels, more than this server scores ({self.max_labels}; "
+                               f"--max_labels)")
+        for i, label in enumerate(labels):
+            if len(label) > self.max_label_chars:
+                raise RequestError(f"vlmtune_labels[{i}]: {len(label)} characters, more than this server scores "
+                                   f"({self.max_label_chars}; --max_label_chars)")
+
+    def check_max_tokens(self, value: int | None, name: str) -> None:
+        if value is not None and value > self.max_tokens:
+            raise RequestError(f"{name}: {value} is more than this server generates ({self.max_tokens}; "
+                               f"--max_tokens_limit)")
+
+    def check_text(self, messages) -> None:
+        if len(messages) * TOKENS_PER_MESSAGE > self.max_prompt_tokens:
+            raise RequestError(f"messages: {len(messages):,} messages, more than a prompt of {self.max_prompt_tokens} "
+                               f"tokens can hold (--max_prompt_tokens)")
+        chars = 0
+        for message in messages:
+            content = message.content or ""
+            chars += len(content) if isinstance(content, str) else sum(len(p.text) for p in content if p.type == "text")
+        if chars > self.max_prompt_tokens * self.chars_per_token:
+            raise RequestError(f"messages: {chars:,} characters of text, more than a prompt of "
+                               f"{self.max_prompt_tokens} tokens can hold (--max_prompt_tokens)")
 
 
 class ApiError(Exception):
@@ -122,13 +188,13 @@ def _schema():
         stream: bool = False
         stream_options: StreamOptions | None = None
         temperature: float | None = Field(default=None, ge=0, le=2)
-        max_tokens: int | None = Field(default=None, ge=1, le=32768)
-        max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
-        seed: int | None = None
+        max_tokens: int | None = Field(default=None, ge=1)
+        max_completion_tokens: int | None = Field(default=None, ge=1)
+        seed: int | None = Field(default=None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
         n: int = Field(default=1, ge=1, le=1)
-        stop: Union[str, list[str], None] = None
+        stop: Union[str, Annotated[list[str], Field(max_length=4)], None] = None
         vlmtune_mode: Literal["score", "generate"] | None = None
-        vlmtune_labels: list[str] | None = Field(default=None, min_length=2, max_length=32)
+        vlmtune_labels: list[str] | None = Field(default=None, min_length=2)
         vlmtune_scores: bool = True
 
     return ChatRequest
@@ -165,13 +231,16 @@ BRANCH_NAMES = {"str", "int", "float", "bool", "none", "list", "dict", "TextPart
 class ImagePolicy:
     """Where images may come from: data: URLs always; local files and http(s) only when allowed."""
 
-    def __init__(self, allow_local: bool = False, allow_remote: bool = False, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+    def __init__(self, allow_local: bool = False, allow_remote: bool = False, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 max_pixels: int = MAX_IMAGE_PIXELS):
         self.allow_local, self.allow_remote, self.max_bytes = allow_local, allow_remote, max_bytes
+        self.max_pixels = max_pixels
 
     def open(self, url: str, where: str):
+        """The image at `url`, opened lazily (header read and size checked, pixels not decoded)."""
         url = url.strip()
         if url.startswith("data:"):
-            return decode_data_url(url, where)
+            return decode_data_url(url, where, self.max_pixels)
         lowered = url.lower()
         if lowered.startswith(("http://", "https://")):
             if not self.allow_remote:
@@ -185,9 +254,9 @@ class ImagePolicy:
             path = Path(urllib.request.url2pathname(url[7:]) if lowered.startswith("file://") else url)
             try:
                 raw = path.read_bytes()
-            except OSError as exc:
-                raise RequestError(f"{where}: cannot read {path} ({exc.strerror or exc.__class__.__name__})") from None
-            return open_image_bytes(raw, where)
+            except (OSError, ValueError) as exc:
+                raise RequestError(f"{where}: cannot read {path} ({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
+            return open_image_bytes(raw, where, self.max_pixels)
         raise RequestError(f"{where}: unsupported image URL (expected a data: URL such as data:image/png;base64,...)")
 
     def _fetch(self, url: str, where: str):
@@ -199,19 +268,40 @@ class ImagePolicy:
             raise RequestError(f"{where}: cannot fetch the image ({getattr(exc, 'reason', exc)})") from None
         if len(raw) > self.max_bytes:
             raise RequestError(f"{where}: the image is larger than {self.max_bytes} bytes")
-        return open_image_bytes(raw, where)
+        return open_image_bytes(raw, where, self.max_pixels)
 
 
-def convert_messages(messages, policy: ImagePolicy) -> tuple[list[Message], list]:
-    """OpenAI messages → vlmtune Messages with `<image>` placeholders, and the PIL images in order."""
+@dataclasses.dataclass
+class RequestImage:
+    """One image of a request, opened lazily, and where it is in the request (for messages)."""
+
+    image: object  # a PIL image whose pixels are not decoded yet
+    where: str
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def convert_messages(messages, policy: ImagePolicy, limits: Limits | None = None) -> tuple[list[Message], list]:
+    """OpenAI messages → vlmtune Messages with `<image>` placeholders, and the request's images in order
+    (RequestImage: opened, not decoded). The image count and their total pixels are checked before any
+    image is decoded."""
+    limits = limits or Limits()
     roles = ["system" if m.role == "developer" else m.role for m in messages]
-    # The structure first: no image is decoded for a request that cannot be answered anyway.
+    # The structure first: no image is opened for a request that cannot be answered anyway.
     if "system" in roles[1:]:
         raise RequestError("messages: a system message is only accepted first")
     if roles[-1] != "user":
         raise RequestError("messages: the last message must have role 'user'")
+    n_images = sum(1 for m in messages if not isinstance(m.content, (str, type(None)))
+                   for part in m.content if part.type == "image_url")
+    if n_images > limits.max_images:
+        raise RequestError(f"messages: {n_images} images, more than this server takes per request "
+                           f"({limits.max_images}; --max_images)")
+    limits.check_text(messages)
     out: list[Message] = []
-    images: list = []
+    images: list[RequestImage] = []
     for i, (role, message) in enumerate(zip(roles, messages)):
         content = message.content
         if content is None:
@@ -236,10 +326,17 @@ def convert_messages(messages, policy: ImagePolicy) -> tuple[list[Message], list
                 pieces.append(part.text)
                 continue
             url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-            images.append(policy.open(url, f"messages[{i}].content[{j}].image_url"))
+            where = f"messages[{i}].content[{j}].image_url"
+            images.append(RequestImage(policy.open(url, where), where))
             if not placeholders:
                 pieces.append(IMAGE_PLACEHOLDER)
         out.append(Message(role, "".join(pieces)))
+    total = sum(w * h for w, h in (image.size for image in images))
+    if total > limits.max_request_pixels:
+        for image in images:
+            image.image.close()
+        raise RequestError(f"messages: the images have {total:,} pixels in all, more than this server decodes per "
+                           f"request ({limits.max_request_pixels:,}; --max_request_pixels)")
     return out, images
 
 
@@ -291,9 +388,18 @@ def stream_events(answer: Answer, text: str, finish: str, model: str, request_id
 # The app
 
 
+async def watch_disconnect(request, cancelled: threading.Event) -> None:
+    """Set `cancelled` when the client goes away (the model thread then drops or stops the request)."""
+    while not cancelled.is_set():
+        if await request.is_disconnected():
+            cancelled.set()
+            return
+        await asyncio.sleep(DISCONNECT_POLL_S)
+
+
 def create_app(service: ModelService, model_name: str, api_key: str | None = None,
                max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, policy: ImagePolicy | None = None,
-               default_mode: str = "generate"):
+               default_mode: str = "generate", limits: Limits | None = None):
     """The FastAPI app around a loaded ModelService (tests build it in-process too)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -303,7 +409,11 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     ChatRequest = _schema()
-    policy = policy or ImagePolicy(max_bytes=max_request_bytes)
+    limits = limits or Limits()
+    policy = policy or ImagePolicy(max_bytes=max_request_bytes, max_pixels=limits.max_image_pixels)
+    # Images are decoded one request at a time: with the server's thread pool, concurrent requests would
+    # otherwise each hold their full-size images at once.
+    decoding = threading.Lock()
     created_at = int(time.time())
     app = FastAPI(title="vlmtune", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -383,6 +493,8 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
             payload = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"request body is not valid JSON ({exc})", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "request body is JSON nested too deeply", code="invalid_json") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "request body must be a JSON object", code="invalid_request")
         try:
@@ -391,19 +503,39 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
             where, message = describe_validation_error(exc)
             raise ApiError(400, f"{where}: {message}" if where else message, code="invalid_request",
                            param=where or None) from None
+        except RecursionError:
+            raise ApiError(400, "request body is nested too deeply", code="invalid_request") from None
+        cancelled = threading.Event()
 
         def work():
-            messages, pil_images = convert_messages(req.messages, policy)
-            images = [service.prepare_image(image) for image in pil_images]
+            # Every bound is checked before the work it bounds: labels and max_tokens here, the image count,
+            # text length and total pixels before any image is decoded, the prompt's tokens before the model.
+            limits.check_labels(req.vlmtune_labels)
+            limits.check_max_tokens(req.max_tokens, "max_tokens")
+            limits.check_max_tokens(req.max_completion_tokens, "max_completion_tokens")
+            with decoding:
+                messages, opened = convert_messages(req.messages, policy, limits)
+                images = []
+                for image in opened:
+                    if cancelled.is_set():
+                        raise Cancelled("the client disconnected")
+                    images.append(service.prepare_image(image.image, image.where))
             return service.answer(messages, images, mode=req.vlmtune_mode or default_mode, labels=req.vlmtune_labels,
                                   max_new_tokens=req.max_completion_tokens or req.max_tokens,
                                   temperature=req.temperature or 0.0, seed=req.seed,
-                                  with_scores=req.vlmtune_scores)
+                                  with_scores=req.vlmtune_scores, max_prompt_tokens=limits.max_prompt_tokens,
+                                  cancelled=cancelled)
 
+        watcher = asyncio.ensure_future(watch_disconnect(request, cancelled))
         try:
             answer = await run_in_threadpool(work)
+        except Cancelled as exc:
+            log.info("abandoned a request: %s", exc)
+            raise ApiError(499, str(exc), code="client_closed_request") from None
         except RequestError as exc:
             raise ApiError(400, str(exc), code="invalid_request") from None
+        finally:
+            watcher.cancel()
         text, stopped = apply_stop(answer.text, req.stop)
         finish = "stop" if stopped else answer.finish_reason
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -441,7 +573,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also accept http(s) image URLs (the server fetches them: only where the server "
                              "may reach every address a client names)")
     server.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    bounds = parser.add_argument_group("request limits (a request above one gets a 400 before the work it bounds; "
+                                       "defaults for a 7B model on one GPU)")
+    for flag, field_name, text in LIMIT_FLAGS:
+        bounds.add_argument(f"--{flag}", dest=field_name, type=int, default=getattr(Limits, field_name),
+                            help=f"{text} (default {getattr(Limits, field_name):,})")
     return parser
+
+
+# flag → Limits field, help. (`--max_tokens_limit`: `--max_new_tokens` is the default a request gets.)
+LIMIT_FLAGS = (
+    ("max_labels", "max_labels", "most candidate labels in vlmtune_labels"),
+    ("max_label_chars", "max_label_chars", "longest candidate label, in characters"),
+    ("max_images", "max_images", "most images per request"),
+    ("max_image_pixels", "max_image_pixels", "most pixels of one image (read from its header before decoding)"),
+    ("max_request_pixels", "max_request_pixels", "most pixels of all images of a request together"),
+    ("max_prompt_tokens", "max_prompt_tokens", "longest prompt in tokens, image tokens included"),
+    ("max_tokens_limit", "max_tokens", "largest max_tokens / max_completion_tokens a request may ask for"),
+)
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The request limits from the command line; each must be ≥ 1 (and --max_new_tokens within them)."""
+    limits = Limits(**{field_name: getattr(args, field_name) for _, field_name, _ in LIMIT_FLAGS})
+    for flag, field_name, _ in LIMIT_FLAGS:
+        if getattr(limits, field_name) < 1:
+            raise VlmtuneError(f"--{flag} must be ≥ 1, got {getattr(limits, field_name)}")
+    if args.max_new_tokens < 1 or args.max_new_tokens > limits.max_tokens:
+        raise VlmtuneError(f"--max_new_tokens {args.max_new_tokens} must be between 1 and --max_tokens_limit "
+                           f"{limits.max_tokens}")
+    if limits.max_image_pixels > limits.max_request_pixels:
+        raise VlmtuneError(f"--max_image_pixels {limits.max_image_pixels:,} is larger than --max_request_pixels "
+                           f"{limits.max_request_pixels:,}")
+    return limits
 
 
 def main(argv: list[str]) -> int:
@@ -451,6 +615,8 @@ def main(argv: list[str]) -> int:
         raise VlmtuneError("--mode score needs --labels (the closed label set to score)")
     if args.max_request_bytes < 1024:
         raise VlmtuneError(f"--max_request_bytes {args.max_request_bytes} is too small (at least 1024)")
+    limits = limits_of(args)
+    allocator.for_serving()  # before torch allocates: see vlmtune/allocator.py
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -467,12 +633,15 @@ def main(argv: list[str]) -> int:
         raise VlmtuneError(f"--labels: {exc}") from None
     name = args.served_model_name or model_label(service.engine)
     app = create_app(service, name, api_key, args.max_request_bytes,
-                     ImagePolicy(args.allow_local_images, args.allow_remote_images, args.max_request_bytes), args.mode)
+                     ImagePolicy(args.allow_local_images, args.allow_remote_images, args.max_request_bytes,
+                                 limits.max_image_pixels), args.mode, limits)
     sources = "data: URLs" + (", local files" if args.allow_local_images else "") + \
         (", http(s)" if args.allow_remote_images else "")
     print(f"vlmtune api: http://{args.host}:{args.port}/v1 serving '{name}' "
           f"(API key: {'required' if api_key else 'not required'}; labels: {', '.join(labels) if labels else 'none'}; "
-          f"default mode: {args.mode}; images from {sources})", flush=True)
+          f"default mode: {args.mode}; images from {sources}; per request at most {limits.max_images} images, "
+          f"{limits.max_request_pixels:,} pixels, {limits.max_prompt_tokens:,} prompt tokens, max_tokens "
+          f"{limits.max_tokens})", flush=True)
     logging.basicConfig(level=getattr(logging, args.log_level.upper()))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
                             timeout_graceful_shutdown=5)

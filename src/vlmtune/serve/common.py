@@ -34,8 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
 from vlmtune.errors import VlmtuneError
@@ -52,6 +51,10 @@ MODES = ("score", "generate")
 
 class RequestError(ValueError):
     """A problem with one request (bad image, placeholder count, unknown label): the client's fault."""
+
+
+class Cancelled(RequestError):
+    """The client went away before its answer was ready: the work was abandoned."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,25 +117,28 @@ def is_loopback(host: str) -> bool:
 # Images
 
 
-def open_image_bytes(raw: bytes, what: str = "image") -> Image.Image:
-    """Decode image bytes (any format Pillow reads) into a loaded PIL image; RequestError if it is not one."""
+def open_image_bytes(raw: bytes, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Image bytes (any format Pillow reads) → a PIL image opened lazily: its header read and its size
+    checked against `max_pixels`, its pixels not decoded yet (`resize_image` does, one image at a time, so
+    a request's images are never all decoded at once). RequestError if it is not an image or too large."""
+    from vlmtune.data.images import ImageError, open_header
+
     if not raw:
         raise RequestError(f"{what}: empty image data")
     try:
-        image = Image.open(io.BytesIO(raw))
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise RequestError(f"{what}: {image.width}×{image.height} pixels is more than this server decodes "
-                               f"({MAX_IMAGE_PIXELS:,})")
-        image.load()
-    except RequestError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise RequestError(f"{what}: not a readable image ({exc.__class__.__name__})") from None
+        image = open_header(io.BytesIO(raw))
+    except ImageError as exc:
+        raise RequestError(f"{what}: {str(exc).replace('unreadable image', 'not a readable image')}") from None
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise RequestError(f"{what}: {image.width}×{image.height} pixels is more than this server decodes per "
+                           f"image ({max_pixels:,}; --max_image_pixels)")
     return image
 
 
-def decode_data_url(url: str, what: str = "image") -> Image.Image:
-    """`data:image/png;base64,....` → PIL image. Only base64 data URLs carry binary images sensibly."""
+def decode_data_url(url: str, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """`data:image/png;base64,....` → PIL image, opened lazily (`open_image_bytes`). Only base64 data URLs
+    carry binary images sensibly."""
     if not url.startswith("data:"):
         raise RequestError(f"{what}: not a data: URL")
     header, sep, data = url[5:].partition(",")
@@ -148,17 +154,21 @@ def decode_data_url(url: str, what: str = "image") -> Image.Image:
         raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{what}: data: URL is not valid base64") from None
-    return open_image_bytes(raw, what)
+    return open_image_bytes(raw, what, max_pixels)
 
 
-def resize_image(image: Image.Image, settings) -> "torch.Tensor":
-    """A PIL image → resized uint8 CHW tensor, exactly as `data.images.load_resized` does for files."""
-    from vlmtune.data.images import ImageError, resize_decoded
+def resize_image(image: Image.Image, settings, what: str = "image") -> "torch.Tensor":
+    """A (lazily opened) PIL image → resized uint8 CHW tensor, exactly as `data.images.load_resized` does for
+    files; the full-size pixels are freed as soon as the small copy exists."""
+    from vlmtune.data.images import ImageError, decode_rgb, resize_decoded
 
     try:
-        return resize_decoded(image.convert("RGB"), settings)
-    except ImageError as exc:  # smart_resize: extreme aspect ratio
-        raise RequestError(f"image of {image.width}×{image.height} cannot be used ({exc})") from None
+        return resize_decoded(decode_rgb(image), settings)
+    except ImageError as exc:  # truncated data, or smart_resize's extreme aspect ratio
+        raise RequestError(f"{what}: {image.width}×{image.height} image cannot be used "
+                           f"({str(exc).replace('unreadable image', 'not a readable image')})") from None
+    finally:
+        image.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +223,18 @@ class ModelService:
         except ValueError as exc:
             raise RequestError(f"labels cannot be scored: {exc}") from None
 
-    def prepare_image(self, image: Image.Image) -> "torch.Tensor":
-        return resize_image(image, self.processor.image_processor)
+    def prepare_image(self, image: Image.Image, what: str = "image") -> "torch.Tensor":
+        return resize_image(image, self.processor.image_processor, what)
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence the language model takes (prompt + answer), from its config."""
+        config = getattr(self.engine.model, "config", None)
+        for part in (getattr(config, "text_config", None), config):
+            value = getattr(part, "max_position_embeddings", None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
 
     def prepare_file(self, path: str | Path) -> "torch.Tensor":
         """An image file, read exactly as training reads dataset images."""
@@ -229,11 +249,15 @@ class ModelService:
 
     def answer(self, messages: Sequence[Message], images: Sequence["torch.Tensor"], mode: str | None = None,
                labels: Sequence[str] | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
-               seed: int | None = None, with_scores: bool = True) -> Answer:
+               seed: int | None = None, with_scores: bool = True, max_prompt_tokens: int | None = None,
+               cancelled: threading.Event | None = None) -> Answer:
         """Answer the last user turn of `messages` (images in order of their `<image>` placeholders).
 
         mode None: score when a label set applies, else generate. `labels` overrides the server's set.
-        with_scores False skips label scoring in generate mode (one model pass less).
+        with_scores False skips label scoring in generate mode (one model pass less). A prompt over
+        `max_prompt_tokens`, or a prompt + max_new_tokens over the model's context, is refused before any
+        model work. When `cancelled` is set (the client went away) a queued request is dropped and a
+        generation stops at its next token; both raise Cancelled.
         """
         from vlmtune.data.encode import encode_prompt, image_tokens
         from vlmtune.infer.generation import generate_conversations
@@ -260,9 +284,19 @@ class ModelService:
             prompt_tokens = len(encode_prompt(list(messages), images, self.processor, self.default_system))
         except ValueError as exc:
             raise RequestError(str(exc)) from None
+        if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
+            raise RequestError(f"the prompt is {prompt_tokens} tokens (text and image tokens), more than this server "
+                               f"takes ({max_prompt_tokens}; --max_prompt_tokens)")
+        context = self.context_length
+        if mode == "generate" and context is not None and prompt_tokens + max_new_tokens > context:
+            raise RequestError(f"max_tokens {max_new_tokens} + the prompt's {prompt_tokens} tokens exceed the model's "
+                               f"context of {context} tokens")
+        stop_now = cancelled.is_set if cancelled is not None else None
 
         def run() -> tuple[str, dict[str, float] | None]:
             with self.lock:
+                if stop_now is not None and stop_now():  # the client left while this request queued
+                    raise Cancelled("the client disconnected before the model started")
                 scores = None
                 if labels and (with_scores or mode == "score"):
                     scores = score_conversations(self.engine.model, self.processor, [conversation], labels,
@@ -271,7 +305,10 @@ class ModelService:
                     return max(scores, key=scores.get), scores
                 text = generate_conversations(self.engine.model, self.processor, [conversation], batch_size=1,
                                               max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                                              default_system=self.default_system, images=[images])[0]
+                                              default_system=self.default_system, images=[images],
+                                              should_stop=stop_now)[0]
+                if stop_now is not None and stop_now():
+                    raise Cancelled("the client disconnected during generation")
                 return text, scores
 
         start = time.perf_counter()

@@ -68,9 +68,30 @@ def model_state_dict(accelerator, model) -> dict | None:
 
 def save_checkpoint(accelerator, model, processor, optimizer, scheduler, state: TrainerState, output_dir: Path,
                     save_only_model: bool) -> Path:
-    """Write checkpoint-{step} atomically (all ranks call this)."""
+    """Write checkpoint-{step} atomically (all ranks call this).
+
+    A write that fails (a full disk, a quota) removes the partial `.tmp-checkpoint-N` and ends the run with
+    one line that says so; the checkpoints written before are untouched, so the run can resume from them.
+    """
     final = output_dir / f"checkpoint-{state.global_step}"
     tmp = output_dir / f".tmp-checkpoint-{state.global_step}"
+    try:
+        _write_checkpoint(accelerator, model, processor, optimizer, scheduler, state, tmp, save_only_model)
+    except WRITE_ERRORS as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise VlmtuneError(f"{output_dir}: writing checkpoint-{state.global_step} failed ({describe_write_error(exc)}); "
+                           f"{_survivors(output_dir)}") from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_checkpoint(accelerator, model, processor, optimizer, scheduler, state: TrainerState, tmp: Path,
+                      save_only_model: bool) -> None:
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -81,27 +102,67 @@ def save_checkpoint(accelerator, model, processor, optimizer, scheduler, state: 
         unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         processor.save_pretrained(tmp)
     if not save_only_model:
-        torch.save(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
+        save_torch(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
         if uses_deepspeed(accelerator):
             accelerator.save_state(str(tmp / "deepspeed"))  # every rank writes its optimizer partition
         elif accelerator.is_main_process:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         if accelerator.is_main_process:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            save_torch(scheduler.state_dict(), tmp / "scheduler.pt")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state.save(tmp / STATE_FILE)  # last: its presence marks the checkpoint complete
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    accelerator.wait_for_everyone()
-    return final
 
 
-def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) -> TrainerState:
-    """Restore trainable weights, optimizer, scheduler, RNG and the trainer state."""
+def save_torch(obj, path: Path) -> None:
+    """torch.save, whose C++ writer reports a failed write (a full disk) as a cryptic RuntimeError: said plainly."""
+    try:
+        torch.save(obj, path)
+    except RuntimeError as exc:
+        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else exc.__class__.__name__
+        raise OSError(f"{path.name} could not be written completely (a full disk or a quota?; torch: {detail})") from None
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError from Python, RuntimeError from torch.save's C++ writer,
+    SafetensorError from safetensors, VlmtuneError from write_atomic."""
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError, VlmtuneError
+
+
+WRITE_ERRORS = _write_errors()
+
+
+def describe_write_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{Path(exc.filename).name}: {exc.strerror}" if exc.filename else exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else exc.__class__.__name__
+
+
+def _survivors(output_dir: Path) -> str:
+    """What is left to resume from, for the message of a failed write."""
+    found = checkpoint_dirs(output_dir)
+    if not found:
+        return "no earlier checkpoint exists; free space and start again"
+    return (f"{found[-1].name} (step {found[-1].name.split('-')[1]}) is intact: free space and resume with "
+            f"resume_from_checkpoint: true")
+
+
+def read_state(checkpoint: Path) -> TrainerState:
+    """The trainer state of a checkpoint directory, or a one-line error (not a checkpoint, damaged)."""
     if not (checkpoint / STATE_FILE).is_file():
         raise VlmtuneError(f"{checkpoint}: not a complete checkpoint (no {STATE_FILE})")
+    return TrainerState.load(checkpoint / STATE_FILE)
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) -> None:
+    """Restore trainable weights, optimizer, scheduler and RNG (the state comes from `read_state`).
+
+    Every file is checked as it is read: a truncated or foreign file, or weights of another shape (another
+    lora_rank, another model), is a one-line error naming the file instead of a traceback.
+    """
     if uses_deepspeed(accelerator):
         if not (checkpoint / "deepspeed").is_dir():
             raise VlmtuneError(f"{checkpoint}: has no DeepSpeed state (saved with save_only_model or without "
@@ -111,21 +172,56 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) 
         raise VlmtuneError(f"{checkpoint}: saved with save_only_model, it has no optimizer state to resume from")
     else:
         load_trainable_weights(accelerator.unwrap_model(model), checkpoint)
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", map_location="cpu", weights_only=False))
+        _restore(optimizer, checkpoint / "optimizer.pt")
+    _restore(scheduler, checkpoint / "scheduler.pt")
     rng_file = checkpoint / f"rng_state_{accelerator.process_index}.pth"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-    return TrainerState.load(checkpoint / STATE_FILE)
+        try:
+            set_rng_state(read_torch_file(rng_file))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VlmtuneError(f"{rng_file}: not an RNG state ({exc.__class__.__name__})") from None
+
+
+def read_torch_file(path: Path):
+    """torch.load of a checkpoint file, or a one-line error when it is missing, truncated or not one."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise VlmtuneError(f"{path}: missing from the checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 — unpickling a damaged file fails in many ways
+        raise VlmtuneError(f"{path}: cannot read ({describe_write_error(exc)}): the file is damaged; resume "
+                           f"from another checkpoint-N") from None
+
+
+def _restore(stateful, path: Path) -> None:
+    """optimizer / scheduler `load_state_dict` from a file, a mismatch said in one line."""
+    state = read_torch_file(path)
+    try:
+        stateful.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+        raise VlmtuneError(f"{path}: does not fit this run ({describe_write_error(exc)})") from None
+
+
+def read_safetensors(path: Path) -> dict:
+    """All tensors of a .safetensors file, or a one-line error (missing, truncated, not safetensors)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise VlmtuneError(f"{path}: missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise VlmtuneError(f"{path}: not a readable safetensors file ({describe_write_error(exc)})") from None
 
 
 def load_trainable_weights(model, directory: Path) -> None:
     """Load the adapter (peft) or full weights saved by `save_pretrained` back into a live model."""
-    from peft import PeftModel, set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
     if isinstance(model, PeftModel):
-        weights = load_file(directory / "adapter_model.safetensors")
+        weights = read_safetensors(directory / "adapter_model.safetensors")
+        check_shapes(weights, get_peft_model_state_dict(model), directory / "adapter_model.safetensors")
         result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -134,8 +230,24 @@ def load_trainable_weights(model, directory: Path) -> None:
     # Full / freeze fine-tuning: reload through transformers so its checkpoint key mapping applies.
     from transformers import AutoModelForImageTextToText
 
-    reloaded = AutoModelForImageTextToText.from_pretrained(str(directory), dtype=next(model.parameters()).dtype)
-    model.load_state_dict(reloaded.state_dict())
+    try:
+        reloaded = AutoModelForImageTextToText.from_pretrained(str(directory), dtype=next(model.parameters()).dtype)
+        model.load_state_dict(reloaded.state_dict())
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise VlmtuneError(f"{directory}: cannot load its weights ({describe_write_error(exc)})") from None
+
+
+def check_shapes(weights: dict, expected: dict, path: Path) -> None:
+    """Saved tensors must be the live model's, name by name and shape by shape (another lora_rank, target
+    list or base model otherwise)."""
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise VlmtuneError(f"{path}: has no {missing[0]} ({len(missing)} tensor(s) of this run missing: another "
+                           f"lora_target or model?)")
+    for key, tensor in weights.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise VlmtuneError(f"{path}: {key} is {list(tensor.shape)} there but {list(expected[key].shape)} in "
+                               f"this run (another lora_rank or model)")
 
 
 def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path | None) -> None:

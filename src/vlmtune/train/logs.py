@@ -12,6 +12,8 @@ import math
 import time
 from pathlib import Path
 
+from vlmtune.errors import VlmtuneError
+
 LOG_FILE = "trainer_log.jsonl"
 PLOTTED_EVAL_KEYS = ("eval_loss", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1", "eval_roc_auc",
                      "eval_pr_auc")
@@ -48,8 +50,12 @@ class TrainLogger:
         if not self.is_main:
             return
         row = {"step": step, **{k: _round(v) for k, v in values.items()}, **self._timing(step)}
-        with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        except OSError as exc:  # a full disk: one line, and the checkpoints written so far stay
+            raise VlmtuneError(f"{self.output_dir / LOG_FILE}: cannot write ({exc.strerror or exc}); the checkpoints "
+                               f"written so far are intact (resume_from_checkpoint: true)") from None
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -87,7 +93,7 @@ def read_log(output_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:

@@ -37,11 +37,12 @@ from vlmtune.config import Config, inert_settings
 from vlmtune.data.encode import IGNORE_INDEX, Collator, EncodedSample
 from vlmtune.data.processor import load_processor
 from vlmtune.errors import VlmtuneError
-from vlmtune.files import write_atomic
+from vlmtune.files import ensure_writable_dir, write_atomic
 from vlmtune.model.adapters import apply_finetuning, parameter_summary
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 from vlmtune.train.batches import EpochBatches
-from vlmtune.train.checkpoint import (latest_checkpoint, load_checkpoint, model_state_dict, remove_stale_temporaries,
+from vlmtune.train.checkpoint import (WRITE_ERRORS, checkpoint_dirs, describe_write_error, latest_checkpoint,
+                                      load_checkpoint, model_state_dict, read_state, remove_stale_temporaries,
                                       rotate_checkpoints, save_checkpoint, uses_deepspeed)
 from vlmtune.train.image_features import ImageFeatureCache, can_cache
 from vlmtune.train.logs import TrainLogger, plot_curves, truncate_log
@@ -96,8 +97,9 @@ def deepspeed_plugin(cfg: Config, has_cuda: bool):
         raise VlmtuneError(f"deepspeed: {path}: DeepSpeed needs CUDA GPUs; on a CPU remove the deepspeed key")
     try:
         ds_config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise VlmtuneError(f"deepspeed: {path}: cannot read the DeepSpeed config ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise VlmtuneError(f"deepspeed: {path}: cannot read the DeepSpeed config ({exc.__class__.__name__}: "
+                           f"{str(exc)[:200]})") from None
     if not isinstance(ds_config, dict):
         raise VlmtuneError(f"deepspeed: {path}: a DeepSpeed config is a JSON object")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -135,10 +137,12 @@ def backward(accelerator, loss: torch.Tensor, last_micro_batch: bool, accum: int
 
 
 def check_output_dir(cfg: Config) -> Path | None:
-    """The checkpoint to resume from, if any; refuses to write into a non-empty output_dir otherwise."""
+    """The checkpoint to resume from, if any; refuses to write into a non-empty output_dir otherwise, and an
+    output_dir that cannot be written (a file in the way, a read-only file system) before any work."""
     output_dir = Path(cfg.train.output_dir)
     resume = cfg.train.resume_from_checkpoint
     if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
+        ensure_writable_dir(output_dir, "output_dir")
         found = latest_checkpoint(output_dir)
         if found is None:
             raise VlmtuneError(f"{output_dir}: resume_from_checkpoint is true but there is no complete checkpoint")
@@ -147,11 +151,51 @@ def check_output_dir(cfg: Config) -> Path | None:
         path = Path(resume)
         if not path.is_dir():
             raise VlmtuneError(f"resume_from_checkpoint: {path}: no such checkpoint directory")
+        ensure_writable_dir(output_dir, "output_dir")
         return path
     if output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.train.overwrite_output_dir:
         raise VlmtuneError(f"{output_dir}: output_dir is not empty; set overwrite_output_dir: true to write into it "
                            f"or resume_from_checkpoint: true to continue its run")
+    ensure_writable_dir(output_dir, "output_dir")
     return None
+
+
+def run_shape(cfg: Config, world: int, n_examples: int) -> dict:
+    """What a checkpoint's position in the data and its weights mean: a resume must have the same."""
+    f = cfg.finetune
+    shape = {"per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+             "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "world_size": world,
+             "num_examples": n_examples, "seed": cfg.train.seed, "finetuning_type": f.finetuning_type}
+    if f.finetuning_type == "lora":
+        shape.update(lora_rank=f.lora_rank, lora_target=f.lora_target, additional_target=f.additional_target)
+    return shape
+
+
+def check_resume_fits(state: TrainerState, shape: dict, total_steps: int, checkpoint: Path) -> None:
+    """Refuse a checkpoint of another run: past this run's schedule, or of another batch geometry, data
+    size or adapter (its data position and weights would mean something else here)."""
+    if state.global_step > total_steps:
+        raise VlmtuneError(f"resume_from_checkpoint: {checkpoint} is at step {state.global_step}, beyond this run's "
+                           f"{total_steps} optimisation steps (max_steps / num_train_epochs); it belongs to another "
+                           f"run — use a new output_dir, or raise max_steps")
+    for key, value in shape.items():
+        if key in state.run and state.run[key] != value:
+            raise VlmtuneError(f"resume_from_checkpoint: {checkpoint} does not fit this run: {key} was "
+                               f"{state.run[key]!r} there, {value!r} now; resume with the same settings, or use a "
+                               f"new output_dir")
+
+
+def remove_previous_run(output_dir: Path, log) -> None:
+    """overwrite_output_dir: the earlier run's checkpoints go, so a later resume cannot pick one of them up."""
+    import shutil
+
+    old = checkpoint_dirs(output_dir) + [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
+    old = sorted(set(old), key=lambda p: p.name)
+    for path in old:
+        shutil.rmtree(path)
+    if old:
+        log(f"overwrite_output_dir: removed {len(old)} checkpoint(s) of the earlier run in {output_dir} "
+            f"({', '.join(p.name for p in old)})")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -237,11 +281,17 @@ def train(cfg: Config) -> dict:
 
     scheduler = get_scheduler(cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
-    state = TrainerState(total_steps=total_steps)
+    shape = run_shape(cfg, world, len(data.train))
+    state = TrainerState(total_steps=total_steps, run=shape)
     if resume_from is not None:
-        state = load_checkpoint(accelerator, model, optimizer, scheduler, resume_from)
+        state = read_state(resume_from)
+        check_resume_fits(state, shape, total_steps, resume_from)
+        load_checkpoint(accelerator, model, optimizer, scheduler, resume_from)
+        state.run = shape
         log(f"Resumed from {resume_from} at step {state.global_step} (epoch {state.epoch}, "
             f"{state.micro_batches_done} micro-batches into it)")
+    elif cfg.train.overwrite_output_dir and is_main:
+        remove_previous_run(output_dir, log)
     if is_main:
         truncate_log(output_dir, state.global_step)  # a fresh run into an overwritten dir starts a new log
     metric_name, greater_is_better = best_metric_rule(cfg, data.label_set)
@@ -381,9 +431,7 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     final_weights = model_state_dict(accelerator, model)
     if is_main:
-        unwrapped.save_pretrained(output_dir, safe_serialization=True, state_dict=final_weights)
-        processor.save_pretrained(output_dir)
-        state.save(output_dir / "trainer_state.json")
+        save_final(unwrapped, processor, state, output_dir, final_weights)
         write_json(output_dir / "train_results.json", train_metrics)
         if eval_metrics:
             write_json(output_dir / "eval_results.json", eval_metrics)
@@ -405,6 +453,30 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {**train_metrics, **eval_metrics}
+
+
+def save_final(model, processor, state: TrainerState, output_dir: Path, weights) -> None:
+    """The final adapter and processor into output_dir: written into a temporary directory, then moved in
+    file by file, so a failed write (a full disk) leaves no half-written adapter and is said in one line."""
+    import shutil
+
+    tmp = output_dir / ".tmp-checkpoint-final"  # cleaned up with the other temporaries by the next run
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        processor.save_pretrained(tmp)
+        state.save(tmp / "trainer_state.json")
+        for path in sorted(tmp.iterdir()):
+            os.replace(path, output_dir / path.name)
+    except WRITE_ERRORS as exc:
+        found = checkpoint_dirs(output_dir)
+        then = (f"{found[-1].name} is intact: free space and resume with resume_from_checkpoint: true" if found
+                else "no checkpoint was written: free space and start again")
+        raise VlmtuneError(f"{output_dir}: writing the final adapter failed ({describe_write_error(exc)}); "
+                           f"{then}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class Evaluator:
