@@ -78,9 +78,10 @@ def make_dataset(directory: Path, n: int = 12, name: str = "my_dataset") -> Path
     return directory
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`vlmtune ARGS` in a subprocess, as a user would run it."""
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """`vlmtune ARGS` in a subprocess, as a user would run it (`env`: variables to set for it)."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", **(env or {}))
     return subprocess.run([sys.executable, "-m", "vlmtune", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 

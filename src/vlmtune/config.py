@@ -193,9 +193,13 @@ class TrainConfig:
         "batch size, gradient accumulation, world size, number of examples, seed or adapter (lora_rank, "
         "lora_target), or damaged files.")
     report_to: str | list[str] = _help(
-        "Where metrics go besides trainer_log.jsonl: tensorboard, none (comma list or YAML list).", "none")
-    logging_dir: str | None = _help("TensorBoard directory (default: output_dir/runs).")
-    run_name: str | None = _help("Name shown in logs and TensorBoard.")
+        "Where metrics go besides trainer_log.jsonl, through accelerate's trackers: tensorboard, wandb, mlflow, "
+        "swanlab, all (every installed one) or none; a comma list or YAML list. Each but TensorBoard is an extra "
+        "(pip install 'vlmtune[wandb]', [mlflow], [swanlab]) configured by its own environment variables "
+        "(WANDB_MODE=offline, WANDB_PROJECT, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...).", "none")
+    logging_dir: str | None = _help("Tracker files (TensorBoard events) go here, under the run's name (default: "
+                                    "output_dir/runs).")
+    run_name: str | None = _help("The run's name in the trackers (default: output_dir's name).")
     metric_for_best_model: str | None = _help(
         "Metric that picks the best checkpoint: f1, accuracy, precision, recall, auc or eval_loss (default f1 "
         "when the answers form a closed label set, else eval_loss).")
@@ -454,6 +458,9 @@ _CHOICES = {
 }
 
 
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "swanlab", "all")
+
+
 def validate(cfg: Config, origin: str = "config") -> None:
     """Reject values that cannot work, naming the key."""
     for (section, key), allowed in _CHOICES.items():
@@ -484,8 +491,8 @@ def validate(cfg: Config, origin: str = "config") -> None:
     if cfg.data.max_samples is not None and cfg.data.max_samples <= 0:
         raise VlmtuneError(f"{origin}: 'max_samples' must be > 0, got {cfg.data.max_samples}")
     for report in cfg.train.report_to:
-        if report not in ("tensorboard", "all"):
-            raise VlmtuneError(f"{origin}: 'report_to' supports tensorboard or none, got '{report}'")
+        if report not in REPORT_TO:
+            raise VlmtuneError(f"{origin}: 'report_to' must be any of {', '.join(REPORT_TO)} or none, got '{report}'")
     metric = cfg.train.metric_for_best_model
     if metric is not None and metric.removeprefix("eval_") not in BEST_METRICS:
         raise VlmtuneError(f"{origin}: 'metric_for_best_model' must be one of {', '.join(BEST_METRICS)} (eval_ "

@@ -61,7 +61,7 @@ def test_tiny_cpu_run_writes_everything(family_train_config, arch, tmp_path):
     # TensorBoard reads the events
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(out / "runs"))
+    events = EventAccumulator(str(out / "runs" / "out"))  # runs/<run name: output_dir's by default>
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/grad_norm", "train/learning_rate", "eval/loss", "eval/f1"} <= tags

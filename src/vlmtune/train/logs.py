@@ -1,4 +1,4 @@
-"""Where training reports go: the console, `trainer_log.jsonl`, TensorBoard and the loss plots.
+"""Where training reports go: the console, `trainer_log.jsonl`, the trackers (`train.trackers`) and the plots.
 
 Only the main process writes. Rows of trainer_log.jsonl are either training rows (`loss`, `lr`,
 `grad_norm`, throughput, memory) or evaluation rows (`eval_loss` and the task metrics `eval_f1`, …);
@@ -20,18 +20,14 @@ PLOTTED_EVAL_KEYS = ("eval_loss", "eval_accuracy", "eval_precision", "eval_recal
 
 
 class TrainLogger:
-    def __init__(self, output_dir: Path, is_main: bool, tensorboard_dir: Path | None, total_steps: int,
-                 start_step: int = 0):
+    def __init__(self, output_dir: Path, is_main: bool, accelerator, total_steps: int, start_step: int = 0):
+        """`accelerator`: its trackers (`init_trackers` done) receive every row as `{prefix}/{key}`."""
         self.output_dir = output_dir
         self.is_main = is_main
         self.total_steps = total_steps
         self.start_time = time.time()
         self.start_step = start_step
-        self.writer = None
-        if is_main and tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(tensorboard_dir))
+        self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
 
     def info(self, message: str) -> None:
         if self.is_main:
@@ -56,21 +52,18 @@ class TrainLogger:
         except OSError as exc:  # a full disk: one line, and the checkpoints written so far stay
             raise VlmtuneError(f"{self.output_dir / LOG_FILE}: cannot write ({exc.strerror or exc}); the checkpoints "
                                f"written so far are intact (resume_from_checkpoint: true)") from None
-        if self.writer is not None:
+        if self.accelerator is not None:
+            scalars = {}
             for key, value in values.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     tag = key[len("eval_"):] if key.startswith("eval_") else key
-                    tag = {"lr": "learning_rate"}.get(tag, tag)
-                    self.writer.add_scalar(f"{prefix}/{tag}", value, step)
-            self.writer.flush()
+                    tag = "learning_rate" if tag == "lr" else tag
+                    scalars[f"{prefix}/{tag}"] = value
+            self.accelerator.log(scalars, step=step)
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items() if v is not None)
         from tqdm.auto import tqdm
 
         tqdm.write(f"[{prefix} step {step}/{self.total_steps}] {shown}")  # above the progress bar, not into it
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def _round(value):

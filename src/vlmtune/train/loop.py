@@ -46,6 +46,7 @@ from vlmtune.train.checkpoint import (WRITE_ERRORS, checkpoint_dirs, describe_wr
                                       rotate_checkpoints, save_checkpoint, uses_deepspeed)
 from vlmtune.train.image_features import ImageFeatureCache, can_cache
 from vlmtune.train.logs import TrainLogger, plot_curves, truncate_log
+from vlmtune.train.trackers import chosen_trackers, run_config, start_trackers
 from vlmtune.train.prepare import Background, describe_example, prepare_data
 from vlmtune.train.state import TrainerState
 
@@ -78,7 +79,10 @@ def make_accelerator(cfg: Config):
     has_cuda = torch.cuda.is_available()
     precision = "bf16" if cfg.train.bf16 else ("fp16" if cfg.train.fp16 and has_cuda else "no")
     plugin = deepspeed_plugin(cfg, has_cuda) if cfg.train.deepspeed else None
-    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not has_cuda, deepspeed_plugin=plugin)
+    trackers = chosen_trackers(cfg.train.report_to)  # one line naming the extra when one is not installed
+    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not has_cuda, deepspeed_plugin=plugin,
+                       log_with=trackers or None,
+                       project_dir=str(cfg.train.logging_dir or Path(cfg.train.output_dir) / "runs"))
 
 
 def deepspeed_plugin(cfg: Config, has_cuda: bool):
@@ -305,10 +309,9 @@ def train(cfg: Config) -> dict:
     log(f"  Number of trainable parameters = {sum(p.numel() for p in trainable):,}")
     if data.label_set and data.val:
         log(f"  Task metrics at each evaluation on labels {data.label_set}; best checkpoint by {metric_name}")
-    tensorboard_dir = None
-    if "tensorboard" in cfg.train.report_to or "all" in cfg.train.report_to:
-        tensorboard_dir = Path(cfg.train.logging_dir or output_dir / "runs")
-    logger = TrainLogger(output_dir, is_main, tensorboard_dir, total_steps, state.global_step)
+    if accelerator.log_with:
+        start_trackers(accelerator, cfg.train.run_name or output_dir.name, run_config(cfg.to_flat_dict()))
+    logger = TrainLogger(output_dir, is_main, accelerator, total_steps, state.global_step)
     evaluator = Evaluator(cfg, data, processor, collate, accelerator)
     # Not under ZeRO-3: every rank would have to run the vision tower together, cached or not.
     feature_cache = ImageFeatureCache(model, processor, accelerator,
@@ -449,9 +452,8 @@ def train(cfg: Config) -> dict:
             for key, value in eval_metrics.items():
                 log(f"  {key} = {value}")
         log(f"adapter and processor saved to {output_dir}")
-    logger.close()
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    accelerator.end_training()  # the trackers finish here
     return {**train_metrics, **eval_metrics}
 
 

@@ -38,3 +38,13 @@ def chosen_trackers(report_to: list[str]) -> list[str]:
 def run_config(flat: dict) -> dict:
     """The run's settings as trackers store them: scalars as they are, everything else as text."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+def start_trackers(accelerator, run_name: str, config: dict) -> None:
+    """`accelerator.init_trackers`, a tracker that cannot start (a refused store, no login) as one line."""
+    try:
+        accelerator.init_trackers(run_name, config=config)
+    except Exception as exc:  # noqa: BLE001 — each tracker library raises its own types
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        names = ", ".join(str(t) for t in accelerator.log_with)
+        raise VlmtuneError(f"report_to: {names}: the tracker could not start ({message[:300]})") from None
