@@ -106,7 +106,9 @@ def supported(lm: torch.nn.Module, layer: torch.nn.Module) -> bool:
     layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     module = sys.modules.get(type(layer).__module__)
     # A forward someone else put on the layer (accelerate's device hooks with a device_map): theirs runs.
-    return (type(layer).__name__ in SUPPORTED and layer_types[-1] == "full_attention"
+    # ZeRO-3 partitions the weights (gathered module by module): the library's forward, the same on every rank.
+    partitioned = any(hasattr(p, "ds_id") for p in layer.parameters())
+    return (type(layer).__name__ in SUPPORTED and layer_types[-1] == "full_attention" and not partitioned
             and "forward" not in layer.__dict__
             and callable(getattr(module, "rotate_half", None))
             and all(hasattr(layer, name) for name in ("self_attn", "input_layernorm", "post_attention_layernorm", "mlp")))

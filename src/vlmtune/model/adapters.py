@@ -184,7 +184,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameter counts; works on meta-device models."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 partitions weights to empty tensors
         total += n
         if param.requires_grad:
             trainable += n

@@ -155,6 +155,8 @@ def usable(visual: torch.nn.Module) -> bool:
     """True when `VisionEncoder`'s own forward may replace `visual(...)` for this tower."""
     attn = getattr(getattr(visual, "config", None), "_attn_implementation", None)
     proj = getattr(getattr(visual, "patch_embed", None), "proj", None)
+    if any(hasattr(p, "ds_id") for p in visual.parameters()):  # ZeRO-3: partitioned, gathered in the library's
+        return False                                            # forward only (through the modules' hooks)
     return (type(visual).__name__ in SUPPORTED and attn in PLAIN_ATTENTION
             and type(proj) is torch.nn.Conv3d and proj.kernel_size == proj.stride and proj.padding == (0, 0, 0))
 

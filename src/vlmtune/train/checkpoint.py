@@ -61,9 +61,27 @@ def uses_deepspeed(accelerator) -> bool:
 
 
 def model_state_dict(accelerator, model) -> dict | None:
-    """None (the model's own) except under DeepSpeed, where ZeRO-3 must gather the partitioned weights
-    on every rank first."""
-    return accelerator.get_state_dict(model) if uses_deepspeed(accelerator) else None
+    """The weights a checkpoint saves (every rank calls this): None — the model's own — except under
+    DeepSpeed, whose engine holds them: the trainable parameters only, each gathered from the ranks in turn
+    under ZeRO-3 (a partitioned weight reads empty anywhere else), copied to the CPU on the main process.
+    Neither the frozen base model nor a 16-bit copy of it is gathered, copied or written (accelerate's
+    get_state_dict copies the whole model on every rank, and under ZeRO-3 needs
+    stage3_gather_16bit_weights_on_model_save)."""
+    if not uses_deepspeed(accelerator):
+        return None
+    import contextlib
+
+    import deepspeed
+
+    out = {}
+    for name, param in accelerator.unwrap_model(model).named_parameters():
+        if not param.requires_grad:
+            continue
+        partitioned = hasattr(param, "ds_id")
+        with deepspeed.zero.GatheredParameters([param]) if partitioned else contextlib.nullcontext():
+            if accelerator.is_main_process:
+                out[name] = param.detach().to("cpu", copy=True)
+    return out
 
 
 def save_checkpoint(accelerator, model, processor, optimizer, scheduler, state: TrainerState, output_dir: Path,
@@ -104,7 +122,8 @@ def _write_checkpoint(accelerator, model, processor, optimizer, scheduler, state
     if not save_only_model:
         save_torch(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
         if uses_deepspeed(accelerator):
-            accelerator.save_state(str(tmp / "deepspeed"))  # every rank writes its optimizer partition
+            # every rank writes its optimizer partition; the frozen base model is not written again
+            accelerator.save_state(str(tmp / "deepspeed"), exclude_frozen_parameters=True)
         elif accelerator.is_main_process:
             save_torch(optimizer.state_dict(), tmp / "optimizer.pt")
         if accelerator.is_main_process:
@@ -167,7 +186,8 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, checkpoint: Path) 
         if not (checkpoint / "deepspeed").is_dir():
             raise VlmtuneError(f"{checkpoint}: has no DeepSpeed state (saved with save_only_model or without "
                                f"DeepSpeed); it cannot resume a DeepSpeed run")
-        accelerator.load_state(str(checkpoint / "deepspeed"))  # weights and optimizer, through the engine
+        # weights and optimizer through the engine; the frozen base model was not saved (it is the loaded one)
+        accelerator.load_state(str(checkpoint / "deepspeed"), load_module_strict=False)
     elif not (checkpoint / "optimizer.pt").is_file():
         raise VlmtuneError(f"{checkpoint}: saved with save_only_model, it has no optimizer state to resume from")
     else:

@@ -1,8 +1,10 @@
 """`vlmtune train CONFIG.yaml [key=value ...]`
 
 On a machine with several GPUs and no launcher around it, this starts torchrun itself with one process
-per GPU (as LLaMA-Factory does); `torchrun --nproc_per_node N -m vlmtune train CONFIG.yaml` and the usual
-multi-node torchrun flags work as well. On CPUs, torchrun with several processes uses the gloo backend.
+per GPU (as LLaMA-Factory does), on a free port; also for DeepSpeed on one GPU (or a CPU), which needs
+the environment torchrun gives its processes (without it DeepSpeed looks for MPI). `torchrun
+--nproc_per_node N -m vlmtune train CONFIG.yaml` and the usual multi-node torchrun flags work as well. On
+CPUs, torchrun with several processes uses the gloo backend.
 """
 
 from __future__ import annotations
@@ -23,13 +25,10 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)  # validate before launching anything
     quiet_waiting_threads()
     allocator.for_training()  # before torch allocates: see vlmtune/allocator.py
-    if _should_launch_torchrun():
-        import torch
-
-        n = torch.cuda.device_count()
-        print(f"{n} GPUs visible: starting torchrun --nproc_per_node {n}", flush=True)
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                   "-m", "vlmtune", "train", args.config, *args.overrides]
+    processes = torchrun_processes(bool(cfg.train.deepspeed), visible_gpus(), os.environ)
+    if processes is not None:
+        command = torchrun_command(processes, free_port(), args.config, args.overrides)
+        print(f"starting torchrun --nproc_per_node {processes} --master_port {command[7]}", flush=True)
         os.execv(sys.executable, command)
     from vlmtune.train.loop import train
 
@@ -60,11 +59,34 @@ def quiet_waiting_threads() -> None:
                   f"(OMP_WAIT_POLICY=PASSIVE; set it or GOMP_SPINCOUNT to choose)", flush=True)
 
 
-def _should_launch_torchrun() -> bool:
-    if "LOCAL_RANK" in os.environ or os.environ.get("VLMTUNE_NO_TORCHRUN") == "1":
-        return False
+def visible_gpus() -> int:
     try:
         import torch
     except ImportError:
-        return False
-    return torch.cuda.is_available() and torch.cuda.device_count() > 1
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def torchrun_processes(deepspeed: bool, gpus: int, env) -> int | None:
+    """How many processes to start under torchrun, None to train in this one: one per GPU when there are
+    several, and one for DeepSpeed on a single GPU or a CPU; never inside a launcher (LOCAL_RANK set) or
+    with VLMTUNE_NO_TORCHRUN=1."""
+    if "LOCAL_RANK" in env or env.get("VLMTUNE_NO_TORCHRUN") == "1":
+        return None
+    if gpus > 1:
+        return gpus
+    return 1 if deepspeed else None
+
+
+def free_port() -> int:
+    """A port nobody listens on now, for torchrun's rendezvous (29500, its default, may be another job's)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(processes: int, port: int, config: str, overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+            str(port), "-m", "vlmtune", "train", config, *overrides]

@@ -78,18 +78,30 @@ def make_accelerator(cfg: Config):
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=cfg.train.ddp_find_unused_parameters))
     has_cuda = torch.cuda.is_available()
     precision = "bf16" if cfg.train.bf16 else ("fp16" if cfg.train.fp16 and has_cuda else "no")
-    plugin = deepspeed_plugin(cfg, has_cuda) if cfg.train.deepspeed else None
+    plugin = deepspeed_plugin(cfg) if cfg.train.deepspeed else None
+    cpu = not has_cuda
+    if plugin is not None and not has_cuda:
+        # DeepSpeed's CPU accelerator over gloo (tests, and CPU-only machines): accelerate sets up DeepSpeed's
+        # communication only for a non-CPU Accelerator, and with no GPU backend only when told gloo.
+        handlers[0] = InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=cfg.train.ddp_timeout))
+        cpu = False
     trackers = chosen_trackers(cfg.train.report_to)  # one line naming the extra when one is not installed
-    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=not has_cuda, deepspeed_plugin=plugin,
+    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=cpu, deepspeed_plugin=plugin,
                        log_with=trackers or None,
                        project_dir=str(cfg.train.logging_dir or Path(cfg.train.output_dir) / "runs"))
 
 
-def deepspeed_plugin(cfg: Config, has_cuda: bool):
-    """accelerate's DeepSpeedPlugin for the `deepspeed:` JSON, its "auto" batch values filled from our config.
+def deepspeed_plugin(cfg: Config):
+    """accelerate's DeepSpeedPlugin for the `deepspeed:` JSON (LLaMA-Factory's ds_z2_config.json /
+    ds_z3_config.json work as they are), its "auto" values filled from our config: batch sizes, accumulation
+    and clipping here; the bucket sizes from the language model's hidden size (accelerate reads
+    `model.config.hidden_size`, which a vision-language config has only in its text_config); bf16 / fp16
+    by accelerate from the mixed precision. Our AdamW is DeepSpeed's client optimizer
+    (`zero_allow_untested_optimizer`).
 
     DeepSpeed owns the optimiser step: it divides the loss by its gradient_accumulation_steps, steps at
-    the accumulation boundary and clips by its gradient_clipping (see `backward` below).
+    the accumulation boundary and clips by its gradient_clipping (see `backward` below). Without CUDA it
+    runs on DeepSpeed's CPU accelerator (gloo), as the tests do.
     """
     from accelerate.utils import is_deepspeed_available
 
@@ -97,8 +109,8 @@ def deepspeed_plugin(cfg: Config, has_cuda: bool):
     if not is_deepspeed_available():
         raise VlmtuneError(f"deepspeed: {path}: DeepSpeed is not installed; pip install 'vlmtune[deepspeed]' "
                            f"(or remove the deepspeed key: LoRA on a 7B model fits one GPU per rank with plain DDP)")
-    if not has_cuda:
-        raise VlmtuneError(f"deepspeed: {path}: DeepSpeed needs CUDA GPUs; on a CPU remove the deepspeed key")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
     try:
         ds_config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
@@ -117,10 +129,35 @@ def deepspeed_plugin(cfg: Config, has_cuda: bool):
         elif ds_config[key] != value:
             raise VlmtuneError(f"deepspeed: {path}: {key} is {ds_config[key]} there but {value} from this config; "
                                f"set it to \"auto\"")
+    zero = ds_config.get("zero_optimization")
+    if isinstance(zero, dict) and any(zero.get(k) == "auto" for k in HIDDEN_SIZE_KEYS):
+        hidden = text_hidden_size(cfg)
+        sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+                 "stage3_param_persistence_threshold": 10 * hidden}  # accelerate's own formulas
+        for key in HIDDEN_SIZE_KEYS:
+            if zero.get(key) == "auto":
+                zero[key] = sizes[key]
+    ds_config.setdefault("zero_allow_untested_optimizer", True)
     from accelerate.utils import DeepSpeedPlugin
 
     return DeepSpeedPlugin(hf_ds_config=ds_config, gradient_accumulation_steps=accum,
                            gradient_clipping=filled["gradient_clipping"])
+
+
+HIDDEN_SIZE_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+
+
+def text_hidden_size(cfg: Config) -> int:
+    """The language model's hidden size, from config.json (its text_config for a vision-language model)."""
+    from vlmtune.files import read_json_object
+
+    path = resolve_model_dir(cfg.model.model_name_or_path, cfg.model.cache_dir, cfg.model.model_revision) / "config.json"
+    config = read_json_object(path)
+    hidden = (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
+    if not isinstance(hidden, int):
+        raise VlmtuneError(f"{path}: no hidden_size (text_config.hidden_size) to fill the DeepSpeed config's "
+                           f"\"auto\" bucket sizes; give them as numbers")
+    return hidden
 
 
 def zero_stage(accelerator) -> int:
