@@ -189,3 +189,29 @@ def test_unfrozen_tower_with_lora_is_saved_with_the_adapter(tiny_models, arch, t
         want = visual(pixels, grid_thw=grid).pooler_output
         assert (reloaded(pixels, grid_thw=grid).pooler_output - want).abs().max() < 1e-5
         assert (load_model(model_dir).model.visual(pixels, grid_thw=grid).pooler_output - want).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fp16_vision_blocks_are_guarded_against_overflow(tiny_model_dir, fast):
+    """A vision block whose output outgrows float16 (inf) is clamped to its range, as vLLM and LLaMA-Factory do
+    for Qwen2.5-VL: in transformers' forward (a hook) and in vlmtune's encoder; the answer stays finite."""
+    from vlmtune.data.images import to_patches
+    from vlmtune.model.vision import VisionEncoder
+
+    model = load_model(Path(tiny_model_dir), dtype=torch.float16).eval()
+    visual = model.model.visual
+    processor = load_processor(tiny_model_dir)
+    raw = [torch.randint(0, 256, (3, 112, 112), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))]
+    pixels, grid = to_patches(raw, processor.image_processor)
+    with torch.no_grad():
+        for block in visual.blocks:  # each block adds 6e4: the second one's output overflows float16
+            block.mlp.down_proj.bias.fill_(6e4)
+        encoder = VisionEncoder(visual)
+        encoder.fast = fast
+        out = encoder(pixels, grid).embeds
+        assert torch.isfinite(out).all()
+        visual._forward_hooks.clear()
+        for block in visual.blocks:
+            block._forward_hooks.clear()
+        if not fast:  # without the guard the same forward gives inf / NaN: the test can fail
+            assert not torch.isfinite(visual(pixels.half(), grid_thw=grid).pooler_output).all()

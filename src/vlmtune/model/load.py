@@ -87,7 +87,32 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_impleme
         str(model_dir), dtype=dtype, attn_implementation=pick_attention(attn_implementation))
     if device is not None:
         model.to(device)
+    guard_fp16_overflow(model)
     return model
+
+
+def guard_fp16_overflow(model) -> int:
+    """Clamp the vision blocks' outputs to float16's range where they overflow, as vLLM and LLaMA-Factory
+    guard Qwen2.5-VL's vision tower in fp16 (its activations outgrow 65,504 in the deeper blocks of the
+    releases; transformers does not guard them, and an inf there makes every answer NaN). A forward hook
+    on each block that acts only on float16 outputs with an inf: bf16 and fp32 runs never pay for it.
+    Returns the number of blocks guarded."""
+    visual = getattr(getattr(model, "model", None), "visual", None)
+    blocks = getattr(visual, "blocks", None) or []
+
+    for block in blocks:
+        block.register_forward_hook(lambda _module, _inputs, output: clamp_fp16_overflow(output))
+    return len(blocks)
+
+
+def clamp_fp16_overflow(hidden):
+    """`hidden` clamped to ±(float16 max − 1000) when it is float16 and holds an inf (vLLM's rule), else itself.
+    The library's block forward gets it as a hook (`guard_fp16_overflow`), vlmtune's vision encoder after
+    each block."""
+    if isinstance(hidden, torch.Tensor) and hidden.dtype == torch.float16 and bool(torch.isinf(hidden).any()):
+        limit = torch.finfo(torch.float16).max - 1000
+        return hidden.clamp(-limit, limit)
+    return hidden
 
 
 def build_empty_model(model_dir: Path):

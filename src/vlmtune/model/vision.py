@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 from vlmtune.families import FAMILIES, Family, import_object
 from vlmtune.model.compat import vision_rotary
+from vlmtune.model.load import clamp_fp16_overflow
 
 SUPPORTED = tuple(name for family in FAMILIES for name in family.fast_vision_towers)
 PLAIN_ATTENTION = (None, "sdpa", "eager")
@@ -237,7 +238,7 @@ class VisionEncoder:
         for layer, block in enumerate(visual.blocks):
             layout = plan.full if full_layers is None or layer in full_layers else plan.windows
             x = x + self.attention(block.attn, block.norm1(x), position, layout)
-            x = x + block.mlp(block.norm2(x))
+            x = clamp_fp16_overflow(x + block.mlp(block.norm2(x)))  # as the library's blocks are guarded
             if layer in deepstack_layers:
                 deepstack.append(visual.deepstack_merger_list[deepstack_layers.index(layer)](x))
         merged = visual.merger(x)
