@@ -12,9 +12,9 @@ On a CPU, score mode runs `predictor.workers` batches at once (default two), eac
 scored by its own thread with its share of torch's threads. Why: with a small model most of torch's
 ops are too short to keep two cores busy from one calling thread (two intra-op threads finish a
 batch only ≈1.6× faster than one), and the decoding / tokenising of the next batch then competes
-with the model for the same cores; two whole batches side by side keep both cores busy
-(docs/benchmarks.md, "Prediction"). torch releases the GIL inside its ops, and scoring keeps no
-state on the model (explicit position ids, its own KV cache per call). Rows still come out in
+with the model for the same cores; two whole batches side by side keep both cores busy (measured
+when this was added: the git history of docs/benchmarks.md). torch releases the GIL inside its ops,
+and scoring keeps no state on the model (explicit position ids, its own KV cache per call). Rows still come out in
 dataset order. Generation stays on one thread: transformers' Qwen2-VL `generate` keeps its rope
 offsets on the model between steps.
 """
