@@ -19,6 +19,14 @@ from helpers import FAMILY_ARCHS, make_dataset  # noqa: E402
 from label_adapters import make_rules_dataset, one_torch_thread, train_label_adapter  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _encoded_store_in_the_session(tmp_path_factory):
+    """Encoded-data stores (data.store) go to this session's own cache, for the CLI's subprocesses too."""
+    from vlmtune.data.store import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("vlmtune-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """`tiny_models(arch)` → the directory of a tiny random model of that family, built once per session."""

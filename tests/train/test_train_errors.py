@@ -190,15 +190,17 @@ def small_files_only(limit: int):
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_saving_keeps_the_earlier_checkpoint_and_says_so(finished_run):
+def test_a_full_disk_while_saving_keeps_the_earlier_checkpoint_and_says_so(finished_run, pristine_run):
     """The adapter (135 KB) still fits, the optimizer state (285 KB) does not: checkpoint-6 cannot be written."""
     import subprocess
     import sys
 
     cfg, out = finished_run
     kept = checksums(out / "checkpoint-4")
+    # The data the pristine run encoded (its store is reused): only the checkpoint has to be written.
     result = subprocess.run([sys.executable, "-m", "vlmtune", "train", str(cfg), "resume_from_checkpoint=true",
-                             "max_steps=6"], capture_output=True, text=True, timeout=300,
+                             "max_steps=6", "overwrite_cache=false", f"dataset_dir={pristine_run / 'data'}"],
+                            capture_output=True, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"), preexec_fn=small_files_only(200_000))
     line = assert_one_line_error(result, str(out), "writing checkpoint-6 failed", "checkpoint-4 (step 4) is intact",
                                  "resume_from_checkpoint: true")

@@ -39,6 +39,7 @@ class EncodedSample:
     # are dropped then, so `image_grid_thw` keeps the grid.
     image_features: list | None = None
     image_grid_thw: torch.Tensor | None = None
+    position: int | None = None  # its index in its split, when it was read from the encoded store
 
     def __len__(self) -> int:
         return int(self.input_ids.numel())

@@ -1,16 +1,20 @@
-"""Frozen vision tower: each image's features computed once, reused every epoch.
+"""Frozen vision tower: each image's features computed once, reused every epoch — kept on disk, not in memory.
 
 With LoRA on the language model (the default), the vision tower and projector never change, so their
-output for an image is the same in epoch 1 and epoch 30. The first time a sample is trained its image
-features are computed (no grad) and kept on the CPU, and its decoded pixels are dropped; afterwards the
-model receives them as `mm_encoder_outputs` and skips the vision tower. Memory per image: image tokens ×
-hidden size in the compute dtype (64 × 128 × 4 B = 32 KB on the tiny model, 334 × 3584 × 2 B = 2.4 MB on
-Qwen2.5-VL-7B at 262,144 pixels), against 3 bytes per pixel for the kept pixels. Qwen3-VL's tower also
-gives deepstack features, one more such tensor per deepstack layer (three on the releases), which the
-language model adds to its first layers: they are cached with the features.
+output for an image is the same in epoch 1 and epoch 30. The first time a training sample is met, its
+image features are computed (no grad) and written to `<output_dir>/.image-features/<run>/<position>.safetensors`
+(a small file per sample, written atomically; the local ranks share the directory, so a sample another
+rank has met is not computed again); afterwards they are read back with the batch and the model receives
+them as `mm_encoder_outputs`, skipping the vision tower. The process's memory does not grow with the
+number of cached images: a batch's features are read, used and freed. Size on disk per image: image
+tokens × hidden size in the compute dtype (64 × 128 × 4 B = 32 KB on the tiny model, 334 × 3584 × 2 B =
+2.4 MB on Qwen2.5-VL-7B at 262,144 pixels). Qwen3-VL's tower also gives deepstack features, one more
+such tensor per deepstack layer (three on the releases), which the language model adds to its first
+layers: they are cached with the features. The directory is removed when training ends.
 """
 
-from __future__ import annotations
+import shutil
+from pathlib import Path
 
 import torch
 
@@ -19,39 +23,100 @@ from vlmtune.data.images import image_grids
 from vlmtune.model.vision import vision_encoder
 
 
+FEATURES_DIR = ".image-features"
+
+
 class ImageFeatureCache:
-    def __init__(self, model, processor, accelerator, enabled: bool):
+    def __init__(self, model, processor, accelerator, enabled: bool, directory: Path | None = None):
+        """`directory`: where features go (one run's, shared by its local ranks); None keeps them on the
+        samples themselves (for samples that are not read from the encoded store)."""
         self.model, self.processor, self.accelerator = model, processor, accelerator
         self.enabled = enabled
+        self.directory = directory
+        if enabled and directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sample: EncodedSample) -> Path | None:
+        if self.directory is None or sample.position is None:
+            return None
+        return self.directory / f"{sample.position}.safetensors"
 
     @torch.no_grad()
     def fill(self, samples: list[EncodedSample]) -> list[EncodedSample]:
-        """Compute and attach features for the samples that do not have them yet."""
+        """Attach features to the samples: read where a rank has written them, computed (and written) where not."""
         if not self.enabled:
             return samples
-        todo = [s for s in samples if s.image_features is None and s.images]
+        todo = []
+        for sample in samples:
+            if sample.image_features is not None or not sample.images:
+                continue
+            path = self.path(sample)
+            if path is not None and path.is_file():
+                self._attach(sample, *read_features(path))
+            else:
+                todo.append(sample)
         if todo:
-            # The resized images through `model.vision.VisionEncoder`: transformers' vision tower and
-            # merger in fewer, larger ops (equal to `get_image_features` within 1e-5).
-            settings = self.processor.image_processor
-            images = [im for s in todo for im in s.images]
-            grids = image_grids(images, settings)
-            encoder = vision_encoder(_vision_owner(self.accelerator.unwrap_model(self.model)).visual)
-            with self.accelerator.autocast():
-                features = encoder.still_images(images, grids.to(self.accelerator.device), settings)
-            features = [f.to("cpu") for f in encoder.split(features, grids)]
-            del images
-            # Copied once the forward's temporaries are freed, so the kept copies land in the holes they
-            # left, not above them: kept tensors at the top of the heap pin everything below them (glibc
-            # returns only the top), which grew the RSS by ~4 MB per cached 448² image (~200 MiB here).
-            features = iter([f.clone() for f in features])
-            for sample in todo:
-                n = len(sample.images)
-                sample.image_features = [next(features) for _ in range(n)]
-                sample.image_grid_thw = grids[:n]
-                grids = grids[n:]
-                sample.images = []  # the pixels are not needed any more
+            self._compute(todo)
         return samples
+
+    def _compute(self, todo: list[EncodedSample]) -> None:
+        # The resized images through `model.vision.VisionEncoder`: transformers' vision tower and merger in
+        # fewer, larger ops (equal to `get_image_features` within 1e-5).
+        settings = self.processor.image_processor
+        images = [im for s in todo for im in s.images]
+        grids = image_grids(images, settings)
+        encoder = vision_encoder(_vision_owner(self.accelerator.unwrap_model(self.model)).visual)
+        with self.accelerator.autocast():
+            features = encoder.still_images(images, grids.to(self.accelerator.device), settings)
+        features = iter([f.to("cpu") for f in encoder.split(features, grids)])
+        del images
+        for sample in todo:
+            n = len(sample.images)
+            own, own_grids, grids = [next(features) for _ in range(n)], grids[:n], grids[n:]
+            path = self.path(sample)
+            if path is not None:
+                write_features(path, own, own_grids)
+            self._attach(sample, own, own_grids)
+
+    @staticmethod
+    def _attach(sample: EncodedSample, features: list, grids: torch.Tensor) -> None:
+        sample.image_features, sample.image_grid_thw = features, grids
+        sample.images = []  # the pixels are not needed any more
+
+    def close(self) -> None:
+        """Remove the run's features (the main process, once every rank is done with them)."""
+        if self.directory is not None and self.accelerator.is_main_process:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def write_features(path: Path, features: list, grids: torch.Tensor) -> None:
+    """One sample's image features as a safetensors file, atomically (another rank may read it at once)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {"grids": grids.contiguous()}
+    for i, feature in enumerate(features):
+        tensors[f"embeds.{i}"] = feature.embeds.contiguous()
+        for k, layer in enumerate(feature.deepstack):
+            tensors[f"deepstack.{i}.{k}"] = layer.contiguous()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
+def read_features(path: Path) -> tuple[list, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from vlmtune.model.vision import ImageFeatures
+
+    tensors = load_file(str(path))
+    grids = tensors["grids"]
+    features = []
+    for i in range(grids.shape[0]):
+        layers = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith(f"deepstack.{i}."))
+        features.append(ImageFeatures(tensors[f"embeds.{i}"], tuple(v for _, v in layers)))
+    return features, grids
 
 
 def _vision_owner(model):

@@ -44,7 +44,7 @@ from vlmtune.train.batches import EpochBatches
 from vlmtune.train.checkpoint import (WRITE_ERRORS, checkpoint_dirs, describe_write_error, latest_checkpoint,
                                       load_checkpoint, model_state_dict, read_state, remove_stale_temporaries,
                                       rotate_checkpoints, save_checkpoint, uses_deepspeed)
-from vlmtune.train.image_features import ImageFeatureCache, can_cache
+from vlmtune.train.image_features import FEATURES_DIR, ImageFeatureCache, can_cache
 from vlmtune.train.logs import TrainLogger, plot_curves, truncate_log
 from vlmtune.train.trackers import chosen_trackers, run_config, start_trackers
 from vlmtune.train.prepare import Background, describe_example, prepare_data
@@ -288,7 +288,8 @@ def train(cfg: Config) -> dict:
     # (ZeRO-3 partitions the weights while they load, with collectives: that stays on this thread.)
     model_loading = Background(load_model, model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
                                in_thread=zero_stage(accelerator) < 3)
-    data = prepare_data(cfg, processor, log, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    data = prepare_data(cfg, processor, log, int(os.environ.get("LOCAL_RANK", "0")),
+                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), barrier=accelerator.wait_for_everyone)
     log(describe_example(data.train[0], processor.tokenizer))
     model = model_loading.result()
     from transformers import set_seed
@@ -352,7 +353,8 @@ def train(cfg: Config) -> dict:
     evaluator = Evaluator(cfg, data, processor, collate, accelerator)
     # Not under ZeRO-3: every rank would have to run the vision tower together, cached or not.
     feature_cache = ImageFeatureCache(model, processor, accelerator,
-                                      enabled=can_cache(cfg) and zero_stage(accelerator) < 3)
+                                      enabled=can_cache(cfg) and zero_stage(accelerator) < 3,
+                                      directory=output_dir / FEATURES_DIR / features_name(data.train, model_dir))
     if feature_cache.enabled:
         log("  Vision tower frozen: each image's features are computed once and reused every epoch")
 
@@ -369,8 +371,10 @@ def train(cfg: Config) -> dict:
     model.train()
     while state.epoch < n_epochs and not stop and state.global_step < total_steps:
         windows = batches.windows(state.epoch, state.micro_batches_done)
+        # Each micro-batch's samples are read from the encoded store when the loader gets to it (on GPUs in
+        # `dataloader_num_workers` processes, a batch or two ahead): nothing of the epoch is held in memory.
         loader = torch.utils.data.DataLoader(
-            [[data.train[i] for i in batch] for window in windows for batch in window], batch_size=None,
+            MicroBatches(data.train, [batch for window in windows for batch in window]), batch_size=None,
             collate_fn=lambda samples: collate(feature_cache.fill(samples)),
             num_workers=0 if feature_cache.enabled else loader_workers(cfg, accelerator.device))
         micro_batches = iter(loader)
@@ -490,6 +494,7 @@ def train(cfg: Config) -> dict:
                 log(f"  {key} = {value}")
         log(f"adapter and processor saved to {output_dir}")
     accelerator.wait_for_everyone()
+    feature_cache.close()
     accelerator.end_training()  # the trackers finish here
     return {**train_metrics, **eval_metrics}
 
@@ -524,16 +529,16 @@ class Evaluator:
     def __init__(self, cfg: Config, data, processor, collate, accelerator):
         self.cfg, self.processor, self.collate, self.accelerator = cfg, processor, collate, accelerator
         world, rank = accelerator.num_processes, accelerator.process_index
-        self.shard: list[EncodedSample] = data.val[rank::world]
-        self.n_real = len(self.shard)
+        self.val = data.val  # read batch by batch (from the encoded store): nothing of it is kept in memory
+        self.positions = list(range(rank, len(data.val), world))
+        self.n_real = len(self.positions)
         if world > 1 and data.val:
             # Every rank must run as many forwards: DDP broadcasts buffers in the first forward after a step
             # and ZeRO-3 gathers each layer's weights from all ranks in every forward, so a rank with fewer
             # (or no) validation samples would leave the others waiting forever. A short shard is topped up
             # with a copy of a sample that has no labelled tokens (it adds nothing to eval_loss) and whose
             # task-metric row is dropped.
-            filler = dataclasses.replace(data.val[-1], labels=torch.full_like(data.val[-1].labels, IGNORE_INDEX))
-            self.shard += [filler] * (math.ceil(len(data.val) / world) - self.n_real)
+            self.positions += [len(data.val) - 1] * (math.ceil(len(data.val) / world) - self.n_real)
         self.has_val = bool(data.val)
         self.label_set = data.label_set
         positive = cfg.data.positive_label
@@ -553,8 +558,8 @@ class Evaluator:
         model.eval()
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = torch.zeros((), device=accelerator.device)
-        for i in range(0, len(self.shard), size):
-            batch = to_device(self.collate(self.shard[i:i + size]), accelerator.device)
+        for i in range(0, len(self.positions), size):
+            batch = to_device(self.collate(self.samples(i, i + size)), accelerator.device)
             with accelerator.autocast():
                 batch_loss, n = token_loss_sum(model, batch)
             loss_sum += batch_loss
@@ -569,22 +574,56 @@ class Evaluator:
         metrics["eval_runtime"] = round(time.time() - start, 4)
         return metrics
 
+    def samples(self, start: int, stop: int) -> list[EncodedSample]:
+        """The shard's samples start..stop, read now; the fillers' labels all ignored."""
+        out = []
+        for k in range(start, min(stop, len(self.positions))):
+            sample = self.val[self.positions[k]]
+            if k >= self.n_real:
+                sample = dataclasses.replace(sample, labels=torch.full_like(sample.labels, IGNORE_INDEX))
+            out.append(sample)
+        return out
+
     def task_metrics(self, model) -> dict:
         from vlmtune.evaluate.metrics import compute_metrics, scalar_metrics
         from vlmtune.infer.scoring import score_conversations
 
-        with self.accelerator.autocast():
-            scores = score_conversations(self.accelerator.unwrap_model(model), self.processor,
-                                         [s.conversation for s in self.shard], self.label_set,
-                                         batch_size=self.cfg.train.per_device_eval_batch_size,
-                                         default_system=self.cfg.data.default_system,
-                                         images=[s.images for s in self.shard])
-        rows = [(s.conversation.answer, max(p, key=p.get), p[self.positive])
-                for s, p in zip(self.shard[:self.n_real], scores)]
+        size, rows = self.cfg.train.per_device_eval_batch_size, []
+        for i in range(0, len(self.positions), size):
+            samples = self.samples(i, i + size)
+            with self.accelerator.autocast():
+                scores = score_conversations(self.accelerator.unwrap_model(model), self.processor,
+                                             [s.conversation for s in samples], self.label_set, batch_size=size,
+                                             default_system=self.cfg.data.default_system,
+                                             images=[s.images for s in samples])
+            rows += [(s.conversation.answer, max(p, key=p.get), p[self.positive])
+                     for k, (s, p) in enumerate(zip(samples, scores), start=i) if k < self.n_real]
         rows = [r for part in self.accelerator.gather_for_metrics([rows], use_gather_object=True) for r in part]
         labels, predicts, positive_scores = (list(x) for x in zip(*rows))
         metrics = compute_metrics(labels, predicts, self.positive, self.label_set, positive_scores)
         return scalar_metrics(metrics, prefix="eval_")
+
+
+def features_name(train, model_dir: Path) -> str:
+    """The feature cache of this training split on this model: a position's features are that sample's."""
+    import hashlib
+
+    keys = [[c.source, c.index] for c in train.conversations]
+    identity = json.dumps([str(Path(model_dir).resolve()), train.store.directory.name, keys])
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Micro-batch k of an epoch: the samples of its indices, read when asked for."""
+
+    def __init__(self, samples, batches: list[list[int]]):
+        self.samples, self.batches = samples, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> list[EncodedSample]:
+        return [self.samples[i] for i in self.batches[k]]
 
 
 def best_metric_rule(cfg: Config, label_set) -> tuple[str, bool]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from vlmtune.config import Config
 from vlmtune.data.checks import answer_distribution, describe_distribution
-from vlmtune.data.conversation import Conversation, Problem
-from vlmtune.data.encode import IGNORE_INDEX, EncodedSample, EncodeError, encode
+from vlmtune.data.conversation import Problem
+from vlmtune.data.encode import IGNORE_INDEX, EncodedSample
 from vlmtune.data.loader import load_splits, refuse_or_skip
 from vlmtune.data.template import IMAGE_PAD
 from vlmtune.errors import VlmtuneError
@@ -19,8 +20,8 @@ from vlmtune.infer.scoring import infer_label_set
 
 @dataclass
 class PreparedData:
-    train: list[EncodedSample]
-    val: list[EncodedSample]
+    train: Sequence[EncodedSample]  # data.store.StoredSamples: read from the encoded store when indexed
+    val: Sequence[EncodedSample]
     label_set: list[str] | None = None
     skipped: list[Problem] = field(default_factory=list)
 
@@ -61,21 +62,12 @@ def worker_count(requested: int | None, local_world_size: int) -> int:
     return max(1, min(requested or cores, cores))
 
 
-def encode_all(conversations: list[Conversation], processor, cfg: Config, workers: int
-               ) -> tuple[list[EncodedSample], list[Problem]]:
-    """Decode + resize each image once and tokenise, in threads (PIL and tokenizers release the GIL)."""
-    def one(conv: Conversation):
-        try:
-            return encode(conv, processor, cfg.data.cutoff_len, cfg.data.default_system)
-        except EncodeError as exc:
-            return Problem(conv.source, conv.index, exc.field, str(exc))
+def prepare_data(cfg: Config, processor, log, local_rank: int = 0, local_world_size: int = 1,
+                 barrier=lambda: None) -> PreparedData:
+    """Checked, split and encoded data: the encoded records come from the on-disk store (`data.store`),
+    built by the node's ranks together on the first run and reused by the next ones."""
+    from vlmtune.data.store import StoredSamples, open_or_build
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(pool.map(one, conversations))
-    return ([r for r in results if isinstance(r, EncodedSample)], [r for r in results if isinstance(r, Problem)])
-
-
-def prepare_data(cfg: Config, processor, log, local_world_size: int = 1) -> PreparedData:
     splits = load_splits(cfg.data, cfg.train.seed, processor)
     refuse_or_skip(splits, cfg.data.skip_bad_records, log)
     log(f"Loaded {splits.n_records} records from {cfg.data.dataset}"
@@ -83,9 +75,11 @@ def prepare_data(cfg: Config, processor, log, local_world_size: int = 1) -> Prep
         + f": train {len(splits.train)}, val {len(splits.val)}")
     log(f"answers (train): {describe_distribution(answer_distribution(splits.train))}")
     workers = worker_count(cfg.data.preprocessing_num_workers, local_world_size)
-    train, train_problems = encode_all(splits.train, processor, cfg, workers)
-    val, val_problems = encode_all(splits.val, processor, cfg, workers)
-    problems = train_problems + val_problems
+    started = time.perf_counter()
+    store, reused = open_or_build(splits.train + splits.val, processor, cfg.data.cutoff_len, cfg.data.default_system,
+                                  local_rank, local_world_size, barrier, workers, rebuild=cfg.data.overwrite_cache,
+                                  log=log)
+    problems = store.problems
     if problems:
         for problem in problems:
             log(f"  {problem}")
@@ -93,11 +87,15 @@ def prepare_data(cfg: Config, processor, log, local_world_size: int = 1) -> Prep
             raise VlmtuneError(f"{len(problems)} record(s) could not be encoded (listed above); fix them or set "
                                f"skip_bad_records: true")
         log(f"skipping {len(problems)} record(s) that could not be encoded")
+    train = StoredSamples(store, [c for c in splits.train if c in store])
+    val = StoredSamples(store, [c for c in splits.val if c in store])
     if not train:
         raise VlmtuneError(f"{cfg.data.dataset}: no usable training records")
     label_set = list(cfg.data.labels) if cfg.data.labels else infer_label_set(splits.train + splits.val)
-    log(f"Encoded {len(train)} training and {len(val)} validation samples ({workers} thread(s); each image "
-        f"decoded once)")
+    how = ("reused the encoded-data store" if reused else
+           f"encoded into the store by {local_world_size} rank(s) × {workers} thread(s), each image decoded once")
+    log(f"{len(train)} training and {len(val)} validation samples: {how} ({store.directory}, "
+        f"{time.perf_counter() - started:.1f} s)")
     return PreparedData(train, val, label_set, splits.problems + problems)
 
 

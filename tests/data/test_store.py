@@ -1,0 +1,105 @@
+"""The encoded-data store: what it reads back equals encoding directly; a second run reuses it; a changed
+image setting or data file rebuilds it; a build killed half-way is never trusted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_dataset, run_cli, write_config
+from vlmtune.data.encode import encode
+from vlmtune.data.loader import load_datasets
+from vlmtune.data.processor import load_processor
+from vlmtune.data.store import CACHE_ENV, StoredSamples, cache_root, open_or_build
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_stored_samples_equal_direct_encoding(tiny_models, tmp_path, monkeypatch, arch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    processor = load_processor(tiny_models(arch), max_pixels=200 * 200)
+    convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=5)), None).conversations
+    store, reused = open_or_build(convs, processor, 4096, None, 0, 1, lambda: None, workers=2)
+    assert not reused and (store.directory / "meta.json").is_file()
+    samples = StoredSamples(store, convs[::-1])  # any order: found by (file, record)
+    for position, conv in enumerate(convs[::-1]):
+        want, got = encode(conv, processor, 4096), samples[position]
+        assert got.position == position and got.conversation is conv
+        assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
+        assert len(got.images) == len(want.images) and all(torch.equal(a, b) for a, b in zip(got.images, want.images))
+    again, reused = open_or_build(list(reversed(convs)), processor, 4096, None, 0, 1, lambda: None, workers=1)
+    assert reused and again.directory == store.directory  # the order of the records does not matter
+    _, reused = open_or_build(convs, processor, 2048, None, 0, 1, lambda: None, workers=1)
+    assert not reused  # another cutoff_len is another store
+
+
+def train_args(model, data, out, *extra):
+    return ["train", str(write_config(Path(out).parent / f"{Path(out).name}.yaml", model_name_or_path=str(model),
+                                      dataset_dir=str(data), output_dir=str(out), image_max_pixels=50176, max_steps=2,
+                                      save_strategy="no", eval_strategy="no", val_size=0, plot_loss=False,
+                                      report_to="none", overwrite_cache=False, disable_tqdm=True)), *extra]
+
+
+@pytest.mark.slow
+def test_a_second_run_reuses_the_store_and_a_change_rebuilds_it(tiny_model_dir, tmp_path):
+    data = make_dataset(tmp_path / "data", n=6)
+    env = {CACHE_ENV: str(tmp_path / "cache")}
+    first = run_cli(*train_args(tiny_model_dir, data, tmp_path / "a"), env=env)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "encoded into the store" in first.stdout
+    second = run_cli(*train_args(tiny_model_dir, data, tmp_path / "b"), env=env)
+    assert second.returncode == 0 and "reused the encoded-data store" in second.stdout
+    other_pixels = run_cli(*train_args(tiny_model_dir, data, tmp_path / "c", "image_max_pixels=40000"), env=env)
+    assert other_pixels.returncode == 0 and "encoded into the store" in other_pixels.stdout
+    records = json.loads((data / "my_dataset.json").read_text())
+    records[1]["messages"][-1]["content"] = "不满足要求"  # the data file changed (record 1 was 满足要求)
+    (data / "my_dataset.json").write_text(json.dumps(records, ensure_ascii=False))
+    changed = run_cli(*train_args(tiny_model_dir, data, tmp_path / "d"), env=env)
+    assert changed.returncode == 0 and "encoded into the store" in changed.stdout
+    forced = run_cli(*train_args(tiny_model_dir, data, tmp_path / "e", "overwrite_cache=true"), env=env)
+    assert forced.returncode == 0 and "encoded into the store" in forced.stdout  # LLaMA-Factory's meaning
+
+
+@pytest.mark.slow
+def test_a_build_killed_half_way_is_built_again(tiny_model_dir, tmp_path):
+    data = make_dataset(tmp_path / "data", n=60)
+    cache = tmp_path / "cache"
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{CACHE_ENV: str(cache)})
+    args = train_args(tiny_model_dir, data, tmp_path / "out", "preprocessing_num_workers=1")
+    process = subprocess.Popen([sys.executable, "-m", "vlmtune", *args], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    encoded = cache / "encoded"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        building = list(encoded.glob(".*.building-*/shard-0/images.bin")) if encoded.is_dir() else []
+        if building and building[0].stat().st_size > 0:  # half-way through writing the images
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the build was not caught half-way"
+    assert not list(encoded.glob("*/meta.json"))  # no store a later run would trust
+    rerun = run_cli(*args, env={CACHE_ENV: str(cache)})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "encoded into the store" in rerun.stdout and (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    assert len(list(encoded.glob("*/meta.json"))) == 1
+
+
+def test_a_cache_that_cannot_be_written_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    from vlmtune.errors import VlmtuneError
+
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the cache should be")
+    monkeypatch.setenv(CACHE_ENV, str(blocker))
+    processor = load_processor(tiny_model_dir)
+    convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=2)), None).conversations
+    with pytest.raises(VlmtuneError, match="writing the encoded-data store failed") as info:
+        open_or_build(convs, processor, 4096, None, 0, 1, lambda: None, workers=1)
+    assert "\n" not in str(info.value) and str(cache_root()) in str(info.value) and CACHE_ENV in str(info.value)
