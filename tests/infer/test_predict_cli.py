@@ -212,3 +212,48 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, tiny_model_dir, label_
     result = run_inline(capsys, *predict_args(tiny_model_dir, None, rules_dir, foreign))
     assert_one_line_error(result, "not written by `vlmtune predict`")
     assert save.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def torchrun_predict(args: list[str], **popen) -> subprocess.Popen:
+    from vlmtune.launch import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", **popen.pop("env", {}))
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), "-m", "vlmtune", *args], env=env, **popen)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_rows_of_one_and_resume_after_a_kill(tmp_path, tiny_model_dir, label_adapter, rules_dir):
+    """torchrun --nproc_per_node 2 -m vlmtune predict: each rank its block, the final JSONL in dataset order equal
+    to one process's rows; a killed run (every rank) resumes from the parts; a finished one adds nothing."""
+    one_save, two_save = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    result = run_cli(*predict_args(tiny_model_dir, label_adapter, rules_dir, one_save, "--batch_size", "4"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    args = predict_args(tiny_model_dir, label_adapter, rules_dir, two_save, "--batch_size", "2")
+    process = torchrun_predict(args, env={DELAY_ENV: "0.2"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    part = tmp_path / "two.jsonl.part-1-of-2"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and process.poll() is None:
+            if part.is_file() and part.read_bytes().count(b"\n") >= 2:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert part.is_file() and not two_save.exists(), "the run was not killed half-way"
+    resumed = torchrun_predict(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "resuming:" in out
+    one, two = read_rows(one_save), read_rows(two_save)
+    assert [r["id"] for r in two] == [r["id"] for r in one] == dataset_ids(rules_dir)
+    for a, b in zip(one, two):
+        assert (a["predict"], a["prompt"], a["label"]) == (b["predict"], b["prompt"], b["label"])
+        assert all(abs(a["scores"][k] - b["scores"][k]) < 1e-5 for k in a["scores"])
+    assert not list(tmp_path.glob("two.jsonl.part-*"))  # the parts are gone once joined
+    again = torchrun_predict(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and "already holds every row" in out, err[-2000:]
+    assert read_rows(two_save) == two

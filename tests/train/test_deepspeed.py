@@ -74,7 +74,7 @@ def test_missing_deepspeed_and_unreadable_config_are_clear_errors(tmp_path, trai
 
 
 def test_deepspeed_and_several_gpus_start_torchrun_on_a_free_port():
-    from vlmtune.train.command import free_port, torchrun_command, torchrun_processes
+    from vlmtune.launch import free_port, torchrun_command, torchrun_processes
 
     assert torchrun_processes(deepspeed=False, gpus=8, env={}) == 8
     assert torchrun_processes(deepspeed=True, gpus=1, env={}) == 1  # DeepSpeed needs torchrun's environment
@@ -82,7 +82,7 @@ def test_deepspeed_and_several_gpus_start_torchrun_on_a_free_port():
     assert torchrun_processes(deepspeed=False, gpus=1, env={}) is None
     assert torchrun_processes(deepspeed=True, gpus=8, env={"LOCAL_RANK": "0"}) is None  # inside a launcher
     port = free_port()
-    command = torchrun_command(2, port, "cfg.yaml", ["lr=1"])
+    command = torchrun_command(2, port, "train", ["cfg.yaml", "lr=1"])
     assert command[command.index("--master_port") + 1] == str(port)
     import socket
 
@@ -105,7 +105,7 @@ def torchrun(cfg, *overrides, port):
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_on_two_cpu_ranks_equals_ddp_and_resumes(train_config, tmp_path, stage):
-    from vlmtune.train.command import free_port
+    from vlmtune.launch import free_port
 
     common = dict(max_steps=4, logging_steps=1, save_steps=2, val_size=0, plot_loss=False, report_to="none",
                   disable_tqdm=True, learning_rate=5e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1)

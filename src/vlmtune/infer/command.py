@@ -35,6 +35,7 @@ from typing import Any
 from vlmtune import allocator
 from vlmtune.config import Config, build_config, key_sections, parse_override, read_yaml
 from vlmtune.errors import VlmtuneError
+from vlmtune.launch import rank_and_world, relaunch_under_torchrun, torchrun_processes, visible_gpus
 
 DEFAULT_SAVE_NAME = "generated_predictions.jsonl"  # LLaMA-Factory's default
 # Seconds to pause after each batch: lets a person (or a test) watch rows arrive and kill the run.
@@ -289,7 +290,7 @@ def template_label(template) -> str:
     return f"{template.name} (enable_thinking: {str(template.enable_thinking).lower()})"
 
 
-def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversations=(), log=print):
+def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversations=(), log=print, device=None):
     """The engine for the chosen backend (transformers here; vLLM imported only when asked for)."""
     max_pixels = cfg.model.image_max_pixels if "image_max_pixels" in explicit else None
     min_pixels = cfg.model.image_min_pixels if "image_min_pixels" in explicit else None
@@ -312,7 +313,7 @@ def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversa
     engine = load_engine(cfg.model.model_name_or_path, cfg.model.adapter_name_or_path, max_pixels, min_pixels,
                          bf16=cfg.train.bf16, fp16=cfg.train.fp16,
                          attn_implementation=cfg.model.attn_implementation, cache_dir=cfg.model.cache_dir,
-                         revision=cfg.model.model_revision, merge_adapter=True, log=log, **chat)
+                         revision=cfg.model.model_revision, merge_adapter=True, device=device, log=log, **chat)
     return TransformersPredictor(engine, workers=pargs.workers)
 
 
@@ -341,8 +342,16 @@ def print_summary(path: Path, n_new: int, n_done_before: int, seconds: float, la
 
 def main(argv: list[str]) -> int:
     cfg, pargs, explicit = parse_args(argv)
+    rank, world = rank_and_world()
+    if pargs.backend == "transformers" and world == 1:
+        processes = torchrun_processes(False, visible_gpus(), os.environ)
+        if processes is not None:  # several GPUs: one process per GPU, each its share of the dataset
+            relaunch_under_torchrun("predict", argv, processes)
+    if world > 1 and pargs.backend == "vllm":
+        raise VlmtuneError("--backend vllm runs in one process (spread a large model with vllm_config's "
+                           "tensor_parallel_size); start it without torchrun")
     allocator.for_prediction()  # before torch allocates: see vlmtune/allocator.py
-    log = print
+    log = print if rank == 0 else (lambda *_: None)
     conversations = load_test_data(cfg, log)
     refuse_overwriting_inputs(Path(pargs.save_name), cfg, conversations)
     if cfg.model.adapter_name_or_path:
@@ -352,9 +361,19 @@ def main(argv: list[str]) -> int:
     if not cfg.model.model_name_or_path and not cfg.model.adapter_name_or_path:
         raise VlmtuneError("model_name_or_path is not set (pass --model_name_or_path)")
     mode, labels, why = choose_mode(pargs, cfg, conversations)
-    log(f"dataset: {cfg.data.dataset} ({len(conversations)} samples); mode: {mode} ({why})")
+    log(f"dataset: {cfg.data.dataset} ({len(conversations)} samples); mode: {mode} ({why})"
+        + (f"; {world} processes, each its share" if world > 1 else ""))
 
-    predictor = make_predictor(cfg, pargs, explicit, conversations, log)
+    device = None
+    if world > 1:
+        import torch
+
+        local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if torch.cuda.is_available():
+            device = f"cuda:{local_rank}"
+        else:  # the cores shared between the node's processes (oversubscribed cores are catastrophic)
+            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // local_world)))
+    predictor = make_predictor(cfg, pargs, explicit, conversations, log, device=device)
     if mode == "score":
         from vlmtune.infer.scoring import label_token_ids
 
@@ -364,8 +383,73 @@ def main(argv: list[str]) -> int:
             raise VlmtuneError(f"labels {labels} cannot be scored: {exc}") from None
     from vlmtune.infer.output import PredictionFile
 
-    out = PredictionFile(pargs.save_name, fingerprint(cfg, pargs, mode, labels, predictor))
-    done = out.start([c.id for c in conversations], overwrite=pargs.overwrite)
+    meta = fingerprint(cfg, pargs, mode, labels, predictor)
+    save = Path(pargs.save_name)
+    ids = [c.id for c in conversations]
+    started = time.perf_counter()
+    if world == 1:
+        done = predict_into(PredictionFile(save, meta), conversations, ids, predictor, cfg, pargs, mode, labels, log)
+    else:
+        # Each process predicts a contiguous block into its own part file (resumable on its own); when all
+        # are done, rank 0 joins the parts in dataset order into save_name, and removes them.
+        final = PredictionFile(save, meta)
+        if final.complete(ids) and not pargs.overwrite:
+            done = len(conversations)
+            log(f"{save}: already holds every row of this run")
+        else:
+            block = -(-len(conversations) // world)
+            mine = conversations[rank * block:(rank + 1) * block]
+            part = PredictionFile(part_path(save, rank, world), {**meta, "part": [rank, world]})
+            predict_into(part, mine, [c.id for c in mine], predictor, cfg, pargs, mode, labels, log)
+            done = 0
+            barrier()
+            if rank == 0:
+                join_parts(final, [part_path(save, r, world) for r in range(world)], ids)
+            barrier()
+    predictor.close()
+    if rank == 0:
+        print_summary(save, len(conversations) - done, done, time.perf_counter() - started, labels,
+                      cfg.data.positive_label, log)
+    return 0
+
+
+def part_path(save: Path, rank: int, world: int) -> Path:
+    return save.with_name(f"{save.name}.part-{rank}-of-{world}")
+
+
+def barrier() -> None:
+    """Wait for every prediction process (gloo: any device), setting up the process group on first use."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.barrier()
+
+
+def join_parts(final, parts: list[Path], ids: list[str]) -> None:
+    """The parts' rows, in order, into the final file (written whole, then the parts removed)."""
+    from vlmtune.infer.output import meta_path
+
+    final.start(ids, overwrite=True)
+    written = []
+    for path in parts:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        written += [str(r["id"]) for r in rows]
+        final.write(rows)
+    if written != ids:
+        final.close()
+        raise VlmtuneError(f"{final.path}: the parts hold {len(written)} rows, not the dataset's {len(ids)} in order; "
+                           f"rerun the same command to complete them")
+    final.commit()
+    final.close()
+    for path in parts:
+        path.unlink(missing_ok=True)
+        meta_path(path).unlink(missing_ok=True)
+
+
+def predict_into(out, conversations, ids, predictor, cfg, pargs, mode, labels, log) -> int:
+    """Predict the rows `out` does not hold yet (resuming after a crash); returns how many it held."""
+    done = out.start(ids, overwrite=pargs.overwrite)
     if out.replacing:
         log(f"--overwrite: new rows go to {out.replacing}, which replaces {out.path} once every row is written")
     if out.repaired:
@@ -375,7 +459,6 @@ def main(argv: list[str]) -> int:
     todo = conversations[done:]
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     default_system = cfg.data.default_system
-    started = time.perf_counter()
     try:
         if todo:
             predictor.check(todo[:4], labels, mode, default_system)
@@ -396,9 +479,7 @@ def main(argv: list[str]) -> int:
         if out.replacing:
             log(f"{out.path}: left as it was (the run stopped before every row was written)")
         out.close()
-        predictor.close()
-    print_summary(out.path, len(todo), done, time.perf_counter() - started, labels, cfg.data.positive_label, log)
-    return 0
+    return done
 
 
 if __name__ == "__main__":

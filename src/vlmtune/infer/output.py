@@ -88,6 +88,22 @@ class PredictionFile:
         self._open(self.path, "wb")
         return 0
 
+    def complete(self, ids: Sequence[str]) -> bool:
+        """True when the file already holds every row of `ids` for this run; reads only, changes nothing."""
+        if not (self.path.is_file() and meta_path(self.path).is_file()):
+            return False
+        try:
+            self._check_meta(meta_path(self.path))
+        except VlmtuneError:
+            return False  # a different run's file: `start` says so
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            return False
+        try:
+            return [str(json.loads(line)["id"]) for line in raw.split(b"\n")[:-1]] == list(ids)
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return False
+
     def _mkdir(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,7 @@
 """`vlmtune train CONFIG.yaml [key=value ...]`
 
 On a machine with several GPUs and no launcher around it, this starts torchrun itself with one process
-per GPU (as LLaMA-Factory does), on a free port; also for DeepSpeed on one GPU (or a CPU), which needs
-the environment torchrun gives its processes (without it DeepSpeed looks for MPI). `torchrun
+per GPU, on a free port; also for DeepSpeed on one GPU (or a CPU) — see `vlmtune.launch`. `torchrun
 --nproc_per_node N -m vlmtune train CONFIG.yaml` and the usual multi-node torchrun flags work as well. On
 CPUs, torchrun with several processes uses the gloo backend.
 """
@@ -11,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from vlmtune import allocator
 from vlmtune.config import load_config
+from vlmtune.launch import relaunch_under_torchrun, torchrun_processes, visible_gpus
 
 
 def main(argv: list[str]) -> int:
@@ -27,9 +26,7 @@ def main(argv: list[str]) -> int:
     allocator.for_training()  # before torch allocates: see vlmtune/allocator.py
     processes = torchrun_processes(bool(cfg.train.deepspeed), visible_gpus(), os.environ)
     if processes is not None:
-        command = torchrun_command(processes, free_port(), args.config, args.overrides)
-        print(f"starting torchrun --nproc_per_node {processes} --master_port {command[7]}", flush=True)
-        os.execv(sys.executable, command)
+        relaunch_under_torchrun("train", [args.config, *args.overrides], processes)
     from vlmtune.train.loop import train
 
     train(cfg)
@@ -57,36 +54,3 @@ def quiet_waiting_threads() -> None:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"note: the CPU is busy (load {load:.1f} on {cores} cores): torch's OpenMP threads wait passively "
                   f"(OMP_WAIT_POLICY=PASSIVE; set it or GOMP_SPINCOUNT to choose)", flush=True)
-
-
-def visible_gpus() -> int:
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def torchrun_processes(deepspeed: bool, gpus: int, env) -> int | None:
-    """How many processes to start under torchrun, None to train in this one: one per GPU when there are
-    several, and one for DeepSpeed on a single GPU or a CPU; never inside a launcher (LOCAL_RANK set) or
-    with VLMTUNE_NO_TORCHRUN=1."""
-    if "LOCAL_RANK" in env or env.get("VLMTUNE_NO_TORCHRUN") == "1":
-        return None
-    if gpus > 1:
-        return gpus
-    return 1 if deepspeed else None
-
-
-def free_port() -> int:
-    """A port nobody listens on now, for torchrun's rendezvous (29500, its default, may be another job's)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def torchrun_command(processes: int, port: int, config: str, overrides: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-            str(port), "-m", "vlmtune", "train", config, *overrides]
