@@ -95,11 +95,13 @@ class DataConfig:
         "Fraction (< 1) or count (≥ 1) of the training data held out for validation, stratified by the final "
         "assistant answer and seeded by `seed`.", 0.0)
     overwrite_cache: bool = _help(
-        "Accepted for LLaMA-Factory YAMLs. Ignored: vlmtune encodes each run's data in memory at start-up "
-        "(each image decoded once), so there is no stale cache to overwrite.", False)
+        "Rebuild the encoded-data store instead of reusing it (LLaMA-Factory's meaning). The store — token ids, "
+        "labels and resized images of every record, on disk under $VLMTUNE_CACHE (default ~/.cache/vlmtune) — is "
+        "otherwise reused by every run on the same records, images, template, tokenizer, image settings and "
+        "cutoff_len, and rebuilt when any of them changes.", False)
     preprocessing_num_workers: int | None = _help(
-        "Processes used to encode the dataset. Capped at the CPU cores left after torch's threads, since "
-        "oversubscribing cores slows everything down.")
+        "Threads each rank encodes the dataset with (the node's ranks split the records between them). Capped "
+        "at the CPU cores left after torch's threads, since oversubscribing cores slows everything down.")
     skip_bad_records: bool = _help(
         "Train without the records that fail the data checks (they are counted and reported) instead of "
         "refusing to start.", False)
@@ -209,12 +211,13 @@ class TrainConfig:
     early_stopping_patience: int | None = _help(
         "Stop after this many evaluations without improvement of metric_for_best_model.")
     dataloader_num_workers: int = _help(
-        "Worker processes feeding batches. Samples are encoded once before training, so 0 is usually "
-        "fastest on a CPU; capped so torch threads × processes stays within the cores.", 0)
+        "Worker processes that read batches (encoded samples, cached image features) from disk ahead of the "
+        "GPU. On a CPU the cores already run torch's threads: batches are read in the training process.", 0)
     cache_image_features: bool = _help(
         "When the vision tower and projector are frozen, compute each image's features once and reuse them "
-        "every epoch (the decoded pixels are then dropped). Faster from the second epoch on; memory per image "
-        "is image tokens × hidden size (2.4 MB per 262,144-pixel image on a 7B model in bf16).", True)
+        "every epoch, from files in output_dir/.image-features (removed at the end). Faster from the second "
+        "epoch on; disk per image is image tokens × hidden size (2.4 MB per 262,144-pixel image on a 7B model "
+        "in bf16); memory does not grow with it.", True)
     ddp_timeout: int = _help(
         "Seconds a rank waits for the others in collective operations. Ignored: with one process there is "
         "no process group.", 1800)
@@ -563,8 +566,6 @@ def inert_settings(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
         notes.append("do_train=false has no effect: `vlmtune train` always trains")
     if not cfg.data.enable_thinking and cfg.data.template is not None and cfg.data.template != "qwen3_vl":
         notes.append(f"enable_thinking=false has no effect with template {cfg.data.template} (only with qwen3_vl)")
-    if cfg.data.overwrite_cache:
-        notes.append("overwrite_cache has no effect: data is encoded in memory at start-up, there is no cache")
     return notes
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_cli
+from helpers import run_cli, run_inline
 
 pytestmark = pytest.mark.slow
 
@@ -86,3 +86,32 @@ def test_resume_without_checkpoint_is_clear(train_config, tmp_path):
     cfg = train_config(output_dir=str(tmp_path / "empty"))
     assert_one_line_error(run_cli("train", str(cfg), "resume_from_checkpoint=true"),
                           "resume_from_checkpoint is true but there is no complete checkpoint")
+
+
+@pytest.mark.parametrize("cache_image_features", [True, False])
+def test_dataloader_worker_processes_give_the_same_training(train_config, tmp_path, capsys, monkeypatch,
+                                                            cache_image_features):
+    """On a GPU, `dataloader_num_workers` processes read the batches (and the cached image features of the
+    epochs after the first) ahead of the model: the adapter is the one batches read in-process give."""
+    from vlmtune.train import image_features, loop
+
+    run = dict(SETTINGS, max_steps=-1, num_train_epochs=3, save_strategy="no",
+               cache_image_features=cache_image_features)
+    reference, pooled = tmp_path / "in_process", tmp_path / "workers"
+    assert run_inline(capsys, "train", train_config("a.yaml", output_dir=str(reference), **run)).returncode == 0
+
+    readers = tmp_path / "reader_pids"
+    real_read_cached = image_features.read_cached
+
+    def spy(directory, samples):  # which process read each batch (appended: workers are separate processes)
+        with open(readers, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real_read_cached(directory, samples)
+
+    monkeypatch.setattr(image_features, "read_cached", spy)
+    monkeypatch.setattr(loop, "loader_workers", lambda cfg, device: 2)  # what a GPU device gets
+    result = run_inline(capsys, "train", train_config("b.yaml", output_dir=str(pooled), **run))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(set(readers.read_text().split()) - {str(os.getpid())}) >= 2  # worker processes read batches
+    expected, got = adapter(reference), adapter(pooled)
+    assert max((got[k] - expected[k]).abs().max().item() for k in expected) <= 1e-6

@@ -105,6 +105,9 @@ class EncodedStore:
     def __contains__(self, conv: Conversation) -> bool:
         return (conv.source, conv.index) in self.where
 
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.directory.rglob("*") if f.is_file())
+
     def sample(self, conv: Conversation) -> EncodedSample:
         shard_index, row = self.where[(conv.source, conv.index)]
         shard = self.shards[shard_index]

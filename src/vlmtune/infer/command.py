@@ -433,6 +433,10 @@ def join_parts(final, parts: list[Path], ids: list[str]) -> None:
     final.start(ids, overwrite=True)
     written = []
     for path in parts:
+        if not path.is_file():  # another node's rank wrote it where this node cannot see
+            final.close()
+            raise VlmtuneError(f"{path}: a rank's part is missing; with ranks on several nodes save_name must be on "
+                               f"a filesystem every node sees")
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
         written += [str(r["id"]) for r in rows]
         final.write(rows)

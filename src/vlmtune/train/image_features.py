@@ -13,6 +13,7 @@ such tensor per deepstack layer (three on the releases), which the language mode
 layers: they are cached with the features. The directory is removed when training ends.
 """
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -37,24 +38,18 @@ class ImageFeatureCache:
             directory.mkdir(parents=True, exist_ok=True)
 
     def path(self, sample: EncodedSample) -> Path | None:
-        if self.directory is None or sample.position is None:
-            return None
-        return self.directory / f"{sample.position}.safetensors"
+        return feature_path(self.directory, sample)
+
+    def reader(self):
+        """`read_cached` for this cache without the model: what DataLoader workers get (pickled under spawn)."""
+        return functools.partial(read_cached, self.directory if self.enabled else None)
 
     @torch.no_grad()
     def fill(self, samples: list[EncodedSample]) -> list[EncodedSample]:
         """Attach features to the samples: read where a rank has written them, computed (and written) where not."""
         if not self.enabled:
             return samples
-        todo = []
-        for sample in samples:
-            if sample.image_features is not None or not sample.images:
-                continue
-            path = self.path(sample)
-            if path is not None and path.is_file():
-                self._attach(sample, *read_features(path))
-            else:
-                todo.append(sample)
+        todo = [s for s in read_cached(self.directory, samples) if s.image_features is None and s.images]
         if todo:
             self._compute(todo)
         return samples
@@ -76,17 +71,32 @@ class ImageFeatureCache:
             path = self.path(sample)
             if path is not None:
                 write_features(path, own, own_grids)
-            self._attach(sample, own, own_grids)
-
-    @staticmethod
-    def _attach(sample: EncodedSample, features: list, grids: torch.Tensor) -> None:
-        sample.image_features, sample.image_grid_thw = features, grids
-        sample.images = []  # the pixels are not needed any more
+            attach(sample, own, own_grids)
 
     def close(self) -> None:
         """Remove the run's features (the main process, once every rank is done with them)."""
         if self.directory is not None and self.accelerator.is_main_process:
             shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def feature_path(directory: Path | None, sample: EncodedSample) -> Path | None:
+    if directory is None or sample.position is None:
+        return None
+    return directory / f"{sample.position}.safetensors"
+
+
+def read_cached(directory: Path | None, samples: list[EncodedSample]) -> list[EncodedSample]:
+    """Attach the features some rank has already written to `directory` (None: none are cached)."""
+    for sample in samples:
+        path = feature_path(directory, sample) if sample.image_features is None and sample.images else None
+        if path is not None and path.is_file():
+            attach(sample, *read_features(path))
+    return samples
+
+
+def attach(sample: EncodedSample, features: list, grids: torch.Tensor) -> None:
+    sample.image_features, sample.image_grid_thw = features, grids
+    sample.images = []  # the pixels are not needed any more
 
 
 def write_features(path: Path, features: list, grids: torch.Tensor) -> None:

@@ -371,15 +371,15 @@ def train(cfg: Config) -> dict:
     model.train()
     while state.epoch < n_epochs and not stop and state.global_step < total_steps:
         windows = batches.windows(state.epoch, state.micro_batches_done)
-        # Each micro-batch's samples are read from the encoded store when the loader gets to it (on GPUs in
-        # `dataloader_num_workers` processes, a batch or two ahead): nothing of the epoch is held in memory.
+        # Each micro-batch's samples (and the image features already cached) are read from disk when the loader
+        # gets to them — on GPUs by `dataloader_num_workers` processes, batches ahead —: nothing of the epoch is
+        # held in memory. Features not cached yet are computed here, by the model's process.
         loader = torch.utils.data.DataLoader(
             MicroBatches(data.train, [batch for window in windows for batch in window]), batch_size=None,
-            collate_fn=lambda samples: collate(feature_cache.fill(samples)),
-            num_workers=0 if feature_cache.enabled else loader_workers(cfg, accelerator.device))
+            collate_fn=feature_cache.reader(), num_workers=loader_workers(cfg, accelerator.device))
         micro_batches = iter(loader)
         for window in windows:
-            micro = [next(micro_batches) for _ in window]
+            micro = [collate(feature_cache.fill(next(micro_batches))) for _ in window]
             # Label tokens of the whole step across all ranks: the loss denominator.
             n_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
                                     device=accelerator.device)

@@ -95,7 +95,7 @@ def prepare_data(cfg: Config, processor, log, local_rank: int = 0, local_world_s
     how = ("reused the encoded-data store" if reused else
            f"encoded into the store by {local_world_size} rank(s) × {workers} thread(s), each image decoded once")
     log(f"{len(train)} training and {len(val)} validation samples: {how} ({store.directory}, "
-        f"{time.perf_counter() - started:.1f} s)")
+        f"{store.disk_bytes() / 2**20:,.1f} MiB, {time.perf_counter() - started:.1f} s)")
     return PreparedData(train, val, label_set, splits.problems + problems)
 
 
