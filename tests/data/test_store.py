@@ -103,3 +103,57 @@ def test_a_cache_that_cannot_be_written_is_one_line(tiny_model_dir, tmp_path, mo
     with pytest.raises(VlmtuneError, match="writing the encoded-data store failed") as info:
         open_or_build(convs, processor, 4096, None, 0, 1, lambda: None, workers=1)
     assert "\n" not in str(info.value) and str(cache_root()) in str(info.value) and CACHE_ENV in str(info.value)
+
+
+def build(convs, processor, rebuild=False):
+    return open_or_build(convs, processor, 4096, None, 0, 1, lambda: None, workers=1, rebuild=rebuild)
+
+
+def test_a_rebuild_does_not_pull_the_store_from_under_a_running_job(tiny_model_dir, tmp_path, monkeypatch):
+    """overwrite_cache: true in a second job (the seed YAML has it) while a first one trains on the same store."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
+    convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=4)), None).conversations
+    running, _ = build(convs, processor)
+    samples = StoredSamples(running, convs)
+    before = [samples[i] for i in range(len(convs))]
+    rebuilt, reused = build(convs, processor, rebuild=True)
+    assert not reused and rebuilt.directory == running.directory
+    assert not list(cache_root().glob(".*"))  # the old store and the build directory are gone from the cache
+    for i, want in enumerate(before):  # the running job still reads every sample, unchanged
+        got = samples[i]
+        assert torch.equal(got.input_ids, want.input_ids) and all(torch.equal(a, b) for a, b in zip(got.images, want.images))
+
+
+def test_a_store_another_builder_finished_first_is_kept(tiny_model_dir, tmp_path, monkeypatch):
+    """Two builders of one store at once (two jobs, or the nodes of a job on a shared cache): the first complete
+    store stays unless it is older than the rebuild asked for."""
+    from vlmtune.data.store import install
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
+    convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=2)), None).conversations
+    store, _ = build(convs, processor)
+    first = json.loads((store.directory / "meta.json").read_text())["built_at"]
+    late = cache_root() / ".late-build"
+    late.mkdir()
+    install(late, store.directory, rebuilt_since=first - 10)  # the other builder finished after this one started
+    assert not late.exists() and json.loads((store.directory / "meta.json").read_text())["built_at"] == first
+    newer, _ = build(convs, processor, rebuild=True)  # a rebuild started after that store was built replaces it
+    assert json.loads((newer.directory / "meta.json").read_text())["built_at"] > first
+
+
+def test_the_directories_of_dead_builds_are_removed(tiny_model_dir, tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    builds = {}
+    for name, pid in (("dead", int(dead.stdout)), ("alive", os.getpid())):
+        builds[name] = cache_root() / f".{name}.building-{socket.gethostname()}-{pid}"
+        (builds[name] / "shard-0").mkdir(parents=True)
+        (builds[name] / "builder.json").write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+    processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
+    convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=2)), None).conversations
+    build(convs, processor)
+    assert not builds["dead"].exists() and builds["alive"].exists()  # a build still running is left alone

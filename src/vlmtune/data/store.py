@@ -19,7 +19,10 @@ reused store reports the same problems.
 Building: with several ranks on a node, rank r encodes records r, r+W, … into shard r of a temporary
 directory; when all are done, rank 0 writes `meta.json` and renames the directory into place. A store
 is trusted only with its `meta.json` (the last file written): a crash while building leaves a temporary
-directory that the next run removes and builds again.
+directory that is never read, and removed by a later build once its process is gone. Several jobs (or the
+nodes of one job, on a shared cache directory) may build the same store at once: each builds its own, the
+first complete one stays. A rebuild (`overwrite_cache`) renames the old store away before removing it, so
+a run still training on it keeps reading its open files.
 """
 
 from __future__ import annotations
@@ -28,9 +31,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -76,16 +79,35 @@ def store_key(conversations: Sequence[Conversation], processor, cutoff_len: int 
     return digest.hexdigest()[:24]
 
 
-@dataclass
 class Shard:
-    directory: Path
-    records: np.ndarray  # (n, 4) int64: ids start, length, first image, image count
-    images: np.ndarray  # (m, 3) int64: start, height, width
+    """One rank's part of a store. Its files are opened once: a run keeps reading the store it started with
+    even when another run rebuilds it meanwhile (the old files are unlinked, not overwritten)."""
+
+    FILES = ("ids.bin", "labels.bin", "images.bin")
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.records = np.load(directory / "records.npy")  # (n, 4) int64: ids start, length, first image, count
+        self.images = np.load(directory / "images.npy")  # (m, 3) int64: start, height, width
+        self._open()
+
+    def _open(self) -> None:
+        self.files = {name: os.open(self.directory / name, os.O_RDONLY) for name in self.FILES}
+
+    def __getstate__(self):  # DataLoader workers started by spawn open the files again
+        return {k: v for k, v in self.__dict__.items() if k != "files"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._open()
+
+    def __del__(self):
+        for fd in getattr(self, "files", {}).values():
+            os.close(fd)
 
     def read(self, name: str, start: int, count: int, dtype) -> np.ndarray:
         itemsize = np.dtype(dtype).itemsize
-        with open(self.directory / name, "rb") as fh:
-            raw = os.pread(fh.fileno(), count * itemsize, start * itemsize)
+        raw = os.pread(self.files[name], count * itemsize, start * itemsize)  # pread: no shared file offset
         return np.frombuffer(raw, dtype=dtype).copy() if raw else np.zeros(0, dtype=dtype)
 
 
@@ -96,8 +118,7 @@ class EncodedStore:
         self.directory = directory
         meta = read_json_object(directory / "meta.json")
         self.meta = meta
-        self.shards = [Shard(directory / name, np.load(directory / name / "records.npy"),
-                             np.load(directory / name / "images.npy")) for name in meta["shards"]]
+        self.shards = [Shard(directory / name) for name in meta["shards"]]
         # (source, index) → (shard, row)
         self.where = {tuple(key): tuple(place) for key, place in meta["where"]}
         self.problems = [Problem(p["file"], p["record"], p["field"], p["message"]) for p in meta["problems"]]
@@ -181,18 +202,19 @@ def open_or_build(conversations: list[Conversation], processor, cutoff_len: int 
     conversations = sorted(conversations, key=lambda c: (c.source, c.index))  # a split's change keeps the store
     key = store_key(conversations, processor, cutoff_len, default_system)
     final = cache_root() / key
-    # One temporary directory per build (the ranks of a torchrun job share MASTER_PORT; a lone process its pid),
-    # so that two jobs building the same store do not write into each other's files.
-    build = os.environ.get("MASTER_PORT") if world > 1 else str(os.getpid())
-    tmp = cache_root() / f".{key}.building-{build}"
-    complete = (final / "meta.json").is_file()
-    if complete and not rebuild:
+    if (final / "meta.json").is_file() and not rebuild:
         return EncodedStore(final), True
-    started = time.perf_counter()
+    started = time.time()
+    # One temporary directory per build: this node's ranks of a torchrun job share MASTER_PORT, a lone process
+    # has its pid; the host name keeps the nodes of one job apart when the cache is on a shared filesystem.
+    build = f"{socket.gethostname()}-{os.environ.get('MASTER_PORT') if world > 1 else os.getpid()}"
+    tmp = cache_root() / f".{key}.building-{build}"
     try:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a build that crashed (or an old store being rebuilt)
+            remove_abandoned_builds()
+            shutil.rmtree(tmp, ignore_errors=True)  # this job's own earlier attempt
             tmp.mkdir(parents=True)
+            write_atomic(tmp / "builder.json", json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
         barrier()
         _encode_shard(conversations[rank::world], processor, cutoff_len, default_system, tmp / f"shard-{rank}",
                       workers)
@@ -210,10 +232,64 @@ def open_or_build(conversations: list[Conversation], processor, cutoff_len: int 
             problems += record["problems"]
         meta = {"version": STORE_VERSION, "key": key, "shards": [f"shard-{s}" for s in range(world)],
                 "where": where, "problems": problems, "records": len(conversations),
-                "built_seconds": round(time.perf_counter() - started, 3)}
+                "built_at": time.time(), "built_seconds": round(time.time() - started, 3)}
         write_atomic(tmp / "meta.json", json.dumps(meta, ensure_ascii=False))  # last: it marks the store complete
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        install(tmp, final, started if rebuild else None)
     barrier()
     return EncodedStore(final), False
+
+
+def install(built: Path, final: Path, rebuilt_since: float | None) -> None:
+    """Put a complete build in place. A complete store already there stays when it will do — another node of
+    this job (shared cache) or another job built it, and it is not older than a rebuild asked for
+    (`rebuilt_since`) —; otherwise it is replaced, old directory renamed away first: runs reading it keep
+    their open files (on a local disk), as with the `datasets` cache."""
+    try:
+        existing = read_json_object(final / "meta.json")
+    except (OSError, VlmtuneError):
+        existing = None
+    if existing is not None and (rebuilt_since is None or existing.get("built_at", 0) >= rebuilt_since):
+        shutil.rmtree(built, ignore_errors=True)
+        return
+    replaced = final.with_name(f".{final.name}.replaced-{socket.gethostname()}-{os.getpid()}")
+    if final.exists():
+        final.rename(replaced)
+    try:
+        built.rename(final)
+    except OSError:  # another builder put its (equal) store in place meanwhile
+        shutil.rmtree(built, ignore_errors=True)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+ABANDONED_AFTER_S = 24 * 3600
+
+
+def remove_abandoned_builds() -> None:
+    """Temporary directories of builds that died (killed, crashed): their process is gone (this host), or
+    nothing was written in them for a day (any host)."""
+    for directory in cache_root().glob(".*.building-*"):
+        try:
+            builder = json.loads((directory / "builder.json").read_text())
+            here = builder.get("host") == socket.gethostname()
+            alive = here and _process_alive(int(builder["pid"]))
+            newest = max((f.stat().st_mtime for f in directory.rglob("*")), default=directory.stat().st_mtime)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being created or removed right now
+        if (here and not alive) or time.time() - newest > ABANDONED_AFTER_S:
+            shutil.rmtree(directory, ignore_errors=True)
+    for directory in cache_root().glob(".*.replaced-*"):  # a replacement that died before removing the old store
+        try:
+            if time.time() - directory.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(directory, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
