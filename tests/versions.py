@@ -44,8 +44,12 @@ def make(root: Path) -> None:
     """The reference: per family a tiny model, its trained adapter and the predictions, under `root`."""
     import transformers
 
+    import os
+
+    from vlmtune.data.store import CACHE_ENV
     from vlmtune.model.tiny import build_tiny_model
 
+    os.environ[CACHE_ENV] = str(root / "cache")  # the runs' encoded-data stores beside the reference, not in ~
     data_dir = make_dataset(root / "data")
     for arch in FAMILY_ARCHS:
         model_dir = build_tiny_model(root / arch / "model", arch=arch)

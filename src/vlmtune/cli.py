@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("vlmtune.evaluate.command", "metrics (accuracy, precision, recall, F1, AUC) of a predictions JSONL"),
     "report": ("vlmtune.evaluate.report_command", "self-contained HTML report of a predictions JSONL"),
     "sweep": ("vlmtune.evaluate.sweep_command", "evaluate the base model, every checkpoint-N and the final adapter of a run"),
-    "data": ("vlmtune.data.command", "check datasets before training (`vlmtune data check ...`)"),
+    "data": ("vlmtune.data.command", "check datasets before training (`vlmtune data check`); the encoded-data stores (`vlmtune data cache`)"),
     "inspect": ("vlmtune.model.inspect", "print the trainable-parameter summary of a model + adapter set-up"),
     "tiny-model": ("vlmtune.model.tiny", "build a tiny random Qwen2.5-VL for tests and demos"),
     "webui": ("vlmtune.serve.webui", "a web page to try the model on single images (Gradio)"),

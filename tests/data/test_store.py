@@ -157,3 +157,25 @@ def test_the_directories_of_dead_builds_are_removed(tiny_model_dir, tmp_path, mo
     convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=2)), None).conversations
     build(convs, processor)
     assert not builds["dead"].exists() and builds["alive"].exists()  # a build still running is left alone
+
+
+def test_data_cache_lists_and_removes_the_stores(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from helpers import run_inline
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
+    convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=3)), None).conversations
+    old, _ = build(convs[:2], processor)
+    recent, _ = build(convs, processor)
+    os.utime(old.directory, (time.time() - 3 * 86400,) * 2)  # no run has used it for three days
+    listed = run_inline(capsys, "data", "cache")
+    assert listed.returncode == 0 and f"{recent.directory.name}: 3 records" in listed.stdout
+    assert f"{old.directory.name}: 2 records" in listed.stdout and "2 store(s) kept" in listed.stdout
+    pruned = run_inline(capsys, "data", "cache", "--clear", "--unused_days", "2")
+    assert f"removed {old.directory.name}" in pruned.stdout and recent.directory.name not in pruned.stdout
+    assert not old.directory.exists() and (recent.directory / "meta.json").is_file()
+    os.utime(recent.directory, (time.time() - 3 * 86400,) * 2)
+    _, reused = build(convs, processor)
+    assert reused and time.time() - recent.directory.stat().st_mtime < 60  # reuse marks it used
+    assert run_inline(capsys, "data", "cache", "--clear").returncode == 0
+    assert not list(cache_root().iterdir())

@@ -2,6 +2,10 @@
 
 Prints the counts per split, the answer distribution, token counts per sample (with a model) and
 every problem found as `file: record N: field 'x': what is wrong`. Exit code 0 when clean, 1 when not.
+
+`vlmtune data cache [--clear] [--unused_days N]` lists the encoded-data stores (`$VLMTUNE_CACHE`): records,
+size on disk, when built and last used; `--clear` removes them (with `--unused_days`, only those no run has
+used for N days).
 """
 
 from __future__ import annotations
@@ -17,14 +21,19 @@ FLAG_KEYS = ("dataset", "eval_dataset", "dataset_dir", "model_name_or_path", "cu
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vlmtune data", description="dataset checks")
+    parser = argparse.ArgumentParser(prog="vlmtune data", description="dataset checks and the encoded-data stores")
     sub = parser.add_subparsers(dest="action", required=True)
     check = sub.add_parser("check", help=__doc__.splitlines()[0])
     check.add_argument("config", nargs="?", help="a training YAML (its data and model keys are used)")
     check.add_argument("overrides", nargs="*", help="key=value settings")
     for key in FLAG_KEYS:
         check.add_argument(f"--{key}")
+    cache = sub.add_parser("cache", help="list or remove the encoded-data stores")
+    cache.add_argument("--clear", action="store_true", help="remove them")
+    cache.add_argument("--unused_days", type=float, default=0.0, help="with --clear: only those unused this long")
     args = parser.parse_args(argv)
+    if args.action == "cache":
+        return run_cache(args.clear, args.unused_days)
     config_path = args.config
     overrides = list(args.overrides)
     if config_path and "=" in config_path and not config_path.endswith((".yaml", ".yml")):
@@ -33,6 +42,21 @@ def main(argv: list[str]) -> int:
     overrides += [f"{k}={getattr(args, k)}" for k in FLAG_KEYS if getattr(args, k) is not None]
     cfg = load_config(config_path, overrides)
     return run_check(cfg)
+
+
+def run_cache(clear: bool, unused_days: float) -> int:
+    import time
+
+    from vlmtune.data.store import cache_root, list_stores, remove_stores
+
+    stores = remove_stores(unused_days * 86400) if clear else list_stores()
+    day = lambda t: time.strftime("%Y-%m-%d %H:%M", time.localtime(t))  # noqa: E731
+    for store in stores:
+        print(f"{'removed ' if clear else ''}{store.directory.name}: {store.records} records, "
+              f"{store.bytes / 2**20:,.1f} MiB, built {day(store.built_at)}, last used {day(store.used_at)}")
+    total = sum(s.bytes for s in stores) / 2**20
+    print(f"{cache_root()}: {len(stores)} store(s) {'removed' if clear else 'kept'}, {total:,.1f} MiB")
+    return 0
 
 
 def run_check(cfg) -> int:

@@ -34,6 +34,7 @@ import shutil
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -203,6 +204,7 @@ def open_or_build(conversations: list[Conversation], processor, cutoff_len: int 
     key = store_key(conversations, processor, cutoff_len, default_system)
     final = cache_root() / key
     if (final / "meta.json").is_file() and not rebuild:
+        mark_used(final)
         return EncodedStore(final), True
     started = time.time()
     # One temporary directory per build: this node's ranks of a torchrun job share MASTER_PORT, a lone process
@@ -293,3 +295,51 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+def mark_used(store: Path) -> None:
+    """The directory's modification time says when a run last used the store (`vlmtune data cache`)."""
+    try:
+        os.utime(store)
+    except OSError:  # a read-only cache is still usable
+        pass
+
+
+@dataclass
+class StoreInfo:
+    directory: Path
+    records: int
+    bytes: int
+    built_at: float
+    used_at: float
+
+
+def list_stores() -> list[StoreInfo]:
+    """The complete stores in the cache, most recently used first."""
+    found = []
+    for directory in cache_root().glob("[!.]*"):
+        try:
+            meta = read_json_object(directory / "meta.json")
+            store = StoreInfo(directory, int(meta.get("records", 0)), 0, float(meta.get("built_at", 0)),
+                              directory.stat().st_mtime)
+            store.bytes = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+        except (OSError, VlmtuneError, ValueError, TypeError):
+            continue  # not a store, or being replaced right now
+        found.append(store)
+    return sorted(found, key=lambda s: -s.used_at)
+
+
+def remove_stores(unused_for_s: float = 0.0) -> list[StoreInfo]:
+    """Remove the stores no run has used for `unused_for_s` seconds (0: all), and the directories of dead
+    builds; returns the stores removed. A run training on a removed store keeps reading its open files."""
+    if not cache_root().is_dir():
+        return []
+    remove_abandoned_builds()
+    removed = []
+    for store in list_stores():
+        if time.time() - store.used_at >= unused_for_s:
+            gone = store.directory.with_name(f".{store.directory.name}.replaced-{socket.gethostname()}-{os.getpid()}")
+            store.directory.rename(gone)  # first out of sight: no run finds half a store
+            shutil.rmtree(gone, ignore_errors=True)
+            removed.append(store)
+    return removed
