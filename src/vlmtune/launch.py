@@ -1,4 +1,5 @@
-"""Starting torchrun from a vlmtune command: one process per GPU, on a free port.
+"""Starting torchrun from a vlmtune command (one process per GPU, on a free port), and what a process
+started by it learns from its environment (rank, world, its share of the cores).
 
 `vlmtune train` and `vlmtune predict` start torchrun themselves on a machine with several GPUs and no
 launcher around them (LOCAL_RANK unset), as LLaMA-Factory does; training also for DeepSpeed on one GPU or
@@ -55,3 +56,17 @@ def relaunch_under_torchrun(command: str, args: list[str], processes: int) -> No
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of processes (torchrun's environment; 0 and 1 alone)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank_and_world() -> tuple[int, int]:
+    """This process's rank on its node and the number of processes there (0 and 1 alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def share_cores_between_local_ranks() -> None:
+    """On a CPU: the node's cores split between its processes, never more threads than asked for (with
+    OMP_NUM_THREADS / torch.set_num_threads). Two processes × two threads on two cores is catastrophic."""
+    import torch
+
+    local_world = local_rank_and_world()[1]
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // local_world)))

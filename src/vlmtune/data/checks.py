@@ -37,7 +37,7 @@ def check_conversations(conversations: list[Conversation], processor=None, cutof
     """Image problems for every conversation (with `decode`, found by decoding every image, not only its
     header); with a processor, token counts and cutoff_len overruns."""
     result = CheckResult()
-    to_count = []  # (conversation, image token counts, rendered text), tokenised in batches below
+    to_count = []  # (conversation, image token counts, rendered text), tokenised TOKENIZE_BATCH at a time
     for conv in conversations:
         sizes = []
         for i, path in enumerate(conv.images):
@@ -55,18 +55,26 @@ def check_conversations(conversations: list[Conversation], processor=None, cutof
         # One pad per image, counted out afterwards: the same total as tokenising every pad (see
         # data.encode.tokenize_rendered), in a third of the time.
         to_count.append((conv, counts, processor.template.render(conv.messages, [1] * len(counts), default_system).text))
-    for start in range(0, len(to_count), TOKENIZE_BATCH):  # the fast tokenizer runs a batch in parallel, in Rust
-        batch = to_count[start:start + TOKENIZE_BATCH]
-        ids = processor.tokenizer([text for _, _, text in batch], add_special_tokens=False)["input_ids"]
-        for (conv, counts, _), text_ids in zip(batch, ids):
-            total = len(text_ids) - len(counts) + sum(counts)
-            result.stats[conv.id] = SampleStats(sum(counts), total)
-            if cutoff_len is not None and total > cutoff_len:
-                result.problems.append(Problem(conv.source, conv.index, conv.messages_field,
-                                               f"{total} tokens ({sum(counts)} image tokens + prompt + answer) do "
-                                               f"not fit in cutoff_len {cutoff_len}; raise cutoff_len or lower "
-                                               f"image_max_pixels"))
+        if len(to_count) == TOKENIZE_BATCH:
+            _count_tokens(to_count, processor, cutoff_len, result)
+            to_count = []
+    if to_count:
+        _count_tokens(to_count, processor, cutoff_len, result)
     return result
+
+
+def _count_tokens(to_count: list, processor, cutoff_len: int | None, result: CheckResult) -> None:
+    """Token counts of rendered conversations, tokenised together (the fast tokenizer runs a batch in
+    parallel, in Rust), and the cutoff_len overruns."""
+    ids = processor.tokenizer([text for _, _, text in to_count], add_special_tokens=False)["input_ids"]
+    for (conv, counts, _), text_ids in zip(to_count, ids):
+        total = len(text_ids) - len(counts) + sum(counts)
+        result.stats[conv.id] = SampleStats(sum(counts), total)
+        if cutoff_len is not None and total > cutoff_len:
+            result.problems.append(Problem(conv.source, conv.index, conv.messages_field,
+                                           f"{total} tokens ({sum(counts)} image tokens + prompt + answer) do "
+                                           f"not fit in cutoff_len {cutoff_len}; raise cutoff_len or lower "
+                                           f"image_max_pixels"))
 
 
 TOKENIZE_BATCH = 1024

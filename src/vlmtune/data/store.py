@@ -54,6 +54,18 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "vlmtune") / "encoded"
 
 
+def directory_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def out_of_sight(store: Path) -> Path:
+    """Rename a store away (atomically) before removing it: no run finds half a store, and a run reading it
+    keeps its open files (on a local disk). Returns the new path."""
+    aside = store.with_name(f".{store.name}.replaced-{socket.gethostname()}-{os.getpid()}")
+    store.rename(aside)
+    return aside
+
+
 def _file_stamp(path: str) -> list:
     try:
         stat = os.stat(path)
@@ -128,7 +140,7 @@ class EncodedStore:
         return (conv.source, conv.index) in self.where
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.directory.rglob("*") if f.is_file())
+        return directory_bytes(self.directory)
 
     def sample(self, conv: Conversation) -> EncodedSample:
         shard_index, row = self.where[(conv.source, conv.index)]
@@ -196,8 +208,8 @@ def _encode_shard(conversations: list[Conversation], processor, cutoff_len, defa
 
 
 def open_or_build(conversations: list[Conversation], processor, cutoff_len: int | None, default_system: str | None,
-                  rank: int, world: int, barrier: Callable[[], None], workers: int, rebuild: bool = False,
-                  log=print) -> tuple[EncodedStore, bool]:
+                  rank: int, world: int, barrier: Callable[[], None], workers: int,
+                  rebuild: bool = False) -> tuple[EncodedStore, bool]:
     """The store of these conversations: reused when a complete one exists (unless `rebuild`), else built by
     the `world` local ranks together (each calls this; `barrier` waits for all). Returns (store, reused)."""
     conversations = sorted(conversations, key=lambda c: (c.source, c.index))  # a split's change keeps the store
@@ -244,8 +256,8 @@ def open_or_build(conversations: list[Conversation], processor, cutoff_len: int 
 def install(built: Path, final: Path, rebuilt_since: float | None) -> None:
     """Put a complete build in place. A complete store already there stays when it will do — another node of
     this job (shared cache) or another job built it, and it is not older than a rebuild asked for
-    (`rebuilt_since`) —; otherwise it is replaced, old directory renamed away first: runs reading it keep
-    their open files (on a local disk), as with the `datasets` cache."""
+    (`rebuilt_since`) —; otherwise it replaces that store (`out_of_sight` first, as the `datasets` cache
+    replaces its files)."""
     try:
         existing = read_json_object(final / "meta.json")
     except (OSError, VlmtuneError):
@@ -253,14 +265,13 @@ def install(built: Path, final: Path, rebuilt_since: float | None) -> None:
     if existing is not None and (rebuilt_since is None or existing.get("built_at", 0) >= rebuilt_since):
         shutil.rmtree(built, ignore_errors=True)
         return
-    replaced = final.with_name(f".{final.name}.replaced-{socket.gethostname()}-{os.getpid()}")
-    if final.exists():
-        final.rename(replaced)
+    replaced = out_of_sight(final) if final.exists() else None
     try:
         built.rename(final)
     except OSError:  # another builder put its (equal) store in place meanwhile
         shutil.rmtree(built, ignore_errors=True)
-    shutil.rmtree(replaced, ignore_errors=True)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
 
 
 ABANDONED_AFTER_S = 24 * 3600
@@ -320,9 +331,8 @@ def list_stores() -> list[StoreInfo]:
     for directory in cache_root().glob("[!.]*"):
         try:
             meta = read_json_object(directory / "meta.json")
-            store = StoreInfo(directory, int(meta.get("records", 0)), 0, float(meta.get("built_at", 0)),
-                              directory.stat().st_mtime)
-            store.bytes = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+            store = StoreInfo(directory, int(meta.get("records", 0)), directory_bytes(directory),
+                              float(meta.get("built_at", 0)), directory.stat().st_mtime)
         except (OSError, VlmtuneError, ValueError, TypeError):
             continue  # not a store, or being replaced right now
         found.append(store)
@@ -338,8 +348,6 @@ def remove_stores(unused_for_s: float = 0.0) -> list[StoreInfo]:
     removed = []
     for store in list_stores():
         if time.time() - store.used_at >= unused_for_s:
-            gone = store.directory.with_name(f".{store.directory.name}.replaced-{socket.gethostname()}-{os.getpid()}")
-            store.directory.rename(gone)  # first out of sight: no run finds half a store
-            shutil.rmtree(gone, ignore_errors=True)
+            shutil.rmtree(out_of_sight(store.directory), ignore_errors=True)
             removed.append(store)
     return removed

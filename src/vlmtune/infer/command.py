@@ -35,7 +35,8 @@ from typing import Any
 from vlmtune import allocator
 from vlmtune.config import Config, build_config, key_sections, parse_override, read_yaml
 from vlmtune.errors import VlmtuneError
-from vlmtune.launch import rank_and_world, relaunch_under_torchrun, torchrun_processes, visible_gpus
+from vlmtune.launch import (local_rank_and_world, rank_and_world, relaunch_under_torchrun,
+                            share_cores_between_local_ranks, torchrun_processes, visible_gpus)
 
 DEFAULT_SAVE_NAME = "generated_predictions.jsonl"  # LLaMA-Factory's default
 # Seconds to pause after each batch: lets a person (or a test) watch rows arrive and kill the run.
@@ -368,11 +369,10 @@ def main(argv: list[str]) -> int:
     if world > 1:
         import torch
 
-        local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if torch.cuda.is_available():
-            device = f"cuda:{local_rank}"
-        else:  # the cores shared between the node's processes (oversubscribed cores are catastrophic)
-            torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // local_world)))
+            device = f"cuda:{local_rank_and_world()[0]}"
+        else:
+            share_cores_between_local_ranks()
     predictor = make_predictor(cfg, pargs, explicit, conversations, log, device=device)
     if mode == "score":
         from vlmtune.infer.scoring import label_token_ids

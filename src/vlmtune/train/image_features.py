@@ -14,6 +14,7 @@ layers: they are cached with the features. The directory is removed when trainin
 """
 
 import functools
+import os
 import shutil
 from pathlib import Path
 
@@ -101,8 +102,6 @@ def attach(sample: EncodedSample, features: list, grids: torch.Tensor) -> None:
 
 def write_features(path: Path, features: list, grids: torch.Tensor) -> None:
     """One sample's image features as a safetensors file, atomically (another rank may read it at once)."""
-    import os
-
     from safetensors.torch import save_file
 
     tensors = {"grids": grids.contiguous()}

@@ -40,6 +40,7 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.files import ensure_writable_dir, write_atomic
 from vlmtune.model.adapters import apply_finetuning, parameter_summary
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
+from vlmtune.launch import local_rank_and_world, share_cores_between_local_ranks
 from vlmtune.train.batches import EpochBatches
 from vlmtune.train.checkpoint import (WRITE_ERRORS, checkpoint_dirs, describe_write_error, latest_checkpoint,
                                       load_checkpoint, model_state_dict, read_state, remove_stale_temporaries,
@@ -256,10 +257,7 @@ def train(cfg: Config) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     is_main = accelerator.is_main_process
     if accelerator.device.type == "cpu":
-        # Two processes × two threads on two cores is catastrophic: share the cores between local ranks
-        # (and never use more threads than asked for with OMP_NUM_THREADS / torch.set_num_threads).
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // local_world)))
+        share_cores_between_local_ranks()
     if zero_stage(accelerator) == 3 and cfg.train.load_best_model_at_end:
         raise VlmtuneError("load_best_model_at_end does not work with ZeRO-3 (the weights are partitioned over the "
                            "ranks); drop it and take the best checkpoint-N named in the log")
@@ -288,8 +286,7 @@ def train(cfg: Config) -> dict:
     # (ZeRO-3 partitions the weights while they load, with collectives: that stays on this thread.)
     model_loading = Background(load_model, model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
                                in_thread=zero_stage(accelerator) < 3)
-    data = prepare_data(cfg, processor, log, int(os.environ.get("LOCAL_RANK", "0")),
-                        int(os.environ.get("LOCAL_WORLD_SIZE", "1")), barrier=accelerator.wait_for_everyone)
+    data = prepare_data(cfg, processor, log, *local_rank_and_world(), barrier=accelerator.wait_for_everyone)
     log(describe_example(data.train[0], processor.tokenizer))
     model = model_loading.result()
     from transformers import set_seed

@@ -77,8 +77,7 @@ def prepare_data(cfg: Config, processor, log, local_rank: int = 0, local_world_s
     workers = worker_count(cfg.data.preprocessing_num_workers, local_world_size)
     started = time.perf_counter()
     store, reused = open_or_build(splits.train + splits.val, processor, cfg.data.cutoff_len, cfg.data.default_system,
-                                  local_rank, local_world_size, barrier, workers, rebuild=cfg.data.overwrite_cache,
-                                  log=log)
+                                  local_rank, local_world_size, barrier, workers, rebuild=cfg.data.overwrite_cache)
     problems = store.problems
     if problems:
         for problem in problems:
