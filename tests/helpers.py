@@ -13,15 +13,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from vlmtune.families import FAMILIES, family_of_type
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
-# The families the end-to-end tests run on: Qwen2.5-VL, Qwen3-VL dense and MoE (Qwen2-VL shares
-# Qwen2.5-VL's code paths but its tower; it is covered by the unit tests that take every arch).
-FAMILY_ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
-ALL_ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
-# The `template:` each family's LLaMA-Factory users write (Qwen3-VL Instruct: the no-thinking one).
-TEMPLATE_OF = {"qwen2_5_vl": "qwen2_vl", "qwen2_vl": "qwen2_vl", "qwen3_vl": "qwen3_vl_nothink",
-               "qwen3_vl_moe": "qwen3_vl_nothink"}
+# Every model type of the registry (`vlmtune.families`): what the unit tests and the end-to-end tests run on.
+ALL_ARCHS = tuple(t for family in FAMILIES for t in family.model_types)
+FAMILY_ARCHS = ALL_ARCHS
+# The `template:` each family's users write: its default (Qwen3-VL Instruct: the no-thinking one).
+TEMPLATE_OF = {arch: family_of_type(arch).template_names[0] for arch in ALL_ARCHS}
+
+
+def archs_with(attribute: str) -> tuple[str, ...]:
+    """The model types whose family record has `attribute` set (a fast path proven on it, deepstack, ...)."""
+    return tuple(t for family in FAMILIES if getattr(family, attribute) for t in family.model_types)
 
 SYSTEM = "你是一个商品陈列合规检查助手。"
 RULES_PROMPT = ('<image>判断以上图片是否满足要求:\n1. 画面中只允许出现立方体、圆柱体、圆环、五角星徽章和灯。\n'

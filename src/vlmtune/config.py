@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from vlmtune.data.template import TEMPLATE_NAMES
+from vlmtune.data.template import TEMPLATE_NAMES, TEMPLATES, get_template
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import read_text
 
@@ -39,8 +39,8 @@ class ModelConfig:
     """Which model to load and how its images are sized."""
 
     model_name_or_path: str | None = _help(
-        "Local directory or hub id of the base model: Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE (the README's "
-        "table). A hub id is fetched from Hugging Face, or from ModelScope when the environment sets "
+        "Local directory or hub id of the base model: Qwen2-VL, Qwen2.5-VL, Qwen3-VL (dense or MoE), Qwen3.5 / 3.6 / "
+        "3.8 (dense or MoE) — the README's table. A hub id is fetched from Hugging Face, or from ModelScope when the environment sets "
         "USE_MODELSCOPE_HUB=1.")
     adapter_name_or_path: str | None = _help(
         "Directory of a trained LoRA adapter to load on top of the base model (prediction, serving, export, "
@@ -50,8 +50,8 @@ class ModelConfig:
         "needed.", True)
     image_max_pixels: int = _help(
         "Largest image area in pixels after resizing (Qwen's smart resize keeps the aspect ratio and rounds "
-        "sides to multiples of 28 for Qwen2/2.5-VL, 32 for Qwen3-VL). Fewer pixels, fewer image tokens: 262144 "
-        "gives at most 334 tokens on Qwen2.5-VL, 256 on Qwen3-VL.", 768 * 768)
+        "sides to multiples of 28 for Qwen2/2.5-VL, 32 for Qwen3-VL and Qwen3.5). Fewer pixels, fewer image tokens: "
+        "262144 gives at most 334 tokens on Qwen2.5-VL, 256 on Qwen3-VL and Qwen3.5.", 768 * 768)
     image_min_pixels: int = _help("Smallest image area in pixels after resizing.", 32 * 32)
     video_max_pixels: int = _help("Largest video-frame area. Ignored: vlmtune reads images only.", 256 * 256)
     video_min_pixels: int = _help("Smallest video-frame area. Ignored: vlmtune reads images only.", 16 * 16)
@@ -79,13 +79,18 @@ class DataConfig:
     template: str | None = _help(
         "Chat template, LLaMA-Factory's names: qwen2_vl (Qwen2-VL, Qwen2.5-VL; \"You are a helpful assistant.\" "
         "when a record has no system turn), qwen3_vl_nothink (Qwen3-VL Instruct; no default system turn), qwen3_vl "
-        "(Qwen3-VL's reasoning template, see enable_thinking). A template of another family than the model's is "
-        "refused. Default: the model family's (qwen3_vl for a checkpoint whose chat template thinks).")
-    enable_thinking: bool = _help(
-        "qwen3_vl (reasoning template) only, LLaMA-Factory's meaning: an answer without a thought block gets an "
-        "empty one (<think>\\n\\n</think>\\n\\n) that is trained on (true), or that ends the prompt and is "
-        "not trained on, answers' own thoughts removed (false). Prediction reads the answer after the thought.",
-        True)
+        "(Qwen3-VL's reasoning template, see enable_thinking); for Qwen3.5 / 3.6 / 3.8 qwen3_5, qwen3_6, qwen3_8 "
+        "(reasoning templates rendered as the checkpoints' own chat template renders) and qwen3_5_nothink "
+        "(LLaMA-Factory's rendering without any thought block, which the checkpoints' own template does not serve: "
+        "a start-up line says so). A template of another family than the model's is refused. Default: the model "
+        "family's — qwen3_vl for a Qwen3-VL checkpoint whose chat template thinks; qwen3_5 with enable_thinking "
+        "false for Qwen3.5 / 3.6 / 3.8, the prompt their own template serves with thinking off.")
+    enable_thinking: bool | None = _help(
+        "Reasoning templates (qwen3_vl, qwen3_5, qwen3_6, qwen3_8) only, LLaMA-Factory's meaning: an answer without "
+        "a thought block gets an empty one (<think>\\n\\n</think>\\n\\n) that is trained on (true), or that "
+        "ends the prompt and is not trained on, answers' own thoughts removed (false). Prediction reads the answer "
+        "after the thought. Default: true for a template named in the config (LLaMA-Factory's default); false "
+        "for the default template of a Qwen3.5 checkpoint.")
     cutoff_len: int = _help(
         "Longest sample in tokens (prompt + image tokens + answer). vlmtune never cuts image tokens or the "
         "answer: a longer sample is reported by the data checks (and refused, or skipped with "
@@ -564,8 +569,12 @@ def inert_settings(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
                      f"CPU cores")
     if not cfg.train.do_train:
         notes.append("do_train=false has no effect: `vlmtune train` always trains")
-    if not cfg.data.enable_thinking and cfg.data.template is not None and cfg.data.template != "qwen3_vl":
-        notes.append(f"enable_thinking=false has no effect with template {cfg.data.template} (only with qwen3_vl)")
+    template = cfg.data.template
+    if cfg.data.enable_thinking is False and template is not None and not get_template(template).thought_words:
+        notes.append(f"enable_thinking=false has no effect with template {template} (only with a reasoning "
+                     f"template: {', '.join(n for n, t in TEMPLATES.items() if t.thought_words)})")
+    if template is not None and get_template(template).spec.mismatch_note:
+        notes.append(get_template(template).spec.mismatch_note)
     return notes
 
 

@@ -12,9 +12,11 @@ from vlmtune.data.conversation import Message
 from vlmtune.data.encode import IGNORE_INDEX, encode, encode_prompt, prompt_messages, tokenize
 from vlmtune.data.image_settings import ImageSettings
 from vlmtune.data.processor import Processor, load_processor
-from vlmtune.data.template import IMAGE_PAD, TEMPLATES, get_template
+from vlmtune.data.template import TEMPLATES, get_template
 from vlmtune.errors import VlmtuneError
-from vlmtune.families import FAMILIES, chat_template_text, family_of_type
+from vlmtune.families import CHATML, FAMILIES, chat_template_text, family_of_type
+
+IMAGE_PAD = CHATML.image_pad
 
 DESIGN_EXAMPLE = [Message("system", SYSTEM), Message("user", RULES_PROMPT), Message("assistant", "满足要求")]
 TWO_IMAGES = [Message("system", SYSTEM), Message("user", "<image>左图<image>右图:" + RULES_PROMPT.replace("<image>", "")),
@@ -49,7 +51,7 @@ def as_chat_template_messages(messages):
 
 def reference_text(tokenizer, messages, n_image_tokens, template="qwen2_vl", **kwargs):
     text = tokenizer.apply_chat_template(as_chat_template_messages(messages), tokenize=False,
-                                         chat_template=RELEASED[template], **kwargs)
+                                         chat_template=RELEASED.get(template, template), **kwargs)
     return text.replace(IMAGE_PAD, IMAGE_PAD * n_image_tokens)
 
 
@@ -75,7 +77,8 @@ def tokenizers(tiny_models, real_qwen_tokenizer):
     qwen3 = copy.deepcopy(real_qwen_tokenizer)
     qwen3.add_tokens(["<think>", "</think>"])
     return {"tiny": load_processor(tiny_models("qwen2_5_vl")).tokenizer,
-            "tiny3": load_processor(tiny_models("qwen3_vl")).tokenizer, "qwen": real_qwen_tokenizer, "qwen3": qwen3}
+            "tiny3": load_processor(tiny_models("qwen3_vl")).tokenizer, "qwen": real_qwen_tokenizer, "qwen3": qwen3,
+            "tiny3_5": load_processor(tiny_models("qwen3_5")).tokenizer}
 
 
 @pytest.mark.parametrize("template", ["qwen2_vl", "qwen3_vl_nothink"])
@@ -249,8 +252,8 @@ def test_default_template_is_the_familys(tiny_models, tmp_path):
 
 def test_every_family_names_templates_that_exist():
     for family in FAMILIES:
-        assert family.templates and all(name in TEMPLATES for name in family.templates)
-        assert family.thinking_template in (None, *family.templates)
+        assert family.templates and all(name in TEMPLATES for name in family.template_names)
+        assert family.thinking_template in (None, *family.template_names)
 
 
 def test_template_is_saved_with_the_processor_and_reused(tiny_models, tmp_path):
@@ -271,3 +274,67 @@ def test_template_is_saved_with_the_processor_and_reused(tiny_models, tmp_path):
     with pytest.raises(VlmtuneError, match=TEMPLATE_RECORD) as info:
         saved_template(tmp_path)
     assert "\n" not in str(info.value)
+
+
+# Qwen3.5's released chat templates: 4B and larger think unless told not to, 2B and smaller the reverse; Qwen3.6's
+# adds preserve_thinking. Each with the vlmtune template that renders for it.
+QWEN3_5_RELEASED = {"qwen3_5_think": "qwen3_5", "qwen3_5_nothink": "qwen3_5", "qwen3_6": "qwen3_6"}
+PADDED = [Message("system", f" {SYSTEM}\n"), Message("user", f"{RULES_PROMPT}\n "), Message("assistant", " 满足要求\n")]
+
+
+@pytest.mark.parametrize("released", QWEN3_5_RELEASED)
+@pytest.mark.parametrize("thinking", [False, True])
+@pytest.mark.parametrize("which", ["tiny3_5", "qwen3"])
+def test_qwen3_5_renders_as_its_released_templates(tokenizers, released, thinking, which):
+    """Text and ids of training samples, generation and scoring prompts equal the released template's with the
+    same enable_thinking: with and without a system turn, one and several images, a second turn (no thought in
+    the earlier answer), contents with surrounding whitespace (the release trims them)."""
+    tok = tokenizers[which]
+    jinja = (FIXTURES / "qwen3_5" / f"{released}.jinja").read_text(encoding="utf-8")
+    template = get_template(QWEN3_5_RELEASED[released], enable_thinking=thinking)
+    multi = TWO_IMAGES + [Message("user", "再看一次<image>"), Message("assistant", "满足要求")]
+    for messages in (DESIGN_EXAMPLE, DESIGN_EXAMPLE[1:], TWO_IMAGES, TWO_IMAGES[1:], multi, PADDED):
+        counts = [4] * sum(m.content.count("<image>") for m in messages)
+        rendered = template.render(messages, counts)
+        want = reference_text(tok, messages, 4, jinja, enable_thinking=thinking)
+        assert rendered.text == want
+        ids, labels = tokenize(rendered.text, rendered.label_spans, Processor(tok, None, template, None))
+        assert ids.tolist() == tok(want, add_special_tokens=False)["input_ids"]
+        answer = messages[-1].content.strip()
+        learned = tok.decode(ids[labels != IGNORE_INDEX])
+        assert learned.endswith(("<think>\n\n</think>\n\n" if thinking else "<|im_end|>") + answer + "<|im_end|>") \
+            if len(messages) > 4 else learned == ("<think>\n\n</think>\n\n" if thinking else "") + answer + "<|im_end|>"
+        prompt = template.render(messages[:-1], counts, prompt="generate").text
+        assert prompt == reference_text(tok, messages[:-1], 4, jinja, add_generation_prompt=True,
+                                        enable_thinking=thinking)
+        score = template.render(messages[:-1], counts, prompt="score").text
+        assert score == reference_text(tok, messages[:-1], 4, jinja, add_generation_prompt=True,
+                                       enable_thinking=False)
+
+
+def test_qwen3_5_nothink_renders_as_llama_factory_and_says_so(tokenizers):
+    """qwen3_5_nothink: no thought block anywhere (LLaMA-Factory's), which is not what the checkpoint serves."""
+    from vlmtune.config import inert_settings, load_config
+
+    nothink = get_template("qwen3_5_nothink")
+    for messages in (DESIGN_EXAMPLE, TWO_IMAGES[1:]):
+        counts = [4] * sum(m.content.count("<image>") for m in messages)
+        assert nothink.render(messages, counts).text == TEMPLATES["qwen3_vl_nothink"].render(messages, counts).text
+        assert "<think>" not in nothink.render(messages[:-1], counts, prompt="generate").text
+    notes = inert_settings(load_config(None, ["template=qwen3_5_nothink"]), 1, False)
+    assert any("qwen3_5_nothink" in n and "enable_thinking: false" in n and "\n" not in n for n in notes)
+
+
+def test_qwen3_5_default_is_its_own_template_with_thinking_off(tiny_models, tmp_path):
+    """A Qwen3.5 checkpoint (its template thinks, as every release's does): qwen3_5 without thinking — the prompt
+    ends with the empty thought, unlabelled; a template named in the run takes LLaMA-Factory's default (true)."""
+    processor = load_processor(tiny_models("qwen3_5"))
+    assert (processor.template.name, processor.template.enable_thinking) == ("qwen3_5", False)
+    assert processor.template.render(DESIGN_EXAMPLE[:2], [4], prompt="generate").text.endswith(
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    named = load_processor(tiny_models("qwen3_5"), template="qwen3_5").template
+    assert (named.name, named.enable_thinking) == ("qwen3_5", True)
+    assert load_processor(tiny_models("qwen3_5_moe"), template="qwen3_6", enable_thinking=False).template.name == \
+        "qwen3_6"
+    with pytest.raises(VlmtuneError, match=r"'qwen3_vl' does not fit .*\(Qwen3.5\); use qwen3_5 or qwen3_5_nothink"):
+        load_processor(tiny_models("qwen3_5"), template="qwen3_vl")

@@ -67,7 +67,8 @@ def test_sweep_evaluates_every_point_and_names_the_best(run_dir, tmp_path, capsy
     assert [r["name"] for r in rows] == ["base", "checkpoint-2", "checkpoint-4", "checkpoint-6", "final"]
     assert [r["step"] for r in rows] == ["0", "2", "4", "6", "4"]  # final = the checkpoint it equals
     assert all(r["n"] == "8" for r in rows)
-    assert len({r["roc_auc"] for r in rows[:4]}) == 4  # every adapter really changes the scores
+    # every adapter really changes the scores
+    assert len({(r["roc_auc"], r["pr_auc"], r["best_threshold"]) for r in rows[:4]}) == 4
     summary = json.loads((run_dir / "sweep.json").read_text(encoding="utf-8"))
     assert summary["metric"] == "f1" and len(summary["points"]) == 5
     f1s = [float(r["f1"]) for r in rows]

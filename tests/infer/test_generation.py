@@ -52,7 +52,7 @@ def test_reasoning_template_answers_after_the_thought(tiny_models, label_adapter
     assert [max(p, key=p.get) for p in probs] == texts
     # The thought really was generated (and removed from the answer), not skipped.
     from vlmtune.data.encode import Collator
-    from vlmtune.infer.generation import sampling_kwargs, stop_token_ids
+    from vlmtune.infer.generation import sampling_kwargs
     from vlmtune.infer.scoring import encode_prompts
 
     processor = engine.processor
@@ -61,7 +61,7 @@ def test_reasoning_template_answers_after_the_thought(tiny_models, label_adapter
         core = unwrap(engine.model)
         batch = to_model(Collator(processor, padding_side="left", raw_images=True)(samples), core)
         with image_inputs(core, batch) as inputs:
-            out = core.generate(**inputs, **sampling_kwargs(12, 0.0), eos_token_id=stop_token_ids(processor),
+            out = core.generate(**inputs, **sampling_kwargs(12, 0.0), eos_token_id=processor.stop_token_ids(),
                                 pad_token_id=processor.pad_token_id)
     raw = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     assert raw.startswith("<think>\n\n</think>\n\n") and raw.endswith(convs[0].answer)

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 
 from helpers import TEMPLATE_OF, assert_one_line_error, make_dataset, run_cli, run_inline
+from vlmtune.data.conversation import Message
+from vlmtune.data.processor import load_processor
+from vlmtune.families import family_of_type
 from vlmtune.infer.command import DELAY_ENV
 
 POS, NEG = "满足要求", "不满足要求"
@@ -58,12 +61,16 @@ def test_predict_then_eval_end_to_end(tmp_path, capsys, arch, family_model_dir, 
     assert "mode: score" in result.stdout and "samples/s" in result.stdout and "F1" in result.stdout
     rows = read_rows(save)
     assert [r["id"] for r in rows] == dataset_ids(rules_dir)
+    # The open assistant turn as the adapter was trained (Qwen3.5, thinking off: after the empty thought).
+    template = load_processor(label_adapters(arch)).template
+    generation_prompt = template.render([Message("user", "?")], [], prompt="generate").text.split("?")[-1]
+    assert generation_prompt.startswith("<|im_end|>\n<|im_start|>assistant\n")
     for row in rows:
         assert set(row) == {"id", "images", "prompt", "predict", "label", "scores"}
         assert list(row["scores"]) == [POS, NEG] and abs(sum(row["scores"].values()) - 1) < 1e-6
         assert row["predict"] == max(row["scores"], key=row["scores"].get)
         assert row["prompt"].count("<image>") == 1 and "<|image_pad|>" not in row["prompt"]
-        assert row["prompt"].endswith("<|im_start|>assistant\n")
+        assert row["prompt"].endswith(generation_prompt)
         assert len(row["images"]) == 1 and Path(row["images"][0]).is_file()
     meta = json.loads(Path(f"{save}.meta.json").read_text(encoding="utf-8"))
     assert meta["image_max_pixels"] == 112 * 112  # the adapter's pixel limit, not the model's default
@@ -77,7 +84,7 @@ def test_predict_then_eval_end_to_end(tmp_path, capsys, arch, family_model_dir, 
     assert metrics["n_invalid"] == 0
     assert want["accuracy"] > 0.9  # the trained adapter follows the rule in the prompt
     # Another family's template is refused before anything is written.
-    other = "qwen2_vl" if arch.startswith("qwen3") else "qwen3_vl_nothink"
+    other = next(t for t in TEMPLATE_OF.values() if t not in family_of_type(arch).template_names)
     wrong = run_inline(capsys, *predict_args(family_model_dir, label_adapters(arch), rules_dir, tmp_path / "no.jsonl",
                                              "--template", other))
     assert_one_line_error(wrong, f"template: '{other}' does not fit")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vlmtune.infer import rope_positions
-from vlmtune.infer.scoring import prompt_positions, rope_module
+from vlmtune.families import parts_of
+from vlmtune.infer.scoring import prompt_positions
 from vlmtune.model.load import load_model
 
 TEXT, IMAGE_PAD = 5, 7  # token ids only matter through mm_token_type_ids
@@ -17,7 +18,7 @@ TEXT, IMAGE_PAD = 5, 7  # token ids only matter through mm_token_type_ids
 
 @pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def rope(request, tiny_models):
-    return rope_module(load_model(tiny_models(request.param)))
+    return parts_of(load_model(tiny_models(request.param))).owner
 
 
 def random_batch(rng: random.Random, rows: int, padding: str):
@@ -67,7 +68,7 @@ def test_what_it_does_not_cover_goes_back_to_the_library(rope):
 
 def test_prompt_positions_checks_the_first_batch_against_the_library(tiny_model_dir, monkeypatch):
     model = load_model(tiny_model_dir)
-    rope = rope_module(model)
+    rope = parts_of(model).owner
     ids, types, mask, grid = random_batch(random.Random(2), 3, "right")
     batch = {"input_ids": ids, "mm_token_type_ids": types, "attention_mask": mask, "image_grid_thw": grid}
     want, _ = rope.get_rope_index(ids, mm_token_type_ids=types, attention_mask=mask, image_grid_thw=grid)
@@ -78,5 +79,5 @@ def test_prompt_positions_checks_the_first_batch_against_the_library(tiny_model_
     right = rope_positions.positions
     monkeypatch.setattr(rope_positions, "positions", lambda *a: right(*a) + 1)
     assert torch.equal(prompt_positions(other, batch), want)
-    assert rope_module(other).__dict__["_vlmtune_fast_positions"] is False
+    assert parts_of(other).owner.__dict__["_vlmtune_fast_positions"] is False
     assert torch.equal(prompt_positions(other, batch), want)

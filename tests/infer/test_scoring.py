@@ -55,25 +55,50 @@ def naive(base, mixed_conversations):
     return torch.tensor([[naive_logprob(model, processor, c, label) for label in LABELS] for c in mixed_conversations])
 
 
-@pytest.mark.parametrize("batch_size", [1, 3])
+@pytest.mark.parametrize("batch_size", [1, 5])
 def test_scoring_equals_naive_forward(base, mixed_conversations, naive, batch_size):
+    """Within 1e-5 of one full forward per (sample, label): batches of prompts of mixed lengths, 2, 3 and 5 labels
+    of different token lengths — padded on the right (last layer at the last prompt position only), or on the
+    left for a family with linear-attention layers, whose cached state a right-padded prompt would spoil."""
     model, processor = base
-    convs, want = mixed_conversations, naive
+    convs = mixed_conversations
     assert len({tuple(load_images(c, processor)[0].shape) for c in convs[:3]}) == 2  # sizes differ in a batch
-    ids = label_token_ids(LABELS, processor)
-    assert sorted(len(i) for i in ids) != [len(ids[0])] * len(ids)  # labels of different lengths
     samples = encode_prompts(convs, processor)
-    with evaluating(model):
-        got = torch.cat([score_samples(model, processor, samples[i:i + batch_size], ids)
-                         for i in range(0, len(samples), batch_size)])
-    assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
-    # ... with the prompt pass's last layer run at the last prompt position only (infer.last_positions)
-    assert text_model(model).layers[-1].__dict__.get("_vlmtune_kept_positions") is True
+    assert len({len(s) for s in samples}) > 1  # prompts of mixed lengths
+    for n_labels in (2, 3, 5):
+        labels, want = LABELS[:n_labels], naive[:, :n_labels]
+        ids = label_token_ids(labels, processor)
+        with evaluating(model):
+            got = torch.cat([score_samples(model, processor, samples[i:i + batch_size], ids)
+                             for i in range(0, len(samples), batch_size)])
+        assert (got - want).abs().max() < 1e-5, (n_labels, (got - want).abs().max())
+    assert sorted(len(i) for i in ids) != [len(ids[0])] * len(ids)  # labels of different lengths
+    # ... with the prompt pass's last layer run at the last prompt position only (infer.last_positions) where the
+    # family pads prompts on the right
+    right = processor.score_padding == "right"
+    assert (text_model(model).layers[-1].__dict__.get("_vlmtune_kept_positions") is True) == right
     probs = score_conversations(model, processor, convs, LABELS, batch_size=batch_size)
-    for row, logps in zip(probs, want):
+    for row, logps in zip(probs, naive):
         assert list(row) == LABELS
         assert abs(sum(row.values()) - 1) < 1e-6
         assert torch.allclose(torch.tensor(list(row.values())), logps.softmax(-1), atol=1e-5)
+
+
+def test_right_padded_batch_of_a_recurrent_family_is_moved_left(tiny_models, mixed_conversations):
+    """A caller that pads right anyway gets the exact scores on Qwen3.5 (its state would have run over the pads):
+    label_logprobs moves the rows to the left first."""
+    from vlmtune.families import FAMILIES
+    from vlmtune.infer.scoring import label_logprobs
+
+    arch = next(f.model_types[0] for f in FAMILIES if f.recurrent_state)
+    model = load_model(tiny_models(arch)).eval()
+    processor = load_processor(tiny_models(arch))
+    samples = encode_prompts(mixed_conversations, processor)
+    ids = label_token_ids(LABELS[:3], processor)
+    with evaluating(model):
+        right = label_logprobs(model, Collator(processor, "right", raw_images=True)(samples), ids)
+        left = label_logprobs(model, Collator(processor, "left", raw_images=True)(samples), ids)
+    assert (right - left).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("thinking", [False, True])

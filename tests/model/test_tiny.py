@@ -4,9 +4,7 @@ import pytest
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
 from helpers import ALL_ARCHS, run_cli
-
-CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-           "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+from vlmtune.families import chat_template_text, family_of_type
 
 
 @pytest.mark.parametrize("arch", ALL_ARCHS)
@@ -14,18 +12,23 @@ def test_tiny_model_loads_like_a_real_checkpoint(tmp_path, arch):
     out = tmp_path / "tiny"
     result = run_cli("tiny-model", "--out", str(out), "--arch", arch)
     assert result.returncode == 0, result.stderr
+    family = family_of_type(arch)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == arch
     assert config["text_config"]["hidden_size"] == 128 and config["vision_config"]["depth"] == 2
     model = AutoModelForImageTextToText.from_pretrained(str(out))
-    assert type(model).__name__ == CLASSES[arch]
-    if arch.startswith("qwen3"):  # deepstack into the first text layer; the release's image processor settings
+    assert type(model).__name__ == config["architectures"][0] and type(model).__name__.endswith(
+        "ForConditionalGeneration")
+    processor = json.loads((out / "preprocessor_config.json").read_text())  # the release's image settings
+    assert (processor["patch_size"], processor["image_mean"]) == (family.image_defaults["patch_size"],
+                                                                   family.image_defaults["image_mean"])
+    assert (out / "chat_template.jinja").read_text() == chat_template_text(family)  # the family's own
+    if family.deepstack_output:  # deepstack into the first text layer
         assert config["vision_config"]["deepstack_visual_indexes"] == [0]
-        processor = json.loads((out / "preprocessor_config.json").read_text())
-        assert (processor["patch_size"], processor["image_mean"]) == (16, [0.5, 0.5, 0.5])
-        assert (out / "chat_template.jinja").read_text().startswith("{%- if tools %}")  # Qwen3-VL's own
-    if arch == "qwen3_vl_moe":
-        text = config["text_config"]  # transformers 5 writes num_experts as num_local_experts
+    if family.recurrent_state:  # linear attention, and the last layer full attention
+        assert config["text_config"]["layer_types"] == ["linear_attention", "full_attention"]
+    text = config["text_config"]  # transformers 5 writes num_experts as num_local_experts
+    if "moe" in model.config.text_config.model_type:
         assert text.get("num_experts", text.get("num_local_experts")) == 4 and model.config.text_config.num_experts == 4
     n_params = sum(p.numel() for p in model.parameters())
     assert 0.5e6 < n_params < 2e6

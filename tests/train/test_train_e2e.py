@@ -12,10 +12,17 @@ from helpers import REPO, assert_one_line_error, run_cli
 pytestmark = pytest.mark.slow
 
 
-# What the log says of each family's tiny model at LoRA r=8, `lora_target: all` (the MoE: attention only).
+# What the log says of each family's tiny model at LoRA r=8, `lora_target: all` (Qwen3-VL's MoE: attention only;
+# Qwen3.5: the linear-attention projections too, and on its MoE the shared expert and its gate).
 SUMMARIES = {
+    "qwen2_vl": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                 "trainable params: 32,768 || all params: 832,000 || trainable%: 3.9385"),
     "qwen2_5_vl": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    "trainable params: 32,768 || all params: 848,320 || trainable%: 3.8627"),
+    "qwen3_5": ("out_proj,in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,gate_proj,up_proj,down_proj,q_proj,k_proj,v_proj,o_proj",
+                "trainable params: 35,904 || all params: 893,672 || trainable%: 4.0176"),
+    "qwen3_5_moe": ("out_proj,in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,gate_proj,up_proj,down_proj,shared_expert_gate,"
+                    "q_proj,k_proj,v_proj,o_proj", "trainable params: 28,752 || all params: 936,952 || trainable%: 3.0687"),
     "qwen3_vl": ("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                  "trainable params: 32,768 || all params: 954,944 || trainable%: 3.4314"),
     "qwen3_vl_moe": ("q_proj,k_proj,v_proj,o_proj", "trainable params: 14,336 || all params: 937,536 || trainable%: 1.5291"),

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.families import QWEN2_IMAGES
+from vlmtune.families import FAMILIES
 
 CONFIG_NAME = "preprocessor_config.json"
-# transformers' defaults for Qwen2-VL / Qwen2.5-VL (Qwen2VLImageProcessor's class attributes); a model
-# family's own defaults (`vlmtune.families`) take their place for that family's checkpoints.
-DEFAULTS: dict[str, Any] = QWEN2_IMAGES
+# The first family's image processor defaults (transformers' class attributes); a model family's own
+# defaults (`vlmtune.families`) take their place for that family's checkpoints.
+DEFAULTS: dict[str, Any] = dict(FAMILIES[0].image_defaults)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.data.image_settings import ImageSettings
-from vlmtune.data.template import IMAGE_PAD, Template, get_template
+from vlmtune.data.template import Template, get_template
 from vlmtune.errors import VlmtuneError
 from vlmtune.families import Family, chat_template_text, family_of_dir, family_of_type
 from vlmtune.files import read_json_object, write_atomic
@@ -38,16 +38,33 @@ class Processor:
 
     @property
     def image_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        return self.tokenizer.convert_tokens_to_ids(self.template.tokens.image_pad)
 
     @property
     def video_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        return self.tokenizer.convert_tokens_to_ids(self.template.tokens.video_pad)
 
     @property
     def pad_token_id(self) -> int:
         tok = self.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(
+            self.template.tokens.end_of_text)
+
+    @property
+    def score_padding(self) -> str:
+        """How prompt batches that continue from their cache (label scoring) are padded: right (plain causal
+        attention, the last layer only where it is read: `infer.last_positions`), or left for a family with
+        recurrent layers, whose state after a right-padded prompt has run over the pads."""
+        return "left" if self.family is not None and self.family.recurrent_state else "right"
+
+    def stop_token_ids(self) -> list[int]:
+        """The end of the assistant turn (`<|im_end|>`), and the end of text when the tokenizer has it."""
+        tok, tokens = self.tokenizer, self.template.tokens
+        ids = [tok.convert_tokens_to_ids(tokens.turn_end)]
+        eot = tok.convert_tokens_to_ids(tokens.end_of_text)
+        if eot is not None and eot != tok.unk_token_id and eot not in ids:
+            ids.append(eot)
+        return ids
 
     @property
     def min_pixels(self) -> int:
@@ -88,14 +105,17 @@ def family_of(directory: Path) -> Family:
 
 def choose_template(family: Family, model_dir: Path, requested: str | None, chat_template: str | None,
                     enable_thinking: bool | None) -> Template:
-    """The template asked for (refused when it does not fit the family), else the family's default:
-    its reasoning template when the checkpoint's own chat template thinks, else its first."""
+    """The template asked for (refused when it does not fit the family), else the family's default: its
+    reasoning template when the checkpoint's own chat template thinks, else its first — with the family's
+    default enable_thinking when the run sets none (LLaMA-Factory's, true, for a template named in the run)."""
     if requested is None:
-        thinks = family.thinking_template is not None and "<think>" in (chat_template or "")
-        requested = family.thinking_template if thinks else family.templates[0]
-    template = get_template(requested, True if enable_thinking is None else enable_thinking)
-    if template.name not in family.templates:
-        fits = " or ".join(family.templates)
+        thinks = family.thinking_template is not None and family.tokens.thought_open in (chat_template or "")
+        requested = family.thinking_template if thinks else family.template_names[0]
+        if enable_thinking is None:
+            enable_thinking = family.default_enable_thinking
+    template = get_template(requested, True if enable_thinking is None else enable_thinking, family.tokens)
+    if template.name not in family.template_names:
+        fits = " or ".join(family.template_names)
         raise VlmtuneError(f"template: '{requested}' does not fit {model_dir} ({family.name}); use {fits}")
     return template
 
@@ -131,8 +151,9 @@ def load_processor(model_dir: str | Path, max_pixels: int | None = None, min_pix
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
         raise VlmtuneError(f"{model_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
-    if tokenizer.convert_tokens_to_ids(IMAGE_PAD) in (None, tokenizer.unk_token_id):
-        raise VlmtuneError(f"{model_dir}: the tokenizer has no {IMAGE_PAD} token; not a {family.name} model")
+    image_pad = family.tokens.image_pad
+    if tokenizer.convert_tokens_to_ids(image_pad) in (None, tokenizer.unk_token_id):
+        raise VlmtuneError(f"{model_dir}: the tokenizer has no {image_pad} token; not a {family.name} model")
     tokenizer.chat_template = own_chat_template(tokenizer, model_dir, family)
     image_settings = ImageSettings.from_pretrained(model_dir, max_pixels, min_pixels, defaults=family.image_defaults)
     chosen = chosen or choose_template(family, model_dir, None, tokenizer.chat_template, enable_thinking)

@@ -1,8 +1,9 @@
 """Chat templates: a conversation rendered as text, with the character spans that training learns from.
 
-The template names are LLaMA-Factory's (`template:` in the YAML), each rendering its family's own chat
-format exactly (tests/data/test_template.py compares against the tokenizer's `apply_chat_template`
-with each family's released Jinja template)::
+The template names are LLaMA-Factory's (`template:` in the YAML); each family declares the ones that fit it
+(`vlmtune.families`: `TemplateSpec`), and each renders its family's own chat format exactly
+(tests/data/test_template.py compares against the tokenizer's `apply_chat_template` with each family's released
+Jinja template)::
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n          (qwen2_vl only: a default system turn)
     <|im_start|>user\\n<|vision_start|><|image_pad|>×n<|vision_end|>判断以上图片...<|im_end|>\\n
@@ -11,10 +12,13 @@ with each family's released Jinja template)::
 * `qwen2_vl` — Qwen2-VL and Qwen2.5-VL: "You are a helpful assistant." when a conversation has no
   system turn.
 * `qwen3_vl_nothink` — Qwen3-VL Instruct models: no default system turn.
-* `qwen3_vl` — Qwen3-VL's reasoning template: an assistant answer without a thought block gets an
-  empty one, `<think>\\n\\n</think>\\n\\n`. With `enable_thinking: true` (LLaMA-Factory's default) it is
-  part of the answer and trained on; with `false` it closes the prompt and is not trained on (and any
-  thought already in an answer is removed). The text is the same either way; only the labels differ.
+* Reasoning templates (`qwen3_vl`; Qwen3.5's `qwen3_5`, `qwen3_6`, `qwen3_8`): an assistant answer without a
+  thought block gets an empty one, `<think>\\n\\n</think>\\n\\n`. With `enable_thinking: true` (LLaMA-Factory's
+  default) it is part of the answer and trained on; with `false` it closes the prompt and is not trained on
+  (and any thought already in an answer is removed). The text is the same either way; only the labels differ.
+  Qwen3.5's render as its released template does: contents trimmed, no thought in assistant turns before the
+  last user turn, and with thinking on the generation prompt opens the thought (`<think>\\n`).
+* `qwen3_5_nothink` — LLaMA-Factory's Qwen3.5 rendering without any thought block.
 
 `<image>` in a message becomes vision_start + n image pads + vision_end, n from the image's grid.
 The learned spans are each assistant message's content plus its `<|im_end|>`.
@@ -23,14 +27,11 @@ The learned spans are each assistant message's content plus its `<|im_end|>`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Message
 from vlmtune.errors import VlmtuneError
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
-ASSISTANT_START = f"{IM_START}assistant\n"
+from vlmtune.families import CHATML, SpecialTokens, TemplateSpec, template_specs
 
 
 @dataclass
@@ -41,12 +42,32 @@ class Rendered:
 
 @dataclass(frozen=True)
 class Template:
-    """One chat format (a `template:` name) with its settings for this run."""
+    """One chat format (a `template:` name, its family's `TemplateSpec`) with this run's enable_thinking."""
 
-    name: str
-    default_system: str | None  # the system turn of conversations without one (None: no system turn)
-    thought_words: tuple[str, str] | None = None  # reasoning templates: how a thought opens and closes
+    spec: TemplateSpec
     enable_thinking: bool = True  # reasoning templates: the empty thought is trained on (True) or prompt (False)
+    tokens: SpecialTokens = CHATML
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def default_system(self) -> str | None:
+        return self.spec.default_system
+
+    @property
+    def thought_words(self) -> tuple[str, str] | None:
+        """How a thought opens and closes, for a reasoning template; None otherwise."""
+        return self.tokens.thought_words if self.spec.reasoning else None
+
+    @property
+    def assistant_start(self) -> str:
+        return self.tokens.assistant_start
+
+    @property
+    def turn_end(self) -> str:
+        return self.tokens.turn_end
 
     @property
     def empty_thought(self) -> str:
@@ -90,6 +111,7 @@ class Template:
         spans: list[tuple[int, int]] = []
         length = 0
         remaining = list(image_tokens)
+        start_turn, end_turn = self.tokens.turn_start, self.tokens.turn_end
 
         def emit(piece: str) -> None:
             nonlocal length
@@ -98,33 +120,43 @@ class Template:
 
         system = default_system if default_system is not None else self.default_system
         if (not messages or messages[0].role != "system") and system is not None:
-            emit(f"{IM_START}system\n{system}{IM_END}\n")
-        for message in messages:
+            emit(f"{start_turn}system\n{self.content(system)}{end_turn}\n")
+        last_user = max((i for i, m in enumerate(messages) if m.role == "user"), default=-1)
+        for index, message in enumerate(messages):
             count = message.content.count(IMAGE_PLACEHOLDER)
-            content = expand_images(message.content, remaining[:count])
+            content = self.expand_images(self.content(message.content), remaining[:count])
             remaining = remaining[count:]
-            emit(f"{IM_START}{message.role}\n")
+            emit(f"{start_turn}{message.role}\n")
             if message.role == "assistant":
-                content, unlabelled = self._answer(content)
+                content, unlabelled = self._answer(content, history=index < last_user)
                 emit(unlabelled)
                 start = length
-                emit(f"{content}{IM_END}")
+                emit(f"{content}{end_turn}")
                 spans.append((start, length))
             else:
-                emit(f"{content}{IM_END}")
+                emit(f"{content}{end_turn}")
             emit("\n")
         if remaining:
             raise ValueError(f"{len(remaining)} image(s) without an <image> placeholder")
         if prompt is not None:
-            emit(ASSISTANT_START)
+            emit(self.assistant_start)
             if self.thought_words and (prompt == "score" or not self.enable_thinking):
                 emit(self.empty_thought)
+            elif self.thought_words and self.spec.prompt_opens_thought:
+                emit(self.thought_words[0])
         return Rendered("".join(parts), spans)
 
-    def _answer(self, content: str) -> tuple[str, str]:
-        """(labelled answer text, unlabelled text before it) of one assistant message."""
+    def content(self, content: str) -> str:
+        """A message's content as the template writes it (trimmed by the templates whose release trims it)."""
+        return content.strip() if self.spec.trim_content else content
+
+    def _answer(self, content: str, history: bool = False) -> tuple[str, str]:
+        """(labelled answer text, unlabelled text before it) of one assistant message (`history`: one before
+        the last user turn)."""
         if not self.thought_words:
             return content, ""
+        if history and not self.spec.history_thoughts:
+            return self.remove_thought(content), ""
         if not self.enable_thinking:
             content = self.remove_thought(content)
         if self.has_thought(content):
@@ -135,32 +167,31 @@ class Template:
         """The generation prompt with `<image>` left as the placeholder (for prediction files and logs)."""
         n = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
         text = self.render(messages, [0] * n, default_system, prompt="generate").text
-        return text.replace(VISION_START + VISION_END, IMAGE_PLACEHOLDER)
+        return text.replace(self.tokens.vision_start + self.tokens.vision_end, IMAGE_PLACEHOLDER)
+
+    def expand_images(self, content: str, image_tokens: list[int]) -> str:
+        """Replace each `<image>` with vision_start + n pads + vision_end (n per image, in order)."""
+        return expand_images(content, image_tokens, self.tokens)
 
 
-def expand_images(content: str, image_tokens: list[int]) -> str:
+def expand_images(content: str, image_tokens: list[int], tokens: SpecialTokens = CHATML) -> str:
     """Replace each `<image>` with vision_start + n pads + vision_end (n per image, in order)."""
     pieces = content.split(IMAGE_PLACEHOLDER)
     if len(pieces) - 1 != len(image_tokens):
         raise ValueError(f"{len(pieces) - 1} <image> placeholders but {len(image_tokens)} images")
     out = [pieces[0]]
     for n, piece in zip(image_tokens, pieces[1:]):
-        out.append(VISION_START + IMAGE_PAD * n + VISION_END + piece)
+        out.append(tokens.vision_start + tokens.image_pad * n + tokens.vision_end + piece)
     return "".join(out)
 
 
-TEMPLATES: dict[str, Template] = {
-    "qwen2_vl": Template("qwen2_vl", default_system="You are a helpful assistant."),
-    "qwen3_vl_nothink": Template("qwen3_vl_nothink", default_system=None),
-    "qwen3_vl": Template("qwen3_vl", default_system=None, thought_words=("<think>\n", "\n</think>\n\n")),
-}
-ALIASES = {"qwen2_5_vl": "qwen2_vl"}  # accepted by earlier vlmtune versions
-TEMPLATE_NAMES = (*TEMPLATES, *ALIASES)
+SPECS = template_specs()
+TEMPLATE_NAMES = tuple(SPECS)
+TEMPLATES: dict[str, Template] = {name: Template(spec) for name, spec in SPECS.items() if name == spec.name}
 
 
-def get_template(name: str, enable_thinking: bool = True) -> Template:
+def get_template(name: str, enable_thinking: bool = True, tokens: SpecialTokens = CHATML) -> Template:
     """The template of a `template:` name (aliases accepted) with this run's enable_thinking."""
-    canonical = ALIASES.get(name, name)
-    if canonical not in TEMPLATES:
+    if name not in SPECS:
         raise VlmtuneError(f"template: unknown template '{name}' (known: {', '.join(TEMPLATE_NAMES)})")
-    return replace(TEMPLATES[canonical], enable_thinking=bool(enable_thinking))
+    return Template(SPECS[name], bool(enable_thinking), tokens)

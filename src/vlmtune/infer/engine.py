@@ -137,8 +137,8 @@ def resolve_template(adapter_dir: str | Path | None, template: str | None,
     from vlmtune.data.processor import saved_template
 
     saved_name, saved_thinking = saved_template(adapter_dir) if adapter_dir is not None else (None, None)
-    if template is not None:
-        return template, enable_thinking
+    if template is not None:  # the adapter's own template named again: its enable_thinking unless another is given
+        return template, saved_thinking if enable_thinking is None and template == saved_name else enable_thinking
     return saved_name, enable_thinking if enable_thinking is not None else saved_thinking
 
 

@@ -20,19 +20,8 @@ import torch
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import Collator, EncodedSample
 from vlmtune.data.processor import Processor
-from vlmtune.data.template import IM_END
 from vlmtune.infer.scoring import encode_prompts, evaluating, to_model
 from vlmtune.model.compat import image_inputs, unwrap
-
-
-def stop_token_ids(processor: Processor) -> list[int]:
-    """`<|im_end|>` (end of the assistant turn) and `<|endoftext|>` when the tokenizer has it."""
-    tok = processor.tokenizer
-    ids = [tok.convert_tokens_to_ids(IM_END)]
-    eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    if eot is not None and eot != tok.unk_token_id and eot not in ids:
-        ids.append(eot)
-    return ids
 
 
 def sampling_kwargs(max_new_tokens: int, temperature: float) -> dict:
@@ -78,7 +67,7 @@ def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, ma
     batch = to_model(batch, core)  # the images go through the vision tower here, once
     if seed is not None:
         torch.manual_seed(seed)
-    stops = stop_token_ids(processor)
+    stops = processor.stop_token_ids()
     with image_inputs(core, batch) as inputs:
         output = core.generate(**inputs, **sampling_kwargs(max_new_tokens, temperature), eos_token_id=stops,
                                pad_token_id=processor.pad_token_id, stopping_criteria=stopping_criteria(should_stop))

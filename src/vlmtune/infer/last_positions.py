@@ -32,7 +32,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from vlmtune.families import FAMILIES
+from vlmtune.families import FAMILIES, family_of_model, parts_of
 
 SUPPORTED = tuple(name for family in FAMILIES for name in family.fast_decoder_layers)
 _kept = threading.local()  # .positions: (batch, kept) long, or None: the layer runs as usual
@@ -40,9 +40,8 @@ _install_lock = threading.Lock()
 
 
 def text_model(core: torch.nn.Module) -> torch.nn.Module | None:
-    """The language model (embeddings, decoder layers, norm) inside a Qwen2(.5)-VL model."""
-    inner = getattr(core, "model", None)
-    return getattr(inner, "language_model", None)
+    """The language model (embeddings, decoder layers, norm) of a model of a known family, else None."""
+    return parts_of(core).language_model if family_of_model(core) is not None else None
 
 
 @contextlib.contextmanager

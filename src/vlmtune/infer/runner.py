@@ -133,7 +133,7 @@ class TransformersPredictor:
     def prepare(self, conversations: Sequence[Conversation], default_system: str | None = None,
                 mode: str = "score") -> dict:
         """The model-ready batch: images decoded and resized once, prompts encoded, padded for `mode`
-        (right for scoring, left for generation), the resized images as they are."""
+        (scoring: as the family allows, `Processor.score_padding`; generation: left), the resized images as they are."""
         from vlmtune.data.encode import Collator, EncodeError, encode_prompt, load_images, prompt_messages
 
         samples = []
@@ -143,7 +143,7 @@ class TransformersPredictor:
                                              default_system, prompt=mode))
             except (EncodeError, ValueError) as exc:
                 raise record_error(conv, exc) from None
-        padding = "right" if mode == "score" else "left"
+        padding = self.processor.score_padding if mode == "score" else "left"
         return Collator(self.processor, padding_side=padding, raw_images=True)(samples)
 
     def check(self, conversations, labels, mode, default_system=None) -> None:

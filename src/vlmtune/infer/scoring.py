@@ -38,11 +38,10 @@ import torch
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import Collator, EncodedSample, encode_prompt, load_images, prompt_messages
 from vlmtune.data.processor import Processor
-from vlmtune.data.template import ASSISTANT_START, IM_END
-from vlmtune.families import FAMILIES, family_of_model
+from vlmtune.families import FAMILIES, family_of_model, parts_of
 from vlmtune.infer import rope_positions
 from vlmtune.infer.last_positions import kept_positions
-from vlmtune.model.compat import cache_kwarg, image_inputs, image_owner, unwrap
+from vlmtune.model.compat import cache_kwarg, image_inputs, unwrap
 
 # Models whose rope rule `infer.rope_positions` writes out (and is checked against on each model's first batch).
 FAST_POSITIONS = tuple(name for family in FAMILIES for name in family.fast_rope_models)
@@ -79,13 +78,14 @@ def label_token_ids(labels: Sequence[str], processor: Processor) -> list[list[in
     newline gets the same tokens as in training.
     """
     tok = processor.tokenizer
-    context = ASSISTANT_START + processor.template.answer_prefix
+    template = processor.template
+    context = template.assistant_start + template.answer_prefix
     prefix = tok(context, add_special_tokens=False)["input_ids"]
     out = []
     for label in labels:
         if not label.strip():
             raise ValueError("empty label")
-        ids = tok(context + label + IM_END, add_special_tokens=False)["input_ids"]
+        ids = tok(context + template.content(label) + template.turn_end, add_special_tokens=False)["input_ids"]
         if ids[:len(prefix)] != prefix:  # the label merged with the newline: no clean token boundary
             raise ValueError(f"label {label!r} does not start at a token boundary after the assistant prefix")
         out.append(ids[len(prefix):])
@@ -98,11 +98,6 @@ def label_token_ids(labels: Sequence[str], processor: Processor) -> list[list[in
 # Model plumbing
 
 
-def rope_module(core: torch.nn.Module) -> torch.nn.Module:
-    """The inner model that owns `get_rope_index` and the `rope_deltas` state."""
-    return image_owner(core)
-
-
 def output_cache(output):
     return output.cache if getattr(output, "cache", None) is not None else output.past_key_values
 
@@ -112,10 +107,7 @@ def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Eval mode and no_grad for the duration; every module's train/eval flag and the rope state come back."""
     modes = [(module, module.training) for module in model.modules()]
     core = unwrap(model)
-    try:
-        rope = rope_module(core)
-    except TypeError:
-        rope = None
+    rope = parts_of(core).owner if family_of_model(core) is not None else None
     saved_deltas = getattr(rope, "rope_deltas", None)
     model.eval()
     try:
@@ -146,7 +138,7 @@ def to_model(batch: dict, core: torch.nn.Module) -> dict:
     if raw is not None or pixels is not None:
         from vlmtune.model.vision import encoder_outputs, vision_encoder
 
-        encoder = vision_encoder(rope_module(core).visual)
+        encoder = vision_encoder(parts_of(core).vision_tower)
         grid = out["image_grid_thw"]
         features = encoder.still_images(raw, grid, settings) if raw is not None else encoder(pixels, grid)
         out["mm_encoder_outputs"] = encoder_outputs(encoder.split(features, grid), family_of_model(core))
@@ -159,7 +151,7 @@ def prompt_positions(core: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     Text and still images: `infer.rope_positions` (whole-batch ops), checked against the model's
     `get_rope_index` on its first batch — a model whose rule differs keeps the library's from then on.
     """
-    rope = rope_module(core)
+    rope = parts_of(core).owner
     args = (batch["input_ids"], batch["mm_token_type_ids"], batch["attention_mask"], batch.get("image_grid_thw"))
     verdict = rope.__dict__.get("_vlmtune_fast_positions")
     fast = None
@@ -182,8 +174,10 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     """Summed log P(label tokens + <|im_end|> | prompt): (B, K) float32, for a padded prompt batch.
 
     `model` must already be in eval mode under no_grad (see :func:`evaluating`); `batch` comes from
-    `Collator(processor, padding_side="right")` over `encode_prompt` samples (left padding works too,
-    a little slower: the prompt forward then needs a padding mask).
+    `Collator(processor, padding_side=processor.score_padding)` over `encode_prompt` samples: right padding
+    where the family allows it (fastest), left padding (the prompt forward then needs a padding mask) for
+    families with recurrent layers, whose state after a right-padded prompt has run over the pads — a
+    right-padded batch of such a model is moved to the left here.
     """
     core = unwrap(model)
     batch = to_model(batch, core)
@@ -194,6 +188,10 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     right_padded = bool((mask == (torch.arange(width, device=device) < lengths[:, None])).all())
     if not right_padded and bool((mask[:, -1] == 0).any()):
         raise ValueError("label_logprobs needs a right- or left-padded batch")
+    family = family_of_model(core)
+    if right_padded and family is not None and family.recurrent_state and bool((lengths < width).any()):
+        batch = padded_left(batch)
+        mask, right_padded = batch["attention_mask"], False
     positions = prompt_positions(core, batch)
     cache_name = cache_kwarg(core)
 
@@ -217,19 +215,11 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if cont_len == 0:
         return scores
 
-    # 2. All K continuations from the cache, in one forward over B·K rows.
-    pad = 0
-    cont = torch.full((k, cont_len), pad, dtype=torch.long)
-    targets = torch.full((k, cont_len), pad, dtype=torch.long)
-    valid = torch.zeros((k, cont_len), dtype=torch.bool)
-    for j, ids in enumerate(label_ids):
-        n = len(ids) - 1
-        cont[j, :n] = torch.tensor(ids[:-1])
-        targets[j, :n] = torch.tensor(ids[1:])
-        valid[j, :n] = True
-    cont, targets, valid = cont.to(device), targets.to(device), valid.to(device)
+    # 2. All K continuations from the cache, in one forward over B·K rows. Every cache layer — keys and values,
+    # and the conv and recurrent states of linear-attention layers — is repeated per label (row b·K + k).
+    cont, targets, valid = (t.to(device) for t in continuations(label_ids, cont_len))
     cache = output_cache(out)
-    cache.batch_repeat_interleave(k)
+    cache.reorder_cache(torch.arange(n_rows, device=device).repeat_interleave(k))
     start = positions.masked_fill(mask[None] == 0, 0).amax(dim=(0, 2)) + 1  # first position after the prompt
     cont_positions = (start.repeat_interleave(k)[:, None] + torch.arange(cont_len, device=device))
     cont_positions = cont_positions[None].expand(3, -1, -1)
@@ -241,6 +231,29 @@ def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     picked = logp.gather(-1, targets.repeat(n_rows, 1)[..., None])[..., 0]
     rest = (picked * valid.repeat(n_rows, 1)).sum(-1).view(n_rows, k)
     return scores + rest
+
+
+def continuations(label_ids: Sequence[Sequence[int]], length: int) -> tuple[torch.Tensor, ...]:
+    """(inputs, targets, valid) of each label's continuation after its first token, right padded to `length`."""
+    inputs = torch.zeros((len(label_ids), length), dtype=torch.long)
+    targets = torch.zeros((len(label_ids), length), dtype=torch.long)
+    valid = torch.zeros((len(label_ids), length), dtype=torch.bool)
+    for j, ids in enumerate(label_ids):
+        n = len(ids) - 1
+        inputs[j, :n] = torch.tensor(ids[:-1])
+        targets[j, :n] = torch.tensor(ids[1:])
+        valid[j, :n] = True
+    return inputs, targets, valid
+
+
+def padded_left(batch: dict) -> dict:
+    """A right-padded prompt batch with each row's tokens moved to the right end (the images stay as they are:
+    they follow the rows' order, not their columns)."""
+    mask = batch["attention_mask"]
+    shift = mask.shape[1] - mask.sum(-1)
+    columns = (torch.arange(mask.shape[1], device=mask.device) - shift[:, None]) % mask.shape[1]
+    moved = {key: batch[key].gather(1, columns) for key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    return {**batch, **moved}
 
 
 def encode_prompts(conversations: Sequence[Conversation], processor: Processor,
@@ -258,7 +271,7 @@ def encode_prompts(conversations: Sequence[Conversation], processor: Processor,
 def score_samples(model: torch.nn.Module, processor: Processor, samples: Sequence[EncodedSample],
                   label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """(B, K) summed label log-probs of encoded prompt samples (caller handles eval mode/no_grad)."""
-    batch = Collator(processor, padding_side="right", raw_images=True)(list(samples))
+    batch = Collator(processor, padding_side=processor.score_padding, raw_images=True)(list(samples))
     return label_logprobs(model, batch, label_ids)
 
 

@@ -229,9 +229,8 @@ class VllmPredictor:
         """log P(continuation | prompt) for every (sample, continuation) pair, from prompt_logprobs."""
         from vllm import SamplingParams
 
-        from vlmtune.data.template import IM_END
-
-        requests = [self._request(prompt, images, text + IM_END) for prompt, images in prepared
+        turn_end = self.processor.template.turn_end
+        requests = [self._request(prompt, images, text + turn_end) for prompt, images in prepared
                     for text, _ in continuations]
         # prompt_logprobs makes vLLM skip reading the prefix cache (a cached position has no log-prob); only
         # the label's own positions are read here, never cached for a new label suffix, so the K requests of a
@@ -299,13 +298,12 @@ class VllmPredictor:
     def generate(self, prepared, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> list[str]:
         from vllm import SamplingParams
 
-        from vlmtune.infer.generation import stop_token_ids
 
         # Every setting explicit: Qwen's generation_config.json (repetition_penalty 1.05, top_k 1) must not leak in.
         sampling = dict(temperature=temperature, top_p=1.0, top_k=-1, seed=seed) if temperature > 0 else \
             dict(temperature=0.0)
         params = SamplingParams(**sampling, repetition_penalty=1.0, max_tokens=max_new_tokens,
-                                stop_token_ids=stop_token_ids(self.processor), skip_special_tokens=True)
+                                stop_token_ids=self.processor.stop_token_ids(), skip_special_tokens=True)
         requests = [self._request(prompt, images) for prompt, images in prepared]
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
         return [self.processor.template.answer_of(result.outputs[0].text) for result in outputs]

@@ -19,32 +19,21 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vlmtune.config import FinetuneConfig
 from vlmtune.errors import VlmtuneError
+from vlmtune.families import Layout, family_of_model
 
 
-@dataclass
-class ModelParts:
-    """Qualified module names of the three parts of a Qwen-VL model."""
-
-    language_model: str
-    vision_tower: str
-    projector: str
-    lm_head: str
-
-
-def model_parts(model: nn.Module) -> ModelParts:
-    names = {name for name, _ in model.named_modules()}
-    # transformers ≥ 5 layout: model.language_model / model.visual (+ .merger) / lm_head
-    for prefix in ("model.", ""):
-        if f"{prefix}language_model" in names and f"{prefix}visual" in names:
-            return ModelParts(f"{prefix}language_model", f"{prefix}visual", f"{prefix}visual.merger", "lm_head")
-    raise VlmtuneError("unrecognised model layout: expected Qwen2-VL's language_model and visual modules")
+def model_parts(model: nn.Module) -> Layout:
+    """Qualified names of the language model, vision tower, projector and lm_head (the family's layout)."""
+    family = family_of_model(model)
+    if family is None:
+        raise VlmtuneError(f"{type(model).__name__}: not a model of a supported family")
+    return family.layout
 
 
 def linear_names(model: nn.Module, prefix: str, exclude: str | None = None) -> list[str]:
@@ -120,7 +109,7 @@ def apply_finetuning(model: nn.Module, cfg: FinetuneConfig, log=print) -> nn.Mod
     return model
 
 
-def _trainable_in_full(name: str, cfg: FinetuneConfig, parts: ModelParts) -> bool:
+def _trainable_in_full(name: str, cfg: FinetuneConfig, parts: Layout) -> bool:
     if name.startswith(parts.projector + "."):
         return not cfg.freeze_multi_modal_projector
     if name.startswith(parts.vision_tower + "."):
@@ -159,7 +148,7 @@ def _apply_lora(model: nn.Module, cfg: FinetuneConfig, log) -> nn.Module:
     return model
 
 
-def _apply_freeze(model: nn.Module, cfg: FinetuneConfig, parts: ModelParts, log) -> None:
+def _apply_freeze(model: nn.Module, cfg: FinetuneConfig, parts: Layout, log) -> None:
     log("Fine-tuning method: Freeze")
     layers_prefix = parts.language_model + ".layers."
     n_layers = 1 + max(int(n[len(layers_prefix):].split(".")[0]) for n, _ in model.named_parameters()

@@ -26,6 +26,8 @@ from typing import Iterator
 
 import torch
 
+from vlmtune.families import parts_of
+
 _given = threading.local()  # .features: {id(model): output} while `image_inputs` is active on this thread
 
 
@@ -55,18 +57,9 @@ def vision_rotary(visual: torch.nn.Module, position_ids: torch.Tensor) -> tuple[
     return angles.cos(), angles.sin()
 
 
-def image_owner(core: torch.nn.Module) -> torch.nn.Module:
-    """The inner model that owns the vision tower, `get_image_features`, `get_rope_index` and the
-    `rope_deltas` state (`core.model`)."""
-    for module in core.modules():
-        if callable(getattr(module, "get_rope_index", None)):
-            return module
-    raise TypeError(f"{type(core).__name__} has no get_rope_index (not a supported vision-language model)")
-
-
 def takes_encoder_outputs(core: torch.nn.Module) -> bool:
     """True when the model's forward takes precomputed image features (`mm_encoder_outputs`, 5.18+)."""
-    return "mm_encoder_outputs" in inspect.signature(type(image_owner(core)).forward).parameters
+    return "mm_encoder_outputs" in inspect.signature(type(parts_of(core).owner).forward).parameters
 
 
 @contextlib.contextmanager
@@ -78,7 +71,7 @@ def image_inputs(core: torch.nn.Module, inputs: dict) -> Iterator[dict]:
     if outputs is None or takes_encoder_outputs(core):
         yield inputs
         return
-    owner = image_owner(core)
+    owner = parts_of(core).owner
     _install(owner)
     deepstack = getattr(outputs, "deepstack_features", None)
     if deepstack:  # before 5.18: one tensor per deepstack layer, all images concatenated

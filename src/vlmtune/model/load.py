@@ -1,5 +1,4 @@
-"""Load a supported model (`vlmtune.families`: Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE) from a local
-directory or a hub id, in the dtype the run asks for — the same code for every family:
+"""Load a supported model (`vlmtune.families`) from a local directory or a hub id, in the dtype the run asks for — the same code for every family:
 `AutoModelForImageTextToText` maps each `model_type` to its transformers class."""
 
 from __future__ import annotations
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.families import family_of_type
+from vlmtune.families import family_of_type, parts_of
 
 
 def resolve_model_dir(name_or_path: str | None, cache_dir: str | None = None, revision: str = "main") -> Path:
@@ -97,8 +96,7 @@ def guard_fp16_overflow(model) -> int:
     releases; transformers does not guard them, and an inf there makes every answer NaN). A forward hook
     on each block that acts only on float16 outputs with an inf: bf16 and fp32 runs never pay for it.
     Returns the number of blocks guarded."""
-    visual = getattr(getattr(model, "model", None), "visual", None)
-    blocks = getattr(visual, "blocks", None) or []
+    blocks = getattr(parts_of(model).vision_tower, "blocks", None) or []
 
     for block in blocks:
         block.register_forward_hook(lambda _module, _inputs, output: clamp_fp16_overflow(output))

@@ -1,12 +1,12 @@
-"""`vlmtune tiny-model --out DIR [--arch qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_vl_moe]`: a tiny random model
-that loads like a real checkpoint of its family.
+"""`vlmtune tiny-model --out DIR [--arch MODEL_TYPE]`: a tiny random model that loads like a real checkpoint
+of its family (`--arch`: any model type of `vlmtune.families`, default qwen2_5_vl).
 
 No weights can be downloaded on the machines that test vlmtune, so tests and the demo build a model
 of the real architecture with small sizes (text hidden 128, 2 layers; vision depth 2, hidden 64;
-about 1 M parameters) and a byte-level BPE tokenizer trained here, in a second, on Chinese and
-English text, with Qwen's special tokens and the family's own chat template (Qwen2-VL's, or
-Qwen3-VL Instruct's). The ordinary loading code (`AutoModelForImageTextToText`, `AutoTokenizer`)
-opens the directory like any release of that family.
+about 1 M parameters; the family's record says how: `Family.tiny`) and a byte-level BPE tokenizer
+trained here, in a second, on Chinese and English text, with the family's special tokens and its own
+chat template. The ordinary loading code (`AutoModelForImageTextToText`, `AutoTokenizer`) opens the
+directory like any release of that family.
 """
 
 from __future__ import annotations
@@ -18,16 +18,10 @@ from pathlib import Path
 from typing import Sequence
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.families import MODEL_TYPES, Family, family_of_type
 
-# Qwen2's special tokens, in Qwen's order (the real ids start at 151643).
-SPECIAL_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
-    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-]
-# Qwen2's pre-tokenizer split (the same regex as the real tokenizer.json).
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# `--arch`: the config.json model types a tiny model can be built of (every family's, `vlmtune.families`).
+ARCHS = MODEL_TYPES
 
 _ZH_WORDS = ("判断 以上 图片 是否 满足 要求 不 满足要求 不满足要求 请 只 输出 如下 格式 或 画面 中 只 允许 出现 "
              "立方体 圆柱体 圆环 五角星 徽章 灯 物体 数量 必须 位于 内 外 前方 后方 左上角 右上角 左下角 右下角 "
@@ -53,92 +47,48 @@ def corpus(lines: int = 3000, seed: int = 0) -> list[str]:
     return out
 
 
-def build_tokenizer(vocab_size: int = 1000, chat_template: str | None = None, extra_tokens: Sequence[str] = ()):
-    """A byte-level BPE tokenizer shaped like Qwen2's, trained on `corpus()`; `extra_tokens` are added as
-    ordinary (not special) tokens, as Qwen3 adds `<think>`."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(family: Family | None = None, vocab_size: int = 1000, chat_template: str | None = None):
+    """A byte-level BPE tokenizer shaped like the family's release (its pre-tokenizer split, NFC where the release
+    normalises), trained on `corpus()`, with the family's special tokens in the release's order and its added
+    (not special) tokens, as Qwen3 adds `<think>`. Default: the first family's, with its chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from vlmtune.families import FAMILIES, chat_template_text
+
+    family = family or FAMILIES[0]
+    tokens = family.tokens
+    special = [tokens.end_of_text, tokens.turn_start, tokens.turn_end, "<|object_ref_start|>", "<|object_ref_end|>",
+               "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", tokens.vision_start,
+               tokens.vision_end, "<|vision_pad|>", tokens.image_pad, tokens.video_pad]
     tok = Tokenizer(models.BPE())
+    if family.tiny.nfc:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.Split(Regex(family.tiny.split_regex), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(corpus(), trainer=trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
-    if extra_tokens:
-        tok.add_tokens(list(extra_tokens))
-    if chat_template is None:
-        from vlmtune.families import FAMILIES, chat_template_text
-
-        chat_template = chat_template_text(FAMILIES[0])
+    tok.add_special_tokens(special)
+    if family.tiny.added_tokens:
+        tok.add_tokens(list(family.tiny.added_tokens))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS[1:], chat_template=chat_template,
+        tokenizer_object=tok, eos_token=tokens.turn_end, pad_token=tokens.end_of_text,
+        additional_special_tokens=special[1:], chat_template=chat_template or chat_template_text(family),
         model_max_length=32768, clean_up_tokenization_spaces=False,
     )
 
 
-# `--arch`: the config.json model types `tiny_config` builds (all of `vlmtune.families`).
-ARCHS = ("qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe")
-# Qwen3's thought delimiters: added tokens of its vocabulary, not special ones (decoding keeps them).
-THINK_TOKENS = ["<think>", "</think>"]
-
-
-def mrope_sections(head_dim: int, interleaved: bool) -> list[int]:
-    """(temporal, height, width) rotary frequency counts summing to head_dim / 2, shaped like Qwen's:
-    [16, 24, 24] of 64 for Qwen2-VL / 2.5-VL, [24, 20, 20] of 64 for Qwen3-VL (interleaved)."""
-    half = head_dim // 2
-    if interleaved:
-        side = (half * 5) // 16
-        return [half - 2 * side, side, side]
-    quarter = head_dim // 8
-    return [quarter, (half - quarter) // 2, half - quarter - (half - quarter) // 2]
-
-
 def tiny_config(tokenizer, arch: str = "qwen2_5_vl", text_hidden: int = 128, text_layers: int = 2,
                 vision_hidden: int = 64, vision_depth: int = 2):
-    """A tiny config of the family's real architecture: 4 attention heads over 2 KV heads, 2 × 2 patch
-    merge; Qwen3-VL with deepstack from the first vision block (into the first text layer) and a learned
-    4 × 4 position grid; its MoE with 4 experts, 2 per token, in every layer."""
-    import transformers
-
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = ((len(tokenizer) + 63) // 64) * 64
-    heads = 4
-    head_dim = text_hidden // heads
-    qwen3 = arch.startswith("qwen3")
-    text = dict(
-        vocab_size=vocab, hidden_size=text_hidden, intermediate_size=text_hidden * 2, num_hidden_layers=text_layers,
-        num_attention_heads=heads, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-        rope_parameters={"rope_type": "default", "rope_theta": 5000000.0 if qwen3 else 1000000.0,
-                         "mrope_section": mrope_sections(head_dim, interleaved=qwen3),
-                         **({"mrope_interleaved": True} if qwen3 else {})},
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False)
-    vision = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=4,
-                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=text_hidden)
-    if qwen3:
-        text["head_dim"] = head_dim
-        vision.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0])
-        if arch == "qwen3_vl_moe":
-            text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=text_hidden // 2,
-                        decoder_sparse_step=1, mlp_only_layers=[])
-    else:
-        text["max_window_layers"] = text_layers
-        vision.update(patch_size=14, window_size=112, fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2)
-        if arch == "qwen2_vl":  # Qwen2-VL's tower: one MLP width, no windows
-            vision = dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=2,
-                          num_heads=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    config_class = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen2_vl": transformers.Qwen2VLConfig,
-                    "qwen3_vl": transformers.Qwen3VLConfig, "qwen3_vl_moe": transformers.Qwen3VLMoeConfig}[arch]
-    return config_class(
-        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    """A tiny config of the family's real architecture (`Family.tiny`): 4 attention heads over 2 KV heads, 2 × 2
+    patch merge, the family's own features (deepstack, linear attention, experts) at small sizes."""
+    sizes = dict(text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden,
+                 vision_depth=vision_depth)
+    return family_of_type(arch).tiny.config(tokenizer, arch, sizes)
 
 
 def build_tiny_model(out: str | Path, seed: int = 0, text_hidden: int = 128, text_layers: int = 2,
@@ -147,9 +97,9 @@ def build_tiny_model(out: str | Path, seed: int = 0, text_hidden: int = 128, tex
     """Write a tiny random model of `arch` (config, safetensors, tokenizer, preprocessor, chat template)."""
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from vlmtune.families import chat_template_text, family_of_type
+    from vlmtune.data.image_settings import ImageSettings
+    from vlmtune.families import chat_template_text
 
     if arch not in ARCHS:
         raise VlmtuneError(f"--arch must be one of {', '.join(ARCHS)}, got {arch!r}")
@@ -157,21 +107,19 @@ def build_tiny_model(out: str | Path, seed: int = 0, text_hidden: int = 128, tex
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     chat_template = chat_template_text(family)
-    tokenizer = build_tokenizer(chat_template=chat_template, extra_tokens=THINK_TOKENS if arch.startswith("qwen3")
-                                else ())
+    tokenizer = build_tokenizer(family, chat_template=chat_template)
     config = tiny_config(tokenizer, arch, text_hidden, text_layers, vision_hidden, vision_depth)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    tokens = family.tokens
     model.generation_config = GenerationConfig(
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")],
+        eos_token_id=[tokenizer.convert_tokens_to_ids(tokens.turn_end),
+                      tokenizer.convert_tokens_to_ids(tokens.end_of_text)],
         pad_token_id=tokenizer.pad_token_id, do_sample=False)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    image = family.image_defaults
-    factor = image["patch_size"] * image["merge_size"]
-    Qwen2VLImageProcessorPil(max_pixels=max_pixels, min_pixels=factor * factor, patch_size=image["patch_size"],
-                             merge_size=image["merge_size"], image_mean=image["image_mean"],
-                             image_std=image["image_std"]).save_pretrained(out)
+    factor = family.image_defaults["patch_size"] * family.image_defaults["merge_size"]
+    ImageSettings.from_pretrained(out, max_pixels, factor * factor, defaults=family.image_defaults).save_pretrained(out)
     # As the releases ship it: the processor's template (AutoTokenizer of transformers 5 reads the .jinja).
     (out / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}), encoding="utf-8")
     return out
@@ -191,8 +139,6 @@ def main(argv: list[str]) -> int:
         raise VlmtuneError("--text_hidden must be a multiple of 32")
     out = build_tiny_model(args.out, args.seed, args.text_hidden, args.text_layers, args.vision_hidden,
                            args.vision_depth, arch=args.arch)
-    from vlmtune.families import family_of_type
-
     n_files = len(list(out.iterdir()))
     print(f"tiny {family_of_type(args.arch).name} written to {out} ({n_files} files)")
     return 0

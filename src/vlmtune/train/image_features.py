@@ -22,6 +22,8 @@ import torch
 
 from vlmtune.data.encode import EncodedSample
 from vlmtune.data.images import image_grids
+from vlmtune.families import parts_of
+from vlmtune.model.compat import unwrap
 from vlmtune.model.vision import vision_encoder
 
 
@@ -61,7 +63,7 @@ class ImageFeatureCache:
         settings = self.processor.image_processor
         images = [im for s in todo for im in s.images]
         grids = image_grids(images, settings)
-        encoder = vision_encoder(_vision_owner(self.accelerator.unwrap_model(self.model)).visual)
+        encoder = vision_encoder(parts_of(unwrap(self.accelerator.unwrap_model(self.model))).vision_tower)
         with self.accelerator.autocast():
             features = encoder.still_images(images, grids.to(self.accelerator.device), settings)
         features = iter([f.to("cpu") for f in encoder.split(features, grids)])
@@ -126,12 +128,6 @@ def read_features(path: Path) -> tuple[list, torch.Tensor]:
         layers = sorted((int(k.rsplit(".", 1)[1]), v) for k, v in tensors.items() if k.startswith(f"deepstack.{i}."))
         features.append(ImageFeatures(tensors[f"embeds.{i}"], tuple(v for _, v in layers)))
     return features, grids
-
-
-def _vision_owner(model):
-    """The module that owns the vision tower (`.visual`, with its merger) under peft wrappers."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model if hasattr(inner, "model") and hasattr(inner.model, "get_image_features") else inner
 
 
 def can_cache(cfg) -> bool:

@@ -287,7 +287,7 @@ def train(cfg: Config) -> dict:
     model_loading = Background(load_model, model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
                                in_thread=zero_stage(accelerator) < 3)
     data = prepare_data(cfg, processor, log, *local_rank_and_world(), barrier=accelerator.wait_for_everyone)
-    log(describe_example(data.train[0], processor.tokenizer))
+    log(describe_example(data.train[0], processor))
     model = model_loading.result()
     from transformers import set_seed
 

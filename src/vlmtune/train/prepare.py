@@ -13,7 +13,6 @@ from vlmtune.data.checks import answer_distribution, describe_distribution
 from vlmtune.data.conversation import Problem
 from vlmtune.data.encode import IGNORE_INDEX, EncodedSample
 from vlmtune.data.loader import load_splits, refuse_or_skip
-from vlmtune.data.template import IMAGE_PAD
 from vlmtune.errors import VlmtuneError
 from vlmtune.infer.scoring import infer_label_set
 
@@ -98,10 +97,11 @@ def prepare_data(cfg: Config, processor, log, local_rank: int = 0, local_world_s
     return PreparedData(train, val, label_set, splits.problems + problems)
 
 
-def describe_example(sample: EncodedSample, tokenizer) -> str:
+def describe_example(sample: EncodedSample, processor) -> str:
     """One rendered training example, image pads collapsed, and what the labels keep."""
+    tokenizer, image_pad = processor.tokenizer, processor.template.tokens.image_pad
     text = tokenizer.decode(sample.input_ids, skip_special_tokens=False)
-    n_pad = int((sample.input_ids == tokenizer.convert_tokens_to_ids(IMAGE_PAD)).sum())
-    text = text.replace(IMAGE_PAD * n_pad, f"{IMAGE_PAD}×{n_pad}") if n_pad else text
+    n_pad = int((sample.input_ids == processor.image_token_id).sum())
+    text = text.replace(image_pad * n_pad, f"{image_pad}×{n_pad}") if n_pad else text
     labels = tokenizer.decode(sample.input_ids[sample.labels != IGNORE_INDEX], skip_special_tokens=False)
     return f"training example ({len(sample)} tokens, {sample.num_label_tokens} labelled):\n{text}\nlabels:\n{labels}"
