@@ -1,6 +1,6 @@
 """`vlmtune export`: the merged checkpoint computes what base + adapter computes, and loads as a plain model
-of the base's family with the base's own chat template (Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE with and
-without LoRA on its experts)."""
+of the base's family with the chat template that serves what training rendered (every family of the registry, the
+MoEs with and without LoRA on their experts); a Qwen3.5 checkpoint's MTP layer and float32 tensors survive."""
 
 from __future__ import annotations
 
@@ -10,20 +10,20 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import assert_one_line_error, make_dataset, run_cli
+from helpers import ALL_ARCHS, assert_one_line_error, make_dataset, run_cli
 from vlmtune.config import FinetuneConfig
 from vlmtune.data.encode import Collator, encode_prompt, load_images, prompt_messages
 from vlmtune.data.loader import load_datasets
 from vlmtune.data.processor import load_processor
+from vlmtune.families import family_of_type
 from vlmtune.model.adapters import apply_finetuning
 from vlmtune.model.load import load_model
 
 ADAPTER_MAX_PIXELS = 128 * 128  # differs from the tiny model's default: the export must keep the adapter's
-CLASSES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+CASES = [*ALL_ARCHS, *(f"{arch}+experts" for arch in ALL_ARCHS if "moe" in arch)]
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_vl_moe+experts"])
+@pytest.fixture(scope="module", params=CASES)
 def case(request, tiny_models):
     arch, _, experts = request.param.partition("+")
     return arch, tiny_models(arch), bool(experts)
@@ -100,7 +100,7 @@ def test_merged_logits_equal_base_plus_adapter(case, tiny_model_dir, adapter_dir
     assert (merged - with_adapter).abs().max() < 1e-4
     # And plain transformers.
     plain = AutoModelForImageTextToText.from_pretrained(str(exported))
-    assert type(plain).__name__ == CLASSES[case[0]]
+    assert type(plain).__name__ == type(load_model(tiny_model_dir)).__name__
     assert (logits(plain, batch) - with_adapter).abs().max() < 1e-4
 
 
@@ -117,14 +117,17 @@ def test_export_is_a_standard_checkpoint(case, tiny_model_dir, exported, adapter
     # The processor is the adapter's: same pixel limits, so the same image tokens as in training.
     processor = load_processor(exported)
     assert processor.max_pixels == ADAPTER_MAX_PIXELS
-    assert processor.tokenizer.chat_template == load_processor(adapter_dir).tokenizer.chat_template
-    # ... and the chat template is the base model's own, as `apply_chat_template` and vLLM read it.
+    # ... and the chat template is the base model's own (with its thinking default as training rendered, where the
+    # family's checkpoints think), as `apply_chat_template` and vLLM read it.
     from transformers import AutoTokenizer
 
+    family, trained = family_of_type(case[0]), load_processor(adapter_dir).template
     own = (tiny_model_dir / "chat_template.jinja").read_text()
-    assert (exported / "chat_template.jinja").read_text() == own
-    assert json.loads((exported / "chat_template.json").read_text())["chat_template"] == own
-    assert AutoTokenizer.from_pretrained(str(exported)).chat_template == own
+    served = family.served_chat_template(own, trained.spec, trained.enable_thinking) if family.served_chat_template \
+        else own
+    assert (exported / "chat_template.jinja").read_text() == served
+    assert json.loads((exported / "chat_template.json").read_text())["chat_template"] == served
+    assert AutoTokenizer.from_pretrained(str(exported)).chat_template == served == processor.tokenizer.chat_template
     assert processor.template.name == load_processor(tiny_model_dir).template.name
     info = json.loads((exported / "vlmtune_export.json").read_text())
     assert info["adapter"] == str(adapter_dir.resolve()) and info["dtype"] == "float32"
@@ -156,3 +159,109 @@ def test_overwrite_in_bfloat16_replaces_stale_shards(tiny_model_dir, adapter_dir
     assert json.loads((target / "config.json").read_text())["dtype"] == "bfloat16"
     with safe_open(str(target / "model.safetensors"), "pt") as weights:
         assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}
+
+
+def test_generation_prompt_of_the_export_is_the_trained_one(case, exported, adapter_dir):
+    """`apply_chat_template(..., add_generation_prompt=True)` of the exported tokenizer — what vLLM and transformers
+    serving the merged model ask — gives exactly the prompt training rendered (with and without a system turn)."""
+    from transformers import AutoTokenizer
+
+    from vlmtune.data.conversation import Message
+
+    tokenizer = AutoTokenizer.from_pretrained(str(exported))
+    trained = load_processor(adapter_dir).template
+    for messages in ([Message("user", "判断以上图片是否满足要求")],
+                     [Message("system", "你是检查助手。"), Message("user", "判断以上图片是否满足要求")]):
+        served = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                               tokenize=False, add_generation_prompt=True)
+        assert served == trained.render(messages, [], prompt="generate").text, (case[0], served)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Qwen3.5 checkpoint as released: bfloat16, float32 linear-attention A_log and norms, and an MTP layer.
+
+
+@pytest.fixture(scope="module")
+def released_like(tiny_models, tmp_path_factory):
+    """The tiny Qwen3.5 rewritten as the releases store it: bf16 with float32 `linear_attn.A_log` and
+    `linear_attn.norm.weight`, plus an `mtp.*` layer that transformers does not load."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    arch = next(a for a in ALL_ARCHS if family_of_type(a).recurrent_state)
+    out = shutil.copytree(tiny_models(arch), tmp_path_factory.mktemp("released") / "qwen3_5")
+    tensors = load_file(str(out / "model.safetensors"))
+    wide = ("linear_attn.A_log", "linear_attn.norm.weight")
+    tensors = {k: v if k.endswith(wide) else v.to(torch.bfloat16) for k, v in tensors.items()}
+    generator = torch.Generator().manual_seed(3)
+    tensors["mtp.fc.weight"] = torch.randn(128, 256, generator=generator).to(torch.bfloat16)
+    tensors["mtp.norm.weight"] = torch.randn(128, generator=generator).to(torch.bfloat16)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+@pytest.fixture(scope="module")
+def released_adapter(released_like, tmp_path_factory):
+    out = tmp_path_factory.mktemp("released") / "adapter"
+    torch.manual_seed(2)
+    model = apply_finetuning(load_model(released_like), FinetuneConfig(lora_rank=8, lora_alpha=16),
+                             log=lambda *_: None)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.1)
+    model.save_pretrained(out)
+    load_processor(released_like, max_pixels=ADAPTER_MAX_PIXELS).save_pretrained(out)
+    return out
+
+
+def headers(path) -> dict:
+    from vlmtune.model.export import tensor_files
+
+    return {name: (dtype, tuple(read_shape(file, name))) for name, (file, dtype) in tensor_files(path).items()}
+
+
+def read_shape(file, name):
+    with safe_open(str(file), "pt") as handle:
+        return handle.get_slice(name).get_shape()
+
+
+def test_export_keeps_what_transformers_drops(released_like, released_adapter, tmp_path, capsys):
+    """The merged checkpoint has the base's tensor names, shapes and dtypes (MTP layer copied as it is, float32
+    tensors kept float32 and, where the adapter did not change them, bit for bit), and computes base + adapter."""
+    from peft import PeftModel
+
+    from vlmtune.model.export import export, tensor_files
+
+    merged = tmp_path / "merged"
+    export(str(released_like), str(released_adapter), merged, log=print)
+    assert "copied 2 tensor(s)" in capsys.readouterr().out
+    base, out = headers(released_like), headers(merged)
+    assert out == base
+    assert out["model.language_model.layers.0.linear_attn.A_log"][0] == "F32"
+    files, base_files = tensor_files(merged), tensor_files(released_like)
+    for name in ("mtp.fc.weight", "model.language_model.layers.0.linear_attn.A_log",
+                 "model.language_model.layers.0.linear_attn.norm.weight"):
+        with safe_open(str(files[name][0]), "pt") as a, safe_open(str(base_files[name][0]), "pt") as b:
+            assert torch.equal(a.get_tensor(name), b.get_tensor(name)), name
+    # transformers loads it (the MTP layer ignored as in the release), and so does vlmtune
+    from transformers import AutoModelForImageTextToText
+
+    assert AutoModelForImageTextToText.from_pretrained(str(merged)).config.model_type == "qwen3_5"
+    # In float32, the merged model computes what base + adapter computes.
+    merged32 = tmp_path / "merged32"
+    export(str(released_like), str(released_adapter), merged32, export_dtype="float32", log=lambda *_: None)
+    assert headers(merged32)["mtp.fc.weight"][0] == "BF16"  # copied as the base has it
+    processor = load_processor(released_adapter)
+    data = make_dataset(tmp_path / "data", n=3)
+    conversations = load_datasets("my_dataset", str(data), None).conversations
+    samples = [encode_prompt(prompt_messages(c), load_images(c, processor), processor) for c in conversations]
+    batch = Collator(processor, padding_side="left")(samples)
+    batch.pop("labels")
+    with_adapter = logits(PeftModel.from_pretrained(load_model(released_like), str(released_adapter)), batch)
+    assert (with_adapter - logits(load_model(released_like), batch)).abs().max() > 1e-2
+    assert (logits(load_model(merged32), batch) - with_adapter).abs().max() < 1e-4

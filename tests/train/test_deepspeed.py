@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, assert_one_line_error
+from helpers import ALL_ARCHS, REPO, TEMPLATE_OF, assert_one_line_error
 from vlmtune.config import load_config
 from vlmtune.errors import VlmtuneError
+from vlmtune.families import family_of_type
 from vlmtune.train.loop import deepspeed_plugin
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
@@ -170,3 +171,47 @@ def test_zero3_on_a_gpu(tmp_path, train_config):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file()
     assert json.loads((out / "all_results.json").read_text())["eval_loss"] > 0
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("arch", [t for t in ALL_ARCHS if family_of_type(t).zero3_leaf_modules])
+def test_moe_blocks_become_zero3_leaf_modules(tiny_models, arch):
+    """The family's mixture-of-experts blocks (and nothing on its dense variant) are DeepSpeed leaf modules, by
+    DeepSpeed's own flag, before the engine wraps the model."""
+    from deepspeed.utils import get_z3_leaf_modules
+
+    from vlmtune.model.load import load_model
+    from vlmtune.train.loop import mark_zero3_leaves
+
+    model, lines = load_model(tiny_models(arch)), []
+    marked = mark_zero3_leaves(model, lines.append)
+    leaves = get_z3_leaf_modules(model)
+    names = set(family_of_type(arch).zero3_leaf_modules)
+    assert marked == len(leaves) == sum(type(m).__name__ in names for m in model.modules())
+    assert marked == (model.config.text_config.num_hidden_layers if "moe" in arch else 0)
+    assert bool(lines) == bool(marked)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_zero3_on_a_hybrid_moe_equals_ddp(train_config, tiny_models, tmp_path):
+    """Qwen3.5-MoE (linear attention, experts as ZeRO-3 leaves) on 2 CPU ranks: the loss curve and adapter of DDP."""
+    from vlmtune.launch import free_port
+
+    arch = next(t for t in ALL_ARCHS if family_of_type(t).recurrent_state and family_of_type(t).zero3_leaf_modules
+                and "moe" in t)
+    common = dict(model_name_or_path=str(tiny_models(arch)), template=TEMPLATE_OF[arch], max_steps=3,
+                  logging_steps=1, save_steps=10, val_size=0, plot_loss=False, report_to="none", disable_tqdm=True,
+                  learning_rate=5e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1)
+    ddp = train_config("ddp.yaml", output_dir=str(tmp_path / "ddp"), **common)
+    zero = train_config("zero.yaml", output_dir=str(tmp_path / "zero"), deepspeed=str(STOCK[3]), **common)
+    for cfg in (ddp, zero):
+        result = torchrun(cfg, port=free_port())
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "ZeRO-3: 2 mixture-of-experts blocks" in result.stdout
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "zero")
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    final = load_file(tmp_path / "zero" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
+    assert final.keys() == reference.keys()
+    assert max((final[k] - reference[k]).abs().max().item() for k in final) < 1e-4

@@ -129,6 +129,9 @@ class Family:
     fast_vision_towers: tuple[str, ...] = ()  # model.vision.VisionEncoder's own forward
     fast_decoder_layers: tuple[str, ...] = ()  # infer.last_positions: last layer at the kept positions only
     fast_rope_models: tuple[str, ...] = ()  # infer.rope_positions: get_rope_index in whole-batch ops
+    # Mixture-of-experts blocks, by class name, that ZeRO-3 gathers as one unit (DeepSpeed's leaf modules, as
+    # LLaMA-Factory marks them): a block whose experts are fetched one by one per routed token stalls every rank.
+    zero3_leaf_modules: tuple[str, ...] = ()
     # The chat template a merged export ships so that serving renders what training did:
     # (the checkpoint's own template, the template spec, enable_thinking) → Jinja. None: the checkpoint's own.
     served_chat_template: Callable[[str, TemplateSpec, bool], str] | None = None

@@ -101,7 +101,7 @@ FAMILY = Family(
     tiny=TinySpec(config=tiny_config, split_regex=QWEN3_5_SPLIT, nfc=True, added_tokens=THINK_TOKENS),
     tokens=CHATML, recurrent_state=True, served_chat_template=served_chat_template,
     fast_vision_towers=("Qwen3_5VisionModel", "Qwen3_5MoeVisionModel"),
-    fast_rope_models=("Qwen3_5Model", "Qwen3_5MoeModel"),
+    fast_rope_models=("Qwen3_5Model", "Qwen3_5MoeModel"), zero3_leaf_modules=("Qwen3_5MoeSparseMoeBlock",),
     kernels=(("fla", "flash-linear-attention"), ("causal_conv1d", "causal-conv1d")),
     kernels_note=("the linear-attention layers run transformers' pure-torch path (a Python loop over 64-token "
                   "chunks; reported ≈1.7× slower fine-tuning and up to 10× slower inference on GPUs): "

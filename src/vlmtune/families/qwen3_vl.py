@@ -49,4 +49,4 @@ FAMILY = Family(
     deepstack_output="transformers.models.qwen3_vl.modeling_qwen3_vl.BaseModelOutputWithDeepstackFeatures",
     fast_vision_towers=("Qwen3VLVisionModel", "Qwen3VLMoeVisionModel"),
     fast_decoder_layers=("Qwen3VLTextDecoderLayer", "Qwen3VLMoeTextDecoderLayer"),
-    fast_rope_models=("Qwen3VLModel", "Qwen3VLMoeModel"))
+    fast_rope_models=("Qwen3VLModel", "Qwen3VLMoeModel"), zero3_leaf_modules=("Qwen3VLMoeTextSparseMoeBlock",))

@@ -4,14 +4,23 @@
         --export_dir /output/my_task-merged [--export_dtype bfloat16] [--export_size 5] [--overwrite]
     vllm serve /output/my_task-merged          # an ordinary Qwen2.5-VL: no --enable-lora needed
 
-The result is what a release directory of the base model's family (Qwen2-VL, Qwen2.5-VL, Qwen3-VL,
-Qwen3-VL-MoE) holds: `config.json`, `generation_config.json`, `model*.safetensors` (sharded at
-`--export_size` GB, with an index), the tokenizer files, the base model's own chat template
-(`chat_template.jinja` and `chat_template.json`) and `preprocessor_config.json` — the one saved
-with the adapter, so the merged model resizes images with the pixel limits it was trained with (and
-`vlmtune_template.json`, the chat template vlmtune rendered with, for vlmtune's own commands). `AutoModelForImageTextToText.from_pretrained` and vlmtune itself load it with no adapter (tested);
-vLLM reads the same files (not tested on CPU-only machines).
-`vlmtune_export.json` records the base model, adapter and dtype.
+The result is what a release directory of the base model's family (`vlmtune.families`) holds: `config.json`,
+`generation_config.json`, `model*.safetensors` (sharded at `--export_size` GB, with an index), the tokenizer
+files, the chat template (`chat_template.jinja` and `chat_template.json`) and `preprocessor_config.json` — the one
+saved with the adapter, so the merged model resizes images with the pixel limits it was trained with (and
+`vlmtune_template.json`, the chat template vlmtune rendered with, for vlmtune's own commands).
+`AutoModelForImageTextToText.from_pretrained` and vlmtune itself load it with no adapter (tested); vLLM reads the
+same files (not tested on CPU-only machines). `vlmtune_export.json` records the base model, adapter and dtype.
+
+The chat template is the base model's own — for a family whose checkpoints think by default (Qwen3.5) with its
+generation prompt set as training rendered it (`Family.served_chat_template`), so that
+`apply_chat_template(..., add_generation_prompt=True)`, and so `vllm serve`, asks the question the model learned.
+
+What transformers drops or narrows on the way is put back from the base checkpoint: tensors the model class
+ignores on load (`_keys_to_ignore_on_load_unexpected`: Qwen3.5's multi-token-prediction layer `mtp.*`, which vLLM's
+speculative decoding needs) are copied into the export as they are, and a tensor the base stores in a wider dtype
+than its other tensors and the export's (Qwen3.5's float32 `linear_attn.A_log` and `linear_attn.norm.weight` in a
+bfloat16 export) keeps the base's dtype — with the base's own bytes where the adapter did not change it.
 
 How: the base model is loaded in the export dtype (`auto`: the dtype in its config.json, bfloat16 for
 the Qwen releases), the adapter attached with peft, and `merge_and_unload()` folds each LoRA pair into
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 import warnings
@@ -128,7 +138,7 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
     log(f"merged {adapter_dir} into {model_dir} ({dtype_name}) in {time.perf_counter() - start:.1f} s")
 
     try:
-        write_export(merged, engine, model_dir, adapter_dir, export_dir, dtype_name, export_size, overwrite)
+        write_export(merged, engine, model_dir, adapter_dir, export_dir, dtype_name, export_size, overwrite, log)
     except (OSError, RuntimeError) as exc:  # a full disk: one line (the base and the adapter are untouched)
         from vlmtune.train.checkpoint import describe_write_error
 
@@ -141,17 +151,24 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
 
 
 def write_export(merged, engine, model_dir: Path, adapter_dir: Path, export_dir: Path, dtype_name: str,
-                 export_size: int, overwrite: bool) -> None:
-    """The merged weights, processor, chat templates, auxiliary files and vlmtune_export.json."""
+                 export_size: int, overwrite: bool, log=print) -> None:
+    """The merged weights (with what transformers dropped or narrowed put back), processor, chat templates,
+    auxiliary files and vlmtune_export.json."""
     from vlmtune import __version__
 
     if overwrite:
         remove_stale_weights(export_dir)
     merged.save_pretrained(export_dir, max_shard_size=f"{export_size}GB")
-    engine.processor.save_pretrained(export_dir)
-    template = engine.processor.tokenizer.chat_template  # the base model's own (data.processor.own_chat_template)
-    if not (export_dir / "chat_template.jinja").is_file():
-        (export_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
+    for line in keep_base_tensors(model_dir, export_dir, getattr(merged, "_keys_to_ignore_on_load_unexpected", None)):
+        log(line)
+    processor = engine.processor
+    template = processor.tokenizer.chat_template  # the base model's own (data.processor.own_chat_template)
+    if processor.family.served_chat_template is not None:
+        template = processor.family.served_chat_template(template, processor.template.spec,
+                                                         processor.template.enable_thinking)
+    processor.tokenizer.chat_template = template
+    processor.save_pretrained(export_dir)
+    (export_dir / "chat_template.jinja").write_text(template, encoding="utf-8")
     # Older transformers (4.x, as pinned by many vLLM releases) read the processor's template from here.
     (export_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}, ensure_ascii=False,
                                                               indent=2) + "\n", encoding="utf-8")
@@ -159,10 +176,93 @@ def write_export(merged, engine, model_dir: Path, adapter_dir: Path, export_dir:
         if (model_dir / name).is_file() and not (export_dir / name).exists():
             shutil.copyfile(model_dir / name, export_dir / name)
     info = {"base_model": str(model_dir), "adapter": str(adapter_dir.resolve()), "dtype": dtype_name,
-            "image_pixels": [engine.processor.min_pixels, engine.processor.max_pixels],
+            "image_pixels": [processor.min_pixels, processor.max_pixels],
             "vlmtune_version": __version__, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (export_dir / "vlmtune_export.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
                                                     encoding="utf-8")
+
+
+INDEX = "model.safetensors.index.json"
+KEPT_SHARD = "model-kept-from-base.safetensors"
+ITEM_SIZE = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def tensor_files(directory: Path) -> dict[str, tuple[Path, str]]:
+    """name → (safetensors file, dtype) of a checkpoint directory's weights, from the headers only."""
+    from safetensors import safe_open
+
+    index = directory / INDEX
+    if index.is_file():
+        files = sorted({directory / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    else:
+        files = sorted(directory.glob("model*.safetensors"))
+    found = {}
+    for path in files:
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                found[name] = (path, handle.get_slice(name).get_dtype())
+    return found
+
+
+def keep_base_tensors(model_dir: Path, export_dir: Path, ignored_on_load) -> list[str]:
+    """Put back into the export what loading the base dropped (tensors matching `ignored_on_load`) or narrowed (a
+    tensor the base stores wider than its other tensors, and than the export's); returns the lines that say what
+    was kept."""
+    import re
+    from collections import Counter
+
+    base, out = tensor_files(model_dir), tensor_files(export_dir)
+    dropped = [name for name in base if name not in out and any(re.search(p, name) for p in ignored_on_load or ())]
+    usual = Counter(dtype for _, dtype in base.values()).most_common(1)[0][0] if base else None
+    narrowed = [name for name, (_, dtype) in base.items() if name in out and ITEM_SIZE.get(dtype, 0) >
+                max(ITEM_SIZE.get(usual, 0), ITEM_SIZE.get(out[name][1], 0))]
+    lines = []
+    if narrowed:
+        for shard in sorted({out[name][0] for name in narrowed}):
+            widen_shard(shard, [n for n in narrowed if out[n][0] == shard], base)
+        lines.append(f"kept the base's dtype of {len(narrowed)} tensor(s) stored wider than the export's "
+                     f"(e.g. {narrowed[0]}: {base[narrowed[0]][1]})")
+    if dropped:
+        add_shard(export_dir, KEPT_SHARD, {name: read_tensor(base[name][0], name) for name in dropped}, out)
+        lines.append(f"copied {len(dropped)} tensor(s) of the base checkpoint that transformers does not load "
+                     f"(e.g. {dropped[0]}) into {KEPT_SHARD}")
+    return lines
+
+
+def read_tensor(path: Path, name: str):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return handle.get_tensor(name)
+
+
+def widen_shard(shard: Path, names: list[str], base: dict) -> None:
+    """Rewrite an export shard with `names` in the base's dtype: the base's own tensor where the merge left it as
+    it was (equal after narrowing), else the merged tensor widened."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(shard))
+    for name in names:
+        original = read_tensor(base[name][0], name)
+        merged = tensors[name]
+        tensors[name] = original if original.to(merged.dtype).equal(merged) else merged.to(original.dtype)
+    tmp = shard.with_name(f".{shard.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, shard)
+
+
+def add_shard(export_dir: Path, name: str, tensors: dict, existing: dict) -> None:
+    """One more weight file, and the index (written or extended) that lists every tensor's file."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(export_dir / name), metadata={"format": "pt"})
+    index_path = export_dir / INDEX
+    index = json.loads(index_path.read_text(encoding="utf-8")) if index_path.is_file() else \
+        {"metadata": {}, "weight_map": {k: path.name for k, (path, _) in existing.items()}}
+    index["weight_map"].update({k: name for k in tensors})
+    index["metadata"]["total_size"] = sum(p.stat().st_size for p in {export_dir / f for f in
+                                                                     index["weight_map"].values()})
+    index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -165,6 +165,23 @@ def zero_stage(accelerator) -> int:
     return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else 0
 
 
+def mark_zero3_leaves(model, log) -> int:
+    """Under ZeRO-3, the family's mixture-of-experts blocks become DeepSpeed leaf modules (gathered whole, as
+    LLaMA-Factory does), before the engine wraps the model. Returns how many were marked."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from vlmtune.families import family_of_model
+
+    family = family_of_model(model)
+    names = set(family.zero3_leaf_modules if family is not None else ())
+    classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
+    if not classes:
+        return 0
+    marked = set_z3_leaf_modules(model, classes)
+    log(f"ZeRO-3: {len(marked)} mixture-of-experts blocks ({', '.join(c.__name__ for c in classes)}) gathered whole")
+    return len(marked)
+
+
 def backward(accelerator, loss: torch.Tensor, last_micro_batch: bool, accum: int) -> None:
     """Backward of one micro-batch whose loss is already normalised for the whole step.
 
@@ -304,6 +321,8 @@ def train(cfg: Config) -> dict:
         [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
          {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}],
         lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon)
+    if zero_stage(accelerator) == 3:
+        mark_zero3_leaves(model, log)
     model, optimizer = accelerator.prepare(model, optimizer)
     collate = Collator(processor)
 
