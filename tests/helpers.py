@@ -20,6 +20,9 @@ FIXTURES = REPO / "tests" / "fixtures"
 # Every model type of the registry (`vlmtune.families`): what the unit tests and the end-to-end tests run on.
 ALL_ARCHS = tuple(t for family in FAMILIES for t in family.model_types)
 FAMILY_ARCHS = ALL_ARCHS
+# One model type per family (its first, dense one), and the mixtures of experts.
+ONE_PER_FAMILY = tuple(family.model_types[0] for family in FAMILIES)
+MOE_ARCHS = tuple(t for t in ALL_ARCHS if "moe" in t)
 # The `template:` each family's users write: its default (Qwen3-VL Instruct: the no-thinking one).
 TEMPLATE_OF = {arch: family_of_type(arch).template_names[0] for arch in ALL_ARCHS}
 

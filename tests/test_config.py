@@ -88,7 +88,10 @@ def test_bare_no_is_the_string_no(tmp_path):
 
 
 def test_template_names_are_llama_factorys():
-    for name in ("qwen2_vl", "qwen3_vl", "qwen3_vl_nothink", "qwen2_5_vl"):
+    from vlmtune.data.template import TEMPLATE_NAMES
+
+    assert {"qwen3_vl_nothink", "qwen3_5", "qwen3_5_nothink", "qwen3_6", "qwen3_8"} <= set(TEMPLATE_NAMES)
+    for name in TEMPLATE_NAMES:
         assert load_config(USER_YAML, [f"template={name}"]).data.template == name
     with pytest.raises(VlmtuneError, match="'template' must be one of qwen2_vl, qwen3_vl_nothink, qwen3_vl"):
         load_config(USER_YAML, ["template=llava"])

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("vlmtune.evaluate.sweep_command", "evaluate the base model, every checkpoint-N and the final adapter of a run"),
     "data": ("vlmtune.data.command", "check datasets before training (`vlmtune data check`); the encoded-data stores (`vlmtune data cache`)"),
     "inspect": ("vlmtune.model.inspect", "print the trainable-parameter summary of a model + adapter set-up"),
-    "tiny-model": ("vlmtune.model.tiny", "build a tiny random Qwen2.5-VL for tests and demos"),
+    "tiny-model": ("vlmtune.model.tiny", "build a tiny random model of a supported family for tests and demos"),
     "webui": ("vlmtune.serve.webui", "a web page to try the model on single images (Gradio)"),
     "api": ("vlmtune.serve.api", "an OpenAI-compatible HTTP API: /v1/chat/completions with images, label scores"),
     "export": ("vlmtune.model.export", "merge a LoRA adapter into the base model and write a standard checkpoint"),

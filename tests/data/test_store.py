@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_dataset, run_cli, write_config
+from helpers import ONE_PER_FAMILY, make_dataset, run_cli, write_config
 from vlmtune.data.encode import encode
 from vlmtune.data.loader import load_datasets
 from vlmtune.data.processor import load_processor
 from vlmtune.data.store import CACHE_ENV, StoredSamples, cache_root, open_or_build
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)
 def test_stored_samples_equal_direct_encoding(tiny_models, tmp_path, monkeypatch, arch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     processor = load_processor(tiny_models(arch), max_pixels=200 * 200)

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from helpers import FIXTURES, RULES_PROMPT, SYSTEM
+from helpers import FIXTURES, ONE_PER_FAMILY, RULES_PROMPT, SYSTEM
 from vlmtune.data.conversation import Message
 from vlmtune.data.encode import IGNORE_INDEX, encode, encode_prompt, prompt_messages, tokenize
 from vlmtune.data.image_settings import ImageSettings
@@ -78,7 +78,9 @@ def tokenizers(tiny_models, real_qwen_tokenizer):
     qwen3.add_tokens(["<think>", "</think>"])
     return {"tiny": load_processor(tiny_models("qwen2_5_vl")).tokenizer,
             "tiny3": load_processor(tiny_models("qwen3_vl")).tokenizer, "qwen": real_qwen_tokenizer, "qwen3": qwen3,
-            "tiny3_5": load_processor(tiny_models("qwen3_5")).tokenizer}
+            "tiny3_5": load_processor(tiny_models("qwen3_5")).tokenizer,
+            **{f"tiny:{spec.name}": load_processor(tiny_models(f.model_types[0])).tokenizer
+               for f in FAMILIES for spec in f.templates}}
 
 
 @pytest.mark.parametrize("template", ["qwen2_vl", "qwen3_vl_nothink"])
@@ -182,7 +184,7 @@ def test_multi_turn_labels_every_assistant_turn(tokenizers):
     assert kept == "不满足要求<|im_end|>满足要求<|im_end|>"
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)
 def test_encode_with_images_and_cutoff(tiny_models, small_dataset, arch):
     from vlmtune.data.encode import EncodeError
     from vlmtune.data.loader import load_datasets
@@ -191,7 +193,8 @@ def test_encode_with_images_and_cutoff(tiny_models, small_dataset, arch):
     conv = load_datasets("my_dataset", str(small_dataset), None).conversations[0]
     sample = encode(conv, processor, cutoff_len=4096)
     n_pad = int((sample.input_ids == processor.image_token_id).sum())
-    factor = 28 if arch == "qwen2_5_vl" else 32  # one token per 28² px (Qwen2.5-VL), 32² px (Qwen3-VL)
+    images = family_of_type(arch).image_defaults  # one token per 28² px (Qwen2(.5)-VL), 32² px (Qwen3-VL, Qwen3.5)
+    factor = images["patch_size"] * images["merge_size"]
     assert processor.image_processor.factor == factor
     assert n_pad == (sample.images[0].shape[1] // factor) * (sample.images[0].shape[2] // factor)
     with pytest.raises(EncodeError, match="exceed cutoff_len"):
@@ -201,14 +204,15 @@ def test_encode_with_images_and_cutoff(tiny_models, small_dataset, arch):
     assert bool((prompt.labels == IGNORE_INDEX).all())
 
 
-@pytest.mark.parametrize("template", ["qwen2_vl", "qwen3_vl_nothink", "qwen3_vl"])
+@pytest.mark.parametrize("template", list(TEMPLATES))
 @pytest.mark.parametrize("which", ["tiny", "qwen"])
 @pytest.mark.parametrize("prompt", [None, "generate", "score"])
 def test_collapsed_pads_give_the_same_ids_and_labels(tokenizers, which, template, prompt):
-    """tokenize_rendered (one pad per image, repeated afterwards) equals tokenising every pad written out."""
+    """tokenize_rendered (one pad per image, repeated afterwards) equals tokenising every pad written out, for
+    every template of the registry (on its family's tiny tokenizer, and on the real Qwen vocabulary)."""
     from vlmtune.data.encode import tokenize_rendered
 
-    tok = tokenizers[which + ("3" if template.startswith("qwen3") else "")]
+    tok = tokenizers[f"tiny:{template}" if which == "tiny" else "qwen3"]
     processor = Processor(tok, ImageSettings(), TEMPLATES[template], None)
     images = [torch.zeros(3, 224, 224, dtype=torch.uint8), torch.zeros(3, 448, 308, dtype=torch.uint8)]
     counts = [64, 176]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import ALL_ARCHS
 from vlmtune.data.loader import load_datasets
 from vlmtune.infer.engine import load_engine
 from vlmtune.infer.generation import generate_conversations
@@ -23,7 +24,7 @@ def conversations(rules_dir):
     return load_datasets("rules", str(rules_dir), None).conversations
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_score_mode_agrees_with_greedy_generation(tiny_models, label_adapters, arch, conversations):
     engine = load_engine(str(tiny_models(arch)), str(label_adapters(arch)), log=lambda *_: None)
     texts = generate_conversations(engine.model, engine.processor, conversations, batch_size=8, max_new_tokens=6)

@@ -8,15 +8,17 @@ import threading
 import pytest
 import torch
 
+from helpers import archs_with
 from vlmtune.infer import last_positions
 from vlmtune.infer.last_positions import kept_positions, text_model
 from vlmtune.infer.scoring import cache_kwarg, output_cache
 from vlmtune.model.load import load_model
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=archs_with("fast_decoder_layers"))
 def model(request, tiny_models):
-    """Every family's text model (Qwen3-VL's attention normalises q and k per head; its MoE routes tokens)."""
+    """Every text model the path is proven on (Qwen3-VL's attention normalises q and k per head; its MoE routes
+    tokens)."""
     model = load_model(tiny_models(request.param))
     model.eval()
     return model

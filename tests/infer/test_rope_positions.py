@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from helpers import archs_with
 from vlmtune.infer import rope_positions
 from vlmtune.families import parts_of
 from vlmtune.infer.scoring import prompt_positions
@@ -16,7 +17,7 @@ from vlmtune.model.load import load_model
 TEXT, IMAGE_PAD = 5, 7  # token ids only matter through mm_token_type_ids
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=archs_with("fast_rope_models"))
 def rope(request, tiny_models):
     return parts_of(load_model(tiny_models(request.param))).owner
 

@@ -1,13 +1,15 @@
 """model.vision.VisionEncoder gives transformers' vision-tower output (≤ 1e-5), whatever the batch: its own
-forward where it is proven (Qwen2.5-VL; Qwen3-VL dense and MoE, deepstack features included), the
-library's elsewhere (Qwen2-VL)."""
+forward where it is proven (the towers each family record lists: Qwen2.5-VL; Qwen3-VL dense and MoE, deepstack
+features included; Qwen3.5 dense and MoE), the library's elsewhere (Qwen2-VL)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from helpers import ALL_ARCHS, archs_with
 from vlmtune.data.images import image_grids, to_patches
+from vlmtune.families import FAMILIES, family_of_type, parts_of
 from vlmtune.data.processor import load_processor
 from vlmtune.model.compat import image_inputs
 from vlmtune.model.load import load_model
@@ -19,7 +21,9 @@ MIXED = [(448, 448), (224, 308), (56, 84), (252, 196)]
 EQUAL = [(448, 448)] * 3
 
 
-FAST_ARCHS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+FAST_ARCHS = archs_with("fast_vision_towers")
+# LoRA on the vision blocks: one tower of each family with a fast path.
+LORA_ARCHS = tuple(next(t for t in f.model_types if t in FAST_ARCHS) for f in FAMILIES if f.fast_vision_towers)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +64,7 @@ def assert_close_features(got, want_embeds, want_deepstack=(), atol=1e-5):
 def test_encoder_equals_the_vision_tower(tiny_models, arch, sizes):
     model = load_model(tiny_models(arch)).eval()
     processor = load_processor(tiny_models(arch))
-    visual = model.model.visual
+    visual = parts_of(model).vision_tower
     encoder = VisionEncoder(visual)
     assert encoder.fast and visual.config._attn_implementation == "sdpa"
     factor = processor.image_processor.factor
@@ -71,7 +75,7 @@ def test_encoder_equals_the_vision_tower(tiny_models, arch, sizes):
     assert torch.equal(image_grids(raw, settings), grid)
     with torch.no_grad():
         want, deepstack = library_features(visual, pixels, grid)
-        assert bool(deepstack) is arch.startswith("qwen3")
+        assert bool(deepstack) is bool(family_of_type(arch).deepstack_output)
         for _ in range(2):  # the second call runs from the cached plan
             assert_close_features(encoder(pixels, grid), want, deepstack)
             # uint8 images, conv patch embedding with the normalisation folded in
@@ -81,22 +85,22 @@ def test_encoder_equals_the_vision_tower(tiny_models, arch, sizes):
     assert all(len(p.deepstack) == len(deepstack) for p in parts)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", *FAST_ARCHS])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_features_given_to_the_model_give_the_pixel_forward(tiny_models, arch):
     """The encoder's per-image features, handed back as `mm_encoder_outputs` (Qwen3-VL: with deepstack), give
     the logits of the model's own pixel forward; a tower without a proven fast path (Qwen2-VL's) runs
     transformers' forward, exactly `get_image_features`."""
     model_dir = tiny_models(arch)
     model, processor = load_model(model_dir).eval(), load_processor(model_dir)
-    encoder = vision_encoder(model.model.visual)
-    assert encoder.fast is (arch != "qwen2_vl")
+    encoder = vision_encoder(parts_of(model).vision_tower)
+    assert encoder.fast is (arch in FAST_ARCHS)
     factor = processor.image_processor.factor
     raw = images([(factor * 8, factor * 8), (factor * 4, factor * 6)])
     pixels, grid = to_patches(raw, processor.image_processor)
     with torch.no_grad():
         want = model.model.get_image_features(pixels, grid)
         deepstack = getattr(want, "deepstack_features", None) or []
-        assert bool(deepstack) is arch.startswith("qwen3")
+        assert bool(deepstack) is bool(family_of_type(arch).deepstack_output)
         sizes = [p.shape[0] for p in want.pooler_output]  # per image; before transformers 5.18 deepstack is not
         deepstack = [layer if isinstance(layer, (list, tuple)) else torch.split(layer, sizes) for layer in deepstack]
         parts = encoder.split(encoder.still_images(raw, grid, processor.image_processor), grid)
@@ -114,7 +118,7 @@ def test_features_given_to_the_model_give_the_pixel_forward(tiny_models, arch):
     assert (through_pixels - through_features).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", LORA_ARCHS)
 def test_lora_on_the_vision_tower_is_applied(tiny_models, arch):
     """LoRA layers on the blocks (and Qwen3-VL's mergers) run inside the encoder; one on the patch embedding
     sends it back to transformers' forward (the fast path reads the Conv3d weight directly)."""
@@ -124,8 +128,7 @@ def test_lora_on_the_vision_tower_is_applied(tiny_models, arch):
     processor = load_processor(model_dir)
     raw = images(on_grid(MIXED, processor.image_processor.factor), seed=1)
     pixels, grid = to_patches(raw, processor.image_processor)
-    blocks = r".*visual.*\.(qkv|attn\.proj|up_proj|down_proj)" if arch == "qwen2_5_vl" else \
-        r".*visual.*\.(qkv|attn\.proj|linear_fc1|linear_fc2)"
+    blocks = r".*visual.*\.(qkv|attn\.proj|up_proj|down_proj|linear_fc1|linear_fc2)"  # the blocks' MLP names differ
     for targets, fast in ((blocks, True), (r".*visual\.patch_embed\.proj", False)):
         peft_model = get_peft_model(load_model(model_dir),
                                     LoraConfig(r=4, target_modules=targets, init_lora_weights=False))

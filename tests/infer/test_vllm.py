@@ -12,8 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from helpers import assert_one_line_error, run_cli
+from helpers import ALL_ARCHS, ONE_PER_FAMILY, assert_one_line_error, run_cli
 from vlmtune.cli import main as cli_main
+from vlmtune.families import family_of_type
 
 POS, NEG = "满足要求", "不满足要求"
 
@@ -76,13 +77,15 @@ def fake_vllm(monkeypatch):
     return module
 
 
-@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl", "qwen3_vl+thinking"])
+@pytest.fixture(params=[*ONE_PER_FAMILY, *(f"{t}+thinking" for t in ONE_PER_FAMILY if family_of_type(t).thinking_template)])
 def predictor_parts(request, tiny_models, rules_dir):
     from vlmtune.data.loader import load_datasets
     from vlmtune.data.processor import load_processor
 
     arch, _, thinking = request.param.partition("+")
-    processor = load_processor(tiny_models(arch), max_pixels=128 * 128, template="qwen3_vl" if thinking else None)
+    template = family_of_type(arch).thinking_template if thinking else None
+    processor = load_processor(tiny_models(arch), max_pixels=128 * 128, template=template,
+                               enable_thinking=True if thinking else None)
     return processor, load_datasets("rules", str(rules_dir), 4).conversations
 
 
@@ -142,12 +145,22 @@ def test_vllm_backend_without_vllm_or_gpu_is_a_one_line_error(capsys, tiny_model
                           "--backend transformers")
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+# The LoRA module names vLLM 0.34.0 expects (vllm/lora/worker_manager.py `_load_adapter`: the model's LoRA-capable
+# layers, packed ones expanded by `packed_modules_mapping`): q/k/v → qkv_proj, gate/up → gate_up_proj (Qwen2.5-VL,
+# Qwen3-VL and Qwen3.5); Qwen3.5 (vllm/model_executor/models/qwen3_5.py) adds in_proj_qkv + in_proj_z →
+# in_proj_qkvz, in_proj_b + in_proj_a → in_proj_ba, and its out_proj and the MoE's shared_expert_gate (a
+# ReplicatedLinear) as they are.
+VLLM_EXPECTED = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj_qkv",
+                 "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "shared_expert_gate"}
+
+
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_adapter_keys_are_the_ones_vllm_maps(tiny_models, arch):
-    """vLLM 0.33 loads a peft adapter by stripping `base_model.model.` and mapping `model.language_model.` →
-    `language_model.model.` (Qwen2_5_VL and Qwen3VLForConditionalGeneration.hf_to_vllm_mapper, the MoE inherits
-    it), then packs q/k/v into qkv_proj and gate/up into gate_up_proj. The adapter vlmtune trains has exactly
-    such keys: language-model linears only, nothing vLLM would drop (vision-tower LoRA) or reject."""
+    """vLLM 0.34 loads a peft adapter by stripping `base_model.model.` and mapping `model.language_model.` →
+    `language_model.model.` (Qwen2_5_VL-, Qwen3VL- and Qwen3_5ForConditionalGeneration.hf_to_vllm_mapper, the
+    MoEs inherit it), then packs q/k/v, gate/up and Qwen3.5's linear-attention projections (VLLM_EXPECTED). The
+    adapter vlmtune trains has exactly such keys: language-model linears only, nothing vLLM would drop
+    (vision-tower LoRA) or reject."""
     import re
 
     import torch
@@ -159,10 +172,11 @@ def test_adapter_keys_are_the_ones_vllm_maps(tiny_models, arch):
 
     model = apply_finetuning(load_model(tiny_models(arch)), FinetuneConfig(lora_rank=8), log=lambda *_: None)
     saved = get_peft_model_state_dict(model)
-    modules = "q|k|v|o" if arch == "qwen3_vl_moe" else "q|k|v|o|gate|up|down"
-    key = re.compile(rf"base_model\.model\.model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({modules})_proj\."
-                     rf"lora_[AB]\.weight")
-    assert saved and all(key.fullmatch(k) for k in saved), [k for k in saved if not key.fullmatch(k)][:3]
+    key = re.compile(r"base_model\.model\.model\.language_model\.layers\.\d+\.((self_attn|linear_attn|mlp|"
+                     r"mlp\.shared_expert)\.)?(\w+)\.lora_[AB]\.weight")
+    matched = [key.fullmatch(k) for k in saved]
+    assert saved and all(matched), [k for k, m in zip(saved, matched) if not m][:3]
+    assert {m.group(3) for m in matched} <= VLLM_EXPECTED
     assert all(isinstance(v, torch.Tensor) for v in saved.values())
 
 

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, run_cli
+from helpers import ONE_PER_FAMILY, REPO, run_cli
 from vlmtune.config import FinetuneConfig
 from vlmtune.data.encode import Collator, encode
 from vlmtune.data.loader import load_datasets
@@ -13,6 +13,7 @@ from vlmtune.model.load import load_model
 
 SEVEN_B = REPO / "tests" / "fixtures" / "qwen2_5_vl_7b"
 ALL_SEVEN = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+QWEN3_5_LINEARS = "out_proj,in_proj_qkv,in_proj_z,in_proj_b,in_proj_a,gate_proj,up_proj,down_proj,q_proj,k_proj,v_proj,o_proj"
 # Released configs (tests/fixtures; Qwen3-VL-2B's is the 8B's with the 2B's sizes and tied embeddings) and
 # the exact summary LLaMA-Factory prints for LoRA r=8, `lora_target: all`.
 RELEASES = {
@@ -24,6 +25,13 @@ RELEASES = {
                                   "trainable params: 6,684,672 || all params: 31,077,438,704 || trainable%: 0.0215"),
     # tied embeddings counted once: 2,127,532,032 + the adapter (not 2,447,413,248 + adapter)
     "qwen3_vl_2b_instruct": (ALL_SEVEN, "trainable params: 8,716,288 || all params: 2,136,248,320 || trainable%: 0.4080"),
+    # Qwen3.5: every Linear of the language model — the linear-attention projections too (LLaMA-Factory's `all`)
+    "qwen3_5_9b": (QWEN3_5_LINEARS, "trainable params: 21,639,168 || all params: 9,431,452,912 || trainable%: 0.2294"),
+    "qwen3_5_0_8b": (QWEN3_5_LINEARS,  # tied embeddings
+                     "trainable params: 5,411,328 || all params: 858,397,248 || trainable%: 0.6304"),
+    # ... on the MoE the shared expert and its gate, not the routed experts (fused 3-D) or the router
+    "qwen3_6_35b_a3b": (QWEN3_5_LINEARS.replace("down_proj", "down_proj,shared_expert_gate"),
+                        "trainable params: 11,238,720 || all params: 35,118,420,656 || trainable%: 0.0320"),
 }
 
 
@@ -50,6 +58,9 @@ def test_tied_embeddings_are_counted_once():
     assert count_parameters(tied)[1] == 2_127_532_032
     untied = build_empty_model(REPO / "tests" / "fixtures" / "qwen3_vl_8b_instruct")
     assert untied.lm_head.weight is not untied.get_input_embeddings().weight
+    small = build_empty_model(REPO / "tests" / "fixtures" / "qwen3_5_0_8b")  # Qwen3.5-0.8B ties them too
+    assert small.lm_head.weight is small.get_input_embeddings().weight
+    assert count_parameters(small)[1] == 852_985_920
 
 
 def test_lora_on_moe_experts_is_an_opt_in():
@@ -160,10 +171,12 @@ def test_unknown_lora_target_is_clear(tiny_model_dir):
         apply_finetuning(load_model(Path(tiny_model_dir)), FinetuneConfig(lora_target="qkv_proj"), log=lambda _: None)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)
 def test_unfrozen_tower_with_lora_is_saved_with_the_adapter(tiny_models, arch, tmp_path):
     """freeze_vision_tower: false + LoRA: what trains in the tower is in the saved adapter, and the adapter
-    loaded onto a fresh base gives the trained model's outputs (the tower's changes included)."""
+    loaded onto a fresh base gives the trained model's outputs (the tower's changes included). The projector
+    (`visual.merger`) stays frozen although its leaf names may equal the tower MLP's (Qwen3-VL, Qwen3.5:
+    linear_fc1 / linear_fc2)."""
     from peft import PeftModel
 
     model_dir = tiny_models(arch)
@@ -174,7 +187,7 @@ def test_unfrozen_tower_with_lora_is_saved_with_the_adapter(tiny_models, arch, t
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.05)  # as if trained
     trained_tower = {n for n, p in model.named_parameters() if p.requires_grad and ".visual." in n}
-    assert trained_tower
+    assert trained_tower and not any(".visual.merger." in n for n in trained_tower)
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from serve.servers import free_port, running
-from helpers import RULES_PROMPT, SYSTEM, png_data_url
+from helpers import ALL_ARCHS, RULES_PROMPT, SYSTEM, png_data_url
 
 for _package in ("fastapi", "uvicorn"):
     if importlib.util.find_spec(_package) is None:
@@ -207,10 +207,11 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(client, server, image
     assert " 500 " not in log and "Traceback" not in log, log[-3000:]
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"])
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_every_family_answers_as_its_adapter_learned(tiny_models, label_adapters, rules_dir, arch, tmp_path):
     """base + label adapter of each family behind the API: score and generate give the answer each rules
-    prompt asks for (Qwen3-VL: with its deepstack features and chat template)."""
+    prompt asks for (Qwen3-VL: with its deepstack features and chat template; Qwen3.5: left-padded prompts for its
+    linear-attention state, and its thinking template)."""
     from vlmtune.data.loader import load_datasets
 
     port = free_port()

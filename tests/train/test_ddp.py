@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli
+from helpers import MOE_ARCHS, run_cli
+from vlmtune.families import TINY_DEFAULT
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,7 @@ def losses(out: Path) -> list[float]:
             if "loss" in json.loads(line)]
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl_moe"])  # Qwen3-VL's code paths, and the MoE's router
+@pytest.mark.parametrize("arch", [TINY_DEFAULT, *MOE_ARCHS])  # the seed user's family, the MoEs' routers
 def test_two_ranks_match_one_rank_with_double_accumulation(family_train_config, tmp_path):
     train_config = family_train_config
     common = dict(max_steps=5, logging_steps=1, val_size=0, plot_loss=False, report_to="none", disable_tqdm=True,

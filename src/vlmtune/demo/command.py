@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.families import family_of_dir
 
 BASE_ASSET = "assets/demo_base"
 IMAGE_SIZE = 224  # what the base was pretrained on: 64 image tokens per scene
@@ -138,7 +139,7 @@ def train_config(out: Path, base: Path, names: dict[str, str], steps: int, eval_
         "dataset": names["train"],
         "eval_dataset": names["val"],
         "dataset_dir": str(out / "data"),
-        "template": "qwen2_vl",
+        "template": family_of_dir(base).template_names[0],  # what the base family's users write
         "cutoff_len": 1024,
         "overwrite_cache": True,
         "preprocessing_num_workers": 2,

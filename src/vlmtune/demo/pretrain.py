@@ -53,6 +53,7 @@ from pathlib import Path
 import yaml
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.families import family_of_dir
 
 IMAGE_SIZE = 224  # 224×224 → 64 image tokens (patch 14, merge 2)
 MAX_PIXELS = IMAGE_SIZE * IMAGE_SIZE
@@ -219,7 +220,7 @@ def train_config(model_dir: Path, data_dir: Path, output_dir: Path, steps: int, 
         "cache_image_features": True,
         "dataset": "pretrain",
         "dataset_dir": str(data_dir),
-        "template": "qwen2_vl",
+        "template": family_of_dir(model_dir).template_names[0],
         "cutoff_len": 1024,
         "preprocessing_num_workers": 2,
         "output_dir": str(output_dir),

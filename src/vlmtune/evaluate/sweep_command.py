@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--default_system", default=None)
     parser.add_argument("--template", default=None, help="chat template (default: the one saved with the adapters)")
     parser.add_argument("--enable_thinking", default=None, choices=["true", "false"],
-                        help="qwen3_vl template: see the YAML key (default: as saved with the adapters)")
+                        help="reasoning templates: see the YAML key (default: as saved with the adapters)")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--fp16", action="store_true")
     return parser

@@ -25,6 +25,7 @@ FAMILIES: tuple[Family, ...] = (
     qwen3_5.FAMILY,
 )
 MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
+TINY_DEFAULT = qwen2_vl.QWEN2_5_VL_FAMILY.model_types[0]  # `vlmtune tiny-model`'s default: the seed user's family
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "chat_templates"
 
 

@@ -11,11 +11,13 @@ so both backends see the same pixels.
   `<|im_end|>`; `prompt_logprobs=0` returns the log-prob of every prompt token, and the sum over the
   label's tokens is log P(label | prompt), exactly what `infer.scoring` computes.
 
-Adapters, as read in the vLLM 0.33.0 wheel: vLLM strips peft's `base_model.model.` and maps
-`model.language_model.` → `language_model.model.` (`hf_to_vllm_mapper` of Qwen2_5_VL- and
-Qwen3VLForConditionalGeneration; Qwen3-VL-MoE inherits it), then packs q/k/v into `qkv_proj` and gate/up
-into `gate_up_proj`: vlmtune's language-model LoRA (tests/infer/test_vllm.py checks its keys) loads on
-every family; LoRA on Qwen3-VL-MoE's experts (`lora_target_experts`) is in peft's 3-D layout, which vLLM's
+Adapters, as read in the vLLM 0.33.0 and 0.34.0 wheels: vLLM strips peft's `base_model.model.` and maps
+`model.language_model.` → `language_model.model.` (`hf_to_vllm_mapper` of the Qwen2.5-VL, Qwen3-VL and Qwen3.5
+conditional-generation classes; the MoEs inherit it), then packs q/k/v into `qkv_proj` and gate/up into
+`gate_up_proj` — and for Qwen3.5's linear-attention layers (0.34: `models/qwen3_5.py`) `in_proj_qkv` + `in_proj_z`
+into `in_proj_qkvz` and `in_proj_b` + `in_proj_a` into `in_proj_ba`, with `out_proj` and the MoE's
+`shared_expert_gate` (a ReplicatedLinear) as they are: vlmtune's language-model LoRA (tests/infer/test_vllm.py
+checks its keys) loads on every family; LoRA on Qwen3-VL-MoE's experts (`lora_target_experts`) is in peft's 3-D layout, which vLLM's
 fused-MoE LoRA reads. Vision-tower LoRA is ignored unless vLLM's `enable_tower_connector_lora` is on.
 
 Before the main run, a few samples are scored with and without the LoRARequest: vLLM has silently

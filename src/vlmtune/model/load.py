@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -81,13 +82,30 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_impleme
     """The base model with weights. Weights stay in `dtype` (bf16 on GPUs halves memory)."""
     from transformers import AutoModelForImageTextToText
 
-    read_model_config(model_dir)
+    config = read_model_config(model_dir)
+    note = missing_kernels_note(family_of_type(config.model_type))
+    if note is not None:
+        print(f"note: {note}", file=sys.stderr, flush=True)
     model = AutoModelForImageTextToText.from_pretrained(
         str(model_dir), dtype=dtype, attn_implementation=pick_attention(attn_implementation))
     if device is not None:
         model.to(device)
     guard_fp16_overflow(model)
     return model
+
+
+def missing_kernels_note(family) -> str | None:
+    """On a CUDA machine, one line naming the GPU kernels the family's layers want that are not installed (Qwen3.5's
+    linear attention: flash-linear-attention, causal-conv1d) and what their absence costs; None elsewhere (a CPU
+    runs transformers' torch path in any case) or when they are all there."""
+    import importlib.util
+
+    if not family.kernels or not torch.cuda.is_available():
+        return None
+    missing = [pip for module, pip in family.kernels if importlib.util.find_spec(module) is None]
+    if not missing:
+        return None
+    return f"{family.name}: {', '.join(missing)} not installed; {family.kernels_note}"
 
 
 def guard_fp16_overflow(model) -> int:

@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Sequence
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.families import MODEL_TYPES, Family, family_of_type
+from vlmtune.families import MODEL_TYPES, TINY_DEFAULT, Family, family_of_type
 
-# `--arch`: the config.json model types a tiny model can be built of (every family's, `vlmtune.families`).
+# `--arch`: the config.json model types a tiny model can be built of (every family's, `vlmtune.families`); the
+# default is the demo's and the seed user's family.
 ARCHS = MODEL_TYPES
+DEFAULT_ARCH = TINY_DEFAULT
 
 _ZH_WORDS = ("判断 以上 图片 是否 满足 要求 不 满足要求 不满足要求 请 只 输出 如下 格式 或 画面 中 只 允许 出现 "
              "立方体 圆柱体 圆环 五角星 徽章 灯 物体 数量 必须 位于 内 外 前方 后方 左上角 右上角 左下角 右下角 "
@@ -82,7 +84,7 @@ def build_tokenizer(family: Family | None = None, vocab_size: int = 1000, chat_t
     )
 
 
-def tiny_config(tokenizer, arch: str = "qwen2_5_vl", text_hidden: int = 128, text_layers: int = 2,
+def tiny_config(tokenizer, arch: str = DEFAULT_ARCH, text_hidden: int = 128, text_layers: int = 2,
                 vision_hidden: int = 64, vision_depth: int = 2):
     """A tiny config of the family's real architecture (`Family.tiny`): 4 attention heads over 2 KV heads, 2 × 2
     patch merge, the family's own features (deepstack, linear attention, experts) at small sizes."""
@@ -93,7 +95,7 @@ def tiny_config(tokenizer, arch: str = "qwen2_5_vl", text_hidden: int = 128, tex
 
 def build_tiny_model(out: str | Path, seed: int = 0, text_hidden: int = 128, text_layers: int = 2,
                      vision_hidden: int = 64, vision_depth: int = 2, max_pixels: int = 448 * 448,
-                     arch: str = "qwen2_5_vl") -> Path:
+                     arch: str = DEFAULT_ARCH) -> Path:
     """Write a tiny random model of `arch` (config, safetensors, tokenizer, preprocessor, chat template)."""
     import torch
     from transformers import AutoModelForImageTextToText, GenerationConfig
@@ -128,7 +130,8 @@ def build_tiny_model(out: str | Path, seed: int = 0, text_hidden: int = 128, tex
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vlmtune tiny-model", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory to write the model into")
-    parser.add_argument("--arch", default="qwen2_5_vl", choices=ARCHS, help="the family's model_type (default qwen2_5_vl)")
+    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=ARCHS,
+                        help=f"the family's model_type (default {DEFAULT_ARCH})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--text_hidden", type=int, default=128)
     parser.add_argument("--text_layers", type=int, default=2)

@@ -47,6 +47,7 @@ features back into the `mm_encoder_outputs` the model's forward takes.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -128,21 +129,23 @@ def segments(lengths: list[int], device: torch.device) -> Segments:
     return Segments(None, groups)
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, library=None) -> torch.Tensor:
     """Rotary embedding of q and k at once: x (tokens, 2, heads, head_dim), cos / sin (tokens, head_dim).
 
     transformers' `apply_rotary_pos_emb_vision` computes q·cos + rotate_half(q)·sin, rotate_half(q) =
     (−q₂, q₁), in float32: ten whole-tensor ops for q and k (two of them copies for `rotate_half`),
     each broadcasting the tables over the heads. Written out per half — o₁ = x₁·c₁ − x₂·s₁,
     o₂ = x₂·c₂ + x₁·s₂ — it is four ops over half the elements, into one output: a third of the time.
-    Under autograd (nothing here needs it) the library's function runs instead.
+    Under autograd (nothing here needs it) the library's function (`library`: the tower module's
+    `apply_rotary_pos_emb_vision`) runs instead, or the same formula in differentiable ops.
     """
-    if torch.is_grad_enabled() and x.requires_grad:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
-
-        return torch.stack(apply_rotary_pos_emb_vision(x[:, 0], x[:, 1], cos, sin), dim=1)
     tokens, pair, heads, dim = x.shape
     half, dtype = dim // 2, x.dtype
+    if torch.is_grad_enabled() and x.requires_grad:
+        if library is not None:
+            return torch.stack(library(x[:, 0], x[:, 1], cos, sin), dim=1)
+        x, c, s = x.float(), cos.float()[:, None, None], sin.float()[:, None, None]
+        return (x * c + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * s).to(dtype)
     x = x.float().unflatten(-1, (2, half))
     c, s = (t.float().view(tokens, 1, 1, 2, half) for t in (cos, sin))
     out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -260,7 +263,8 @@ class VisionEncoder:
         length batched."""
         tokens = hidden.shape[0]
         qkv = attn.qkv(hidden).view(tokens, 3, attn.num_heads, -1)
-        q, k = rotate(qkv[:, :2], *position).unbind(1)
+        library = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb_vision", None)
+        q, k = rotate(qkv[:, :2], *position, library=library).unbind(1)
         v = qkv[:, 2]
         if layout.equal_length is not None:
             n = layout.equal_length
