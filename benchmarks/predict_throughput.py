@@ -115,8 +115,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train_steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3, help="time each configuration this often, keep the median")
-    parser.add_argument("--arch", default="qwen2_5_vl", help="tiny model family: qwen2_5_vl, qwen2_vl, qwen3_vl, "
-                                                             "qwen3_vl_moe")
+    from vlmtune.families import MODEL_TYPES, TINY_DEFAULT
+
+    parser.add_argument("--arch", default=TINY_DEFAULT, choices=MODEL_TYPES, help="the tiny model's family (model type)")
     parser.add_argument("--library", action="store_true", help="transformers' own code: vlmtune's fast paths off")
     args = parser.parse_args()
     if args.library:

@@ -36,8 +36,9 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=448)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="runs; medians are printed when more than one")
-    parser.add_argument("--arch", default="qwen2_5_vl", help="tiny model family: qwen2_5_vl, qwen2_vl, qwen3_vl, "
-                                                             "qwen3_vl_moe")
+    from vlmtune.families import MODEL_TYPES, TINY_DEFAULT
+
+    parser.add_argument("--arch", default=TINY_DEFAULT, choices=MODEL_TYPES, help="the tiny model's family (model type)")
     parser.add_argument("overrides", nargs="*", help="key=value settings for the training YAML")
     args = parser.parse_args()
 

@@ -27,12 +27,16 @@ def test_clean_dataset_with_model_reports_counts_and_tokens(small_dataset, tiny_
     assert "no problems found" in out
 
 
-def test_token_counts_use_the_models_grid(small_dataset, tiny_models):
-    """Qwen3-VL: one token per 32 × 32 px. 320×240 → 320×256 → 10×8 tokens; 224×224 → 7×7 = 49."""
-    result = check(small_dataset, "--model_name_or_path", str(tiny_models("qwen3_vl")), "--image_max_pixels", "262144")
+@pytest.mark.parametrize("arch, shown", [("qwen3_vl", "model: Qwen3-VL, template qwen3_vl_nothink"),
+                                         ("qwen3_5", "model: Qwen3.5, template qwen3_5 (enable_thinking: false)")])
+def test_token_counts_use_the_models_grid(small_dataset, tiny_models, arch, shown):
+    """Qwen3-VL and Qwen3.5: one token per 32 × 32 px. 320×240 → 320×256 → 10×8 tokens; 224×224 → 7×7 = 49."""
+    result = check(small_dataset, "--model_name_or_path", str(tiny_models(arch)), "--image_max_pixels", "262144")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "model: Qwen3-VL, template qwen3_vl_nothink; one image token per 32×32 pixels" in result.stdout
+    assert f"{shown}; one image token per 32×32 pixels" in result.stdout
     assert "image tokens per sample: min 49 / median 64.5 / max 80" in result.stdout
+    if arch != "qwen3_vl":
+        return
     wrong = check(small_dataset, "--model_name_or_path", str(tiny_models("qwen3_vl")), "--template", "qwen2_vl")
     assert_one_line_error(wrong, "template: 'qwen2_vl' does not fit", "use qwen3_vl_nothink or qwen3_vl")
 

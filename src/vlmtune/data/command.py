@@ -81,7 +81,7 @@ def run_check(cfg) -> int:
     if processor is not None:
         stats = [splits.stats[c.id] for c in train + val if c.id in splits.stats]
         ip = processor.image_processor
-        print(f"model: {processor.family.name}, template {processor.template.name}; one image token per "
+        print(f"model: {processor.family.name}, template {processor.template.label}; one image token per "
               f"{ip.factor}×{ip.factor} pixels, image pixels {ip.min_pixels}..{ip.max_pixels}")
         print(f"image tokens per sample: {describe_tokens([s.image_tokens for s in stats])}")
         print(f"total tokens per sample: {describe_tokens([s.total_tokens for s in stats])} "

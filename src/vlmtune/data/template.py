@@ -53,6 +53,13 @@ class Template:
         return self.spec.name
 
     @property
+    def label(self) -> str:
+        """The template as logs and prediction metadata show it: its name, and enable_thinking where it matters."""
+        if not self.thought_words:
+            return self.name
+        return f"{self.name} (enable_thinking: {str(self.enable_thinking).lower()})"
+
+    @property
     def default_system(self) -> str | None:
         return self.spec.default_system
 

@@ -280,15 +280,8 @@ def fingerprint(cfg: Config, pargs: PredictArgs, mode: str, labels, predictor) -
         "image_min_pixels": predictor.min_pixels,
         "dtype": predictor.dtype_name,
         "default_system": cfg.data.default_system,
-        "template": template_label(predictor.processor.template),
+        "template": predictor.processor.template.label,
     }
-
-
-def template_label(template) -> str:
-    """The template as the prediction file's metadata records it: its name, and enable_thinking where it matters."""
-    if not template.thought_words:
-        return template.name
-    return f"{template.name} (enable_thinking: {str(template.enable_thinking).lower()})"
 
 
 def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversations=(), log=print, device=None):

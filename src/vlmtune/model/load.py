@@ -53,17 +53,20 @@ def compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
 
 
 def pick_attention(requested: str) -> str:
-    """flash_attention_2 only on a GPU with flash-attn installed; sdpa otherwise."""
+    """flash_attention_2 only on a GPU with flash-attn installed; sdpa otherwise. Asked for where it cannot run
+    (LLaMA-Factory YAMLs say `flash_attn: fa2` whatever the machine), sdpa it is, said in one line — as
+    LLaMA-Factory does."""
+    import importlib.util
+
+    usable = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if requested == "flash_attention_2" and not usable:
+        why = "flash-attn is not installed" if torch.cuda.is_available() else "there is no CUDA device"
+        print(f"note: attn_implementation flash_attention_2 (flash_attn: fa2): {why}; using sdpa", file=sys.stderr,
+              flush=True)
+        return "sdpa"
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    return "flash_attention_2" if usable else "sdpa"
 
 
 def read_model_config(model_dir: Path):

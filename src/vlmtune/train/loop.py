@@ -298,8 +298,7 @@ def train(cfg: Config) -> dict:
     model_dir = resolve_model_dir(cfg.model.model_name_or_path, cfg.model.cache_dir, cfg.model.model_revision)
     processor = load_processor(model_dir, cfg.model.image_max_pixels, cfg.model.image_min_pixels, cfg.data.template,
                                cfg.data.enable_thinking)
-    log(f"template: {processor.template.name} ({processor.family.name})" + (
-        f", enable_thinking: {processor.template.enable_thinking}" if processor.template.thought_words else ""))
+    log(f"template: {processor.template.label} ({processor.family.name})")
     # (ZeRO-3 partitions the weights while they load, with collectives: that stays on this thread.)
     model_loading = Background(load_model, model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
                                in_thread=zero_stage(accelerator) < 3)
