@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ONE_PER_FAMILY, REPO, run_cli
+from helpers import ONE_PER_FAMILY, REPO, run_cli, run_inline
 from vlmtune.config import FinetuneConfig
 from vlmtune.data.encode import Collator, encode
 from vlmtune.data.loader import load_datasets
@@ -36,12 +36,14 @@ RELEASES = {
 
 
 @pytest.mark.parametrize("release", list(RELEASES))
-def test_lora_count_from_config_only_directory(release):
-    """r=8 on all language-model linears: LLaMA-Factory's exact numbers, no weights read."""
+def test_lora_count_from_config_only_directory(release, capsys):
+    """r=8 on all language-model linears: LLaMA-Factory's exact numbers, no weights read (the first release from a
+    shell, the others in this process: the same command without 4 s of imports)."""
     directory = REPO / "tests" / "fixtures" / release
     assert sorted(p.name for p in directory.iterdir()) == ["config.json"]
-    result = run_cli("inspect", "--model_name_or_path", str(directory), "--finetuning_type", "lora",
-                     "--lora_rank", "8", "--lora_target", "all")
+    args = ("inspect", "--model_name_or_path", str(directory), "--finetuning_type", "lora", "--lora_rank", "8",
+            "--lora_target", "all")
+    result = run_cli(*args) if release == next(iter(RELEASES)) else run_inline(capsys, *args)
     assert result.returncode == 0, result.stderr
     modules, summary = RELEASES[release]
     assert summary in result.stdout
@@ -63,16 +65,16 @@ def test_tied_embeddings_are_counted_once():
     assert count_parameters(small)[1] == 852_985_920
 
 
-def test_lora_on_moe_experts_is_an_opt_in():
+def test_lora_on_moe_experts_is_an_opt_in(capsys):
     """peft's target_parameters on the fused experts (every expert's gate_up_proj and down_proj): r·E·(in + out)
     per parameter and layer on top of the attention LoRA."""
     directory = REPO / "tests" / "fixtures" / "qwen3_vl_30b_a3b_instruct"
-    result = run_cli("inspect", "--model_name_or_path", str(directory), "--lora_target_experts", "true")
+    result = run_inline(capsys, "inspect", "--model_name_or_path", str(directory), "--lora_target_experts", "true")
     assert result.returncode == 0, result.stderr
     assert "LoRA on the experts' parameters: experts.gate_up_proj,experts.down_proj" in result.stdout
     # 48 layers × 8 × 128 experts × ((2048 + 2·768) + (768 + 2048)) = 314,572,800, + 6,684,672 attention
     assert "trainable params: 321,257,472 || all params: 31,392,011,504 || trainable%: 1.0234" in result.stdout
-    dense = run_cli("inspect", "--model_name_or_path", str(SEVEN_B), "--lora_target_experts", "true")
+    dense = run_inline(capsys, "inspect", "--model_name_or_path", str(SEVEN_B), "--lora_target_experts", "true")
     assert dense.returncode == 1 and "not a mixture of experts" in dense.stderr
 
 
@@ -116,7 +118,9 @@ def test_image_positions_need_mm_token_type_ids(tiny_model_dir, batch_of_two):
     assert (with_types - without).abs().max() > 1e-4
 
 
-def test_lora_target_list_and_freeze_and_full(tiny_model_dir):
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)
+def test_lora_target_list_and_freeze_and_full(tiny_models, arch):
+    tiny_model_dir = tiny_models(arch)
     model = apply_finetuning(load_model(Path(tiny_model_dir)), FinetuneConfig(lora_target="q_proj,v_proj"),
                              log=lambda _: None)
     lora_modules = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "lora_" in n}

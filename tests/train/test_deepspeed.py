@@ -102,6 +102,25 @@ def torchrun(cfg, *overrides, port):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
 
 
+def zero_and_ddp(train_config, tmp_path, stage: int, common: dict) -> subprocess.CompletedProcess:
+    """The same run under DDP and under ZeRO-`stage` on 2 CPU ranks (tmp_path / "ddp", "zero"): their loss curves
+    and final adapters agree within 1e-4. Returns the ZeRO run."""
+    from vlmtune.launch import free_port
+
+    ddp = train_config("ddp.yaml", output_dir=str(tmp_path / "ddp"), **common)
+    zero = train_config("zero.yaml", output_dir=str(tmp_path / "zero"), deepspeed=str(STOCK[stage]), **common)
+    for cfg in (ddp, zero):
+        result = torchrun(cfg, port=free_port())
+        assert result.returncode == 0, result.stderr[-3000:]
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "zero")
+    assert len(a) == len(b) == common["max_steps"] and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    final = load_file(tmp_path / "zero" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
+    assert final.keys() == reference.keys()
+    assert max((final[k] - reference[k]).abs().max().item() for k in final) < 1e-4
+    return result
+
+
 @pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
@@ -110,18 +129,9 @@ def test_zero_on_two_cpu_ranks_equals_ddp_and_resumes(train_config, tmp_path, st
 
     common = dict(max_steps=4, logging_steps=1, save_steps=2, val_size=0, plot_loss=False, report_to="none",
                   disable_tqdm=True, learning_rate=5e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1)
-    ddp = train_config("ddp.yaml", output_dir=str(tmp_path / "ddp"), **common)
-    zero = train_config("zero.yaml", output_dir=str(tmp_path / "zero"), deepspeed=str(STOCK[stage]), **common)
-    for cfg in (ddp, zero):
-        result = torchrun(cfg, port=free_port())
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = zero_and_ddp(train_config, tmp_path, stage, common)
     assert "trainable params: 32,768 || all params: 848,320" in result.stdout  # counted right under ZeRO-3 too
-    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "zero")
-    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     final = load_file(tmp_path / "zero" / "adapter_model.safetensors")
-    reference = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
-    assert final.keys() == reference.keys()
-    assert max((final[k] - reference[k]).abs().max().item() for k in final) < 1e-4
     # The checkpoint: the engine's state (optimizer partitions) without the frozen base model.
     engine = tmp_path / "zero" / "checkpoint-2" / "deepspeed"
     model_files = [p for p in engine.rglob("*model_states.pt")]
@@ -196,22 +206,10 @@ def test_moe_blocks_become_zero3_leaf_modules(tiny_models, arch):
 @needs_deepspeed
 def test_zero3_on_a_hybrid_moe_equals_ddp(train_config, tiny_models, tmp_path):
     """Qwen3.5-MoE (linear attention, experts as ZeRO-3 leaves) on 2 CPU ranks: the loss curve and adapter of DDP."""
-    from vlmtune.launch import free_port
-
     arch = next(t for t in ALL_ARCHS if family_of_type(t).recurrent_state and family_of_type(t).zero3_leaf_modules
                 and "moe" in t)
     common = dict(model_name_or_path=str(tiny_models(arch)), template=TEMPLATE_OF[arch], max_steps=3,
                   logging_steps=1, save_steps=10, val_size=0, plot_loss=False, report_to="none", disable_tqdm=True,
                   learning_rate=5e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1)
-    ddp = train_config("ddp.yaml", output_dir=str(tmp_path / "ddp"), **common)
-    zero = train_config("zero.yaml", output_dir=str(tmp_path / "zero"), deepspeed=str(STOCK[3]), **common)
-    for cfg in (ddp, zero):
-        result = torchrun(cfg, port=free_port())
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = zero_and_ddp(train_config, tmp_path, 3, common)
     assert "ZeRO-3: 2 mixture-of-experts blocks" in result.stdout
-    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "zero")
-    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    final = load_file(tmp_path / "zero" / "adapter_model.safetensors")
-    reference = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
-    assert final.keys() == reference.keys()
-    assert max((final[k] - reference[k]).abs().max().item() for k in final) < 1e-4

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import run_cli, run_inline
+from vlmtune.families import TINY_DEFAULT
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,9 @@ def adapter(out: Path) -> dict:
     return load_file(out / "adapter_model.safetensors")
 
 
-def test_kill_and_resume_equals_uninterrupted(family_train_config, tmp_path):
+def test_kill_and_resume_equals_uninterrupted(family_train_config, arch, tmp_path):
+    """Every family resumes exactly from a kill during a checkpoint write; the seed user's also from a kill
+    mid-step after a checkpoint (the trainer's own logic, the same for every family)."""
     train_config = family_train_config
     reference = tmp_path / "reference"
     result = run_cli("train", str(train_config("ref.yaml", output_dir=str(reference), **SETTINGS)))
@@ -59,6 +62,8 @@ def test_kill_and_resume_equals_uninterrupted(family_train_config, tmp_path):
         "during a checkpoint write": lambda out: any(out.glob(".tmp-checkpoint-9")),
         # before any checkpoint: resume must refuse, then a fresh start is the only way
     }
+    if arch != TINY_DEFAULT:
+        kill_points = {name: ready for name, ready in kill_points.items() if name == "during a checkpoint write"}
     for name, ready in kill_points.items():
         out = tmp_path / name.replace(" ", "_")
         cfg = train_config(f"{out.name}.yaml", output_dir=str(out), **SETTINGS)

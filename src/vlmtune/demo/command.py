@@ -139,7 +139,7 @@ def train_config(out: Path, base: Path, names: dict[str, str], steps: int, eval_
         "dataset": names["train"],
         "eval_dataset": names["val"],
         "dataset_dir": str(out / "data"),
-        "template": family_of_dir(base).template_names[0],  # what the base family's users write
+        "template": family_of_dir(shipped_base()).template_names[0],  # what the base family's users write
         "cutoff_len": 1024,
         "overwrite_cache": True,
         "preprocessing_num_workers": 2,
