@@ -76,7 +76,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--labels", default=None,
                        help="closed label set, comma separated (e.g. 满足要求,不满足要求): enables label scoring")
     group.add_argument("--default_system", default=None,
-                       help="system prompt when a request has none (default: Qwen's 'You are a helpful assistant.')")
+                       help="system prompt when a request has none (default: the chat template's — Qwen2-VL's "
+                            "'You are a helpful assistant.', none for Qwen3-VL and Qwen3.5)")
     group.add_argument("--max_new_tokens", type=int, default=128, help="generation limit when a request sets none")
 
 
