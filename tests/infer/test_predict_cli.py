@@ -230,6 +230,16 @@ def torchrun_predict(args: list[str], **popen) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+def kill_processes_naming(path: Path) -> None:
+    """SIGKILL every process whose command line names `path` (the ranks of a run, whatever their session)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(path).encode() in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGKILL)
+        except (OSError, ProcessLookupError):
+            pass
+
+
 def test_two_ranks_give_the_rows_of_one_and_resume_after_a_kill(tmp_path, tiny_model_dir, label_adapter, rules_dir):
     """torchrun --nproc_per_node 2 -m vlmtune predict: each rank its block, the final JSONL in dataset order equal
     to one process's rows; a killed run (every rank) resumes from the parts; a finished one adds nothing."""
@@ -239,16 +249,18 @@ def test_two_ranks_give_the_rows_of_one_and_resume_after_a_kill(tmp_path, tiny_m
     args = predict_args(tiny_model_dir, label_adapter, rules_dir, two_save, "--batch_size", "2")
     process = torchrun_predict(args, env={DELAY_ENV: "0.2"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    part = tmp_path / "two.jsonl.part-1-of-2"
+    parts = [tmp_path / f"two.jsonl.part-{rank}-of-2" for rank in (0, 1)]
+    part = parts[1]
     deadline = time.monotonic() + 120
     try:
         while time.monotonic() < deadline and process.poll() is None:
-            if part.is_file() and part.read_bytes().count(b"\n") >= 2:
+            if all(p.is_file() and p.read_bytes().count(b"\n") >= 2 for p in parts):  # both ranks half-way
                 break
             time.sleep(0.02)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        kill_processes_naming(two_save)  # torchrun's workers may run in sessions of their own: every rank dies
     assert part.is_file() and not two_save.exists(), "the run was not killed half-way"
     resumed = torchrun_predict(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = resumed.communicate(timeout=300)
