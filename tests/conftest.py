@@ -2,7 +2,7 @@
 small dataset per test.
 
 `tiny_model_dir` is the Qwen2.5-VL one; tests that must hold for every family take `family_model_dir`
-(parametrised over FAMILY_ARCHS) or call `tiny_models(arch)` themselves.
+(parametrised over ALL_ARCHS) or call `tiny_models(arch)` themselves.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 # Two torch threads on two cores; never more (oversubscription slows torch by orders of magnitude).
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-from helpers import FAMILY_ARCHS, make_dataset  # noqa: E402
+from helpers import ALL_ARCHS, make_dataset  # noqa: E402
 from label_adapters import make_rules_dataset, one_torch_thread, train_label_adapter  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def tiny_model_dir(tiny_models) -> Path:
     return tiny_models("qwen2_5_vl")
 
 
-@pytest.fixture(params=FAMILY_ARCHS)
+@pytest.fixture(params=ALL_ARCHS)
 def arch(request) -> str:
     """Each end-to-end family in turn (the test runs once per family)."""
     return request.param

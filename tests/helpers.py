@@ -19,7 +19,6 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 # Every model type of the registry (`vlmtune.families`): what the unit tests and the end-to-end tests run on.
 ALL_ARCHS = tuple(t for family in FAMILIES for t in family.model_types)
-FAMILY_ARCHS = ALL_ARCHS
 # One model type per family (its first, dense one), and the mixtures of experts.
 ONE_PER_FAMILY = tuple(family.model_types[0] for family in FAMILIES)
 MOE_ARCHS = tuple(t for t in ALL_ARCHS if "moe" in t)

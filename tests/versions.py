@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from helpers import FAMILY_ARCHS, TEMPLATE_OF, make_dataset, run_cli
+from helpers import ALL_ARCHS, TEMPLATE_OF, make_dataset, run_cli
 
 TRAIN = ("max_steps=6", "gradient_accumulation_steps=2", "logging_steps=1", "save_strategy=no",
          "eval_strategy=no", "val_size=0", "report_to=none", "plot_loss=false", "learning_rate=5e-3",
@@ -51,7 +51,7 @@ def make(root: Path) -> None:
 
     os.environ[CACHE_ENV] = str(root / "cache")  # the runs' encoded-data stores beside the reference, not in ~
     data_dir = make_dataset(root / "data")
-    for arch in FAMILY_ARCHS:
+    for arch in ALL_ARCHS:
         model_dir = build_tiny_model(root / arch / "model", arch=arch)
         train(model_dir, data_dir, root / arch / "adapter", TEMPLATE_OF[arch])
         predict(model_dir, root / arch / "adapter", data_dir, root / arch / "reference.jsonl")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAMILY_ARCHS, assert_one_line_error, make_dataset, run_inline
+from helpers import ALL_ARCHS, assert_one_line_error, make_dataset, run_inline
 from label_adapters import one_torch_thread
 
 STEPS = (2, 4, 6)
@@ -23,7 +23,7 @@ def _one_torch_thread():
         yield
 
 
-@pytest.fixture(scope="module", params=FAMILY_ARCHS)
+@pytest.fixture(scope="module", params=ALL_ARCHS)
 def tiny_model_dir(request, tiny_models):
     return tiny_models(request.param)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import FAMILY_ARCHS, TEMPLATE_OF
+from helpers import ALL_ARCHS, TEMPLATE_OF
 from versions import predict, train
 
 REFERENCE = os.environ.get("VLMTUNE_REFERENCE")
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not REFERENCE, reason="no reference predictions 
                                                       "tests/versions.py, run by .ci/run)")
 
 
-@pytest.mark.parametrize("arch", FAMILY_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS)
 def test_predictions_equal_the_newest_transformers(arch, tmp_path):
     import transformers
 

@@ -1,5 +1,6 @@
-"""Load a supported model (`vlmtune.families`) from a local directory or a hub id, in the dtype the run asks for — the same code for every family:
-`AutoModelForImageTextToText` maps each `model_type` to its transformers class."""
+"""Load a supported model (`vlmtune.families`) from a local directory or a hub id, in the dtype the run asks
+for — the same code for every family: `AutoModelForImageTextToText` maps each `model_type` to its transformers
+class."""
 
 from __future__ import annotations
 
