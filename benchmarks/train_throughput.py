@@ -6,8 +6,11 @@ vision depth 2, hidden 64), 96 ShareGPT samples with 448×448 images, batch 1, g
 2 epochs, val_size 0.1, LoRA r=8 on all language-model linears, fp32.
 
     python benchmarks/train_throughput.py [--repeat 3] [--threads 2] [--samples 96] [--image_size 448] [--arch qwen3_vl] [key=value ...]
+    python benchmarks/train_throughput.py --text_hidden 1024 --text_layers 8 gradient_checkpointing=false  # larger
 
-`--arch` picks the tiny model's family (default qwen2_5_vl, the reference's), with its default template.
+`--arch` picks the tiny model's family (default qwen2_5_vl, the reference's), with its default template;
+`--text_hidden` / `--text_layers` make its language model larger (where activations, and so gradient
+checkpointing, matter).
 
 Prints: train samples/s and tokens/s (from vlmtune's own log), peak RSS of the training process, the
 time from process start to the end of the first optimisation step, and the load average around each
@@ -39,6 +42,8 @@ def main() -> None:
     from vlmtune.families import MODEL_TYPES, TINY_DEFAULT
 
     parser.add_argument("--arch", default=TINY_DEFAULT, choices=MODEL_TYPES, help="the tiny model's family (model type)")
+    parser.add_argument("--text_hidden", type=int, default=128, help="the language model's hidden size")
+    parser.add_argument("--text_layers", type=int, default=2, help="the language model's decoder layers")
     parser.add_argument("overrides", nargs="*", help="key=value settings for the training YAML")
     args = parser.parse_args()
 
@@ -47,7 +52,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(tmp / "tiny", max_pixels=args.image_size ** 2, arch=args.arch)
+        model_dir = build_tiny_model(tmp / "tiny", max_pixels=args.image_size ** 2, arch=args.arch,
+                                     text_hidden=args.text_hidden, text_layers=args.text_layers)
         generate(args.samples, tmp / "data", seed=1, preset="easy", name="bench", image_size=args.image_size)
         cfg = {
             "model_name_or_path": str(model_dir), "dataset": "bench", "dataset_dir": str(tmp / "data"),
@@ -59,6 +65,7 @@ def main() -> None:
             "disable_tqdm": True, "bf16": False, "overwrite_output_dir": True,
         }
         (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        print(f"model: {args.arch}, text hidden {args.text_hidden}, {args.text_layers} layers")
         print(f"config: {args.samples} samples {args.image_size}x{args.image_size}, batch 1 x accumulation 8, "
               f"2 epochs, val_size 0.1, {args.threads} threads, OMP_WAIT_POLICY="
               f"{os.environ.get('OMP_WAIT_POLICY', 'unset (vlmtune picks PASSIVE when load >= cores)')} "

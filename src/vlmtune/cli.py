@@ -1,8 +1,8 @@
 """`vlmtune <command> ...`: dispatch only.
 
-Each command lives in the module of its pipeline stage and exposes ``main(argv) -> int``; this file
-maps names to modules, imports only the one that runs (so `vlmtune eval` never imports torch), and
-turns :class:`VlmtuneError` into a one-line message with exit code 1.
+Each command is a module of `vlmtune.commands` (the top floor, above the library it calls) exposing
+``main(argv) -> int``; this file maps names to modules, imports only the one that runs (so `vlmtune eval` never
+imports torch), and turns :class:`VlmtuneError` into a one-line message with exit code 1.
 """
 
 from __future__ import annotations
@@ -11,22 +11,23 @@ import importlib
 import sys
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.progress import quiet_library_bars
 
 # command -> (module, one-line help). Modules are imported lazily. Commands join this table when they land.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("vlmtune.train.command", "fine-tune a model from a LLaMA-Factory-style YAML"),
-    "predict": ("vlmtune.infer.command", "predict a dataset with base model + adapter into a JSONL (label scores or text)"),
-    "eval": ("vlmtune.evaluate.command", "metrics (accuracy, precision, recall, F1, AUC) of a predictions JSONL"),
-    "report": ("vlmtune.evaluate.report_command", "self-contained HTML report of a predictions JSONL"),
-    "sweep": ("vlmtune.evaluate.sweep_command", "evaluate the base model, every checkpoint-N and the final adapter of a run"),
-    "data": ("vlmtune.data.command", "check datasets before training (`vlmtune data check`); the encoded-data stores (`vlmtune data cache`)"),
-    "inspect": ("vlmtune.model.inspect", "print the trainable-parameter summary of a model + adapter set-up"),
-    "tiny-model": ("vlmtune.model.tiny", "build a tiny random model of a supported family for tests and demos"),
-    "webui": ("vlmtune.serve.webui", "a web page to try the model on single images (Gradio)"),
-    "api": ("vlmtune.serve.api", "an OpenAI-compatible HTTP API: /v1/chat/completions with images, label scores"),
-    "export": ("vlmtune.model.export", "merge a LoRA adapter into the base model and write a standard checkpoint"),
-    "synth": ("vlmtune.synth.command", "generate synthetic compliance scenes with labels"),
-    "demo": ("vlmtune.demo.command", "the whole workflow on synthetic data and a tiny model, on CPU"),
+    "train": ("vlmtune.commands.train", "fine-tune a model from a LLaMA-Factory-style YAML (and predict: do_predict)"),
+    "predict": ("vlmtune.commands.predict", "predict a dataset with base model + adapter into a JSONL (label scores or text)"),
+    "eval": ("vlmtune.commands.eval", "metrics (accuracy, precision, recall, F1, AUC) of a predictions JSONL"),
+    "report": ("vlmtune.commands.report", "self-contained HTML report of a predictions JSONL"),
+    "sweep": ("vlmtune.commands.sweep", "evaluate the base model, every checkpoint-N and the final adapter of a run"),
+    "data": ("vlmtune.commands.data", "check datasets before training (`vlmtune data check`); the encoded-data stores (`vlmtune data cache`)"),
+    "inspect": ("vlmtune.commands.inspect", "print the trainable-parameter summary of a model + adapter set-up"),
+    "tiny-model": ("vlmtune.commands.tiny_model", "build a tiny random model of a supported family for tests and demos"),
+    "webui": ("vlmtune.commands.webui", "a web page to try the model on single images (Gradio)"),
+    "api": ("vlmtune.commands.api", "an OpenAI-compatible HTTP API: /v1/chat/completions with images, label scores"),
+    "export": ("vlmtune.commands.export", "merge a LoRA adapter into the base model (flags or LLaMA-Factory's export YAML)"),
+    "synth": ("vlmtune.commands.synth", "generate synthetic compliance scenes with labels"),
+    "demo": ("vlmtune.commands.demo", "the whole workflow on synthetic data and a tiny model, on CPU"),
 }
 
 
@@ -38,6 +39,17 @@ def usage() -> str:
     lines.append("")
     lines.append("`vlmtune <command> --help` for a command's options.")
     return "\n".join(lines)
+
+
+def quiet_bitsandbytes_cpu_kernel_note() -> None:
+    """bitsandbytes (imported by peft in every command that loads a model, once the `qlora` extra is installed)
+    tries at import to fetch a CPU 4-bit matmul kernel from the kernels hub and warns when it cannot — on every
+    machine with AVX512-BF16, GPU boxes included. vlmtune never needs that kernel for its work (its torch path
+    computes the same), so the warning is dropped; bitsandbytes' other messages pass."""
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward" not in record.getMessage())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command '{name}'\n\n{usage()}", file=sys.stderr)
         return 2
+    quiet_library_bars()  # before the command imports transformers: its bars read the switch at import
+    quiet_bitsandbytes_cpu_kernel_note()
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as exc:

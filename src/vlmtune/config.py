@@ -1,8 +1,9 @@
 """Every YAML key vlmtune accepts, as typed dataclasses whose field help is the documentation.
 
 The user's LLaMA-Factory YAML is flat (`lora_rank: 8`, `learning_rate: 1.0e-4`, ...). We read it into
-four sections so code says where a setting belongs — ``cfg.model``, ``cfg.data``, ``cfg.finetune``,
-``cfg.train`` — while the file stays flat and unchanged. Each key lives in exactly one section.
+sections so code says where a setting belongs — ``cfg.model``, ``cfg.data``, ``cfg.finetune``,
+``cfg.train``, ``cfg.predict``, ``cfg.export`` — while the file stays flat and unchanged. Each key lives in
+exactly one section.
 
 ``load_config(path, overrides)`` reads the YAML, applies ``key=value`` overrides from the command line
 (typed by the field: ``lora_rank=16`` is an int), and rejects unknown keys with the closest known key.
@@ -24,9 +25,11 @@ from typing import Any
 
 import yaml
 
+from vlmtune import other_keys
 from vlmtune.data.template import TEMPLATE_NAMES, TEMPLATES, get_template
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import read_text
+from vlmtune.labels import parse_labels
 
 
 def _help(text: str, default: Any = None) -> Any:
@@ -51,8 +54,10 @@ class ModelConfig:
     image_max_pixels: int = _help(
         "Largest image area in pixels after resizing (Qwen's smart resize keeps the aspect ratio and rounds "
         "sides to multiples of 28 for Qwen2/2.5-VL, 32 for Qwen3-VL and Qwen3.5). Fewer pixels, fewer image tokens: "
-        "262144 gives at most 334 tokens on Qwen2.5-VL, 256 on Qwen3-VL and Qwen3.5.", 768 * 768)
-    image_min_pixels: int = _help("Smallest image area in pixels after resizing.", 32 * 32)
+        "262144 gives at most 334 tokens on Qwen2.5-VL, 256 on Qwen3-VL and Qwen3.5. Prediction, the servers and "
+        "the sweep use the limits saved with the adapter unless given.", 768 * 768)
+    image_min_pixels: int = _help("Smallest image area in pixels after resizing (as image_max_pixels: the adapter's "
+                                  "unless given).", 32 * 32)
     video_max_pixels: int = _help("Largest video-frame area. Ignored: vlmtune reads images only.", 256 * 256)
     video_min_pixels: int = _help("Smallest video-frame area. Ignored: vlmtune reads images only.", 16 * 16)
     cache_dir: str | None = _help("Where downloaded hub models are stored (hub default when empty).")
@@ -64,6 +69,19 @@ class ModelConfig:
         "LLaMA-Factory's name for the attention choice (auto, sdpa, fa2, disabled); mapped onto "
         "attn_implementation.")
     use_fast_tokenizer: bool = _help("Use the Rust (fast) tokenizer. Always true in vlmtune.", True)
+    quantization_bit: int | None = _help(
+        "QLoRA: load the language model's linear layers quantized to 4 or 8 bits with bitsandbytes and train LoRA "
+        "(fp32) on top; the vision tower, projector, embeddings and lm_head stay in the compute dtype. Needs "
+        "finetuning_type: lora and the `qlora` extra (pip install 'vlmtune[qlora]'). The adapter is saved as any "
+        "other: prediction, the servers and export apply it to the full-precision base (export never merges into "
+        "dequantized weights); given to `vlmtune predict`, the base is loaded quantized instead, the adapter "
+        "not merged.")
+    quantization_method: str = _help(
+        "Quantization library: bnb (bitsandbytes, on the fly). LLaMA-Factory's hqq and eetq, and checkpoints "
+        "quantized ahead (GPTQ, AWQ, AQLM), are refused: use bnb.", "bnb")
+    quantization_type: str = _help("4-bit data type of bitsandbytes: nf4 or fp4.", "nf4")
+    double_quantization: bool = _help("4-bit: quantize the quantization constants too (saves ≈0.4 bit per weight).",
+                                      True)
 
 
 @dataclass
@@ -71,11 +89,15 @@ class DataConfig:
     """Which datasets to read, how to render them, and how to split them."""
 
     dataset: str | None = _help(
-        "Training dataset name(s) from dataset_info.json, comma separated (\"a,b\" joins both).")
+        "Dataset name(s) from dataset_info.json, comma separated (\"a,b\" joins both): the training data, or what "
+        "`vlmtune predict`, `sweep`, `webui` and `data check` read.")
     eval_dataset: str | None = _help(
         "Validation dataset name(s). When set, val_size is not used.")
     dataset_dir: str = _help(
         "Directory holding dataset_info.json; dataset files and relative image paths resolve against it.", "data")
+    media_dir: str | None = _help(
+        "Folder that relative image paths in the datasets resolve against (LLaMA-Factory's key). Default: "
+        "dataset_dir.")
     template: str | None = _help(
         "Chat template, LLaMA-Factory's names: qwen2_vl (Qwen2-VL, Qwen2.5-VL; \"You are a helpful assistant.\" "
         "when a record has no system turn), qwen3_vl_nothink (Qwen3-VL Instruct; no default system turn), qwen3_vl "
@@ -94,7 +116,7 @@ class DataConfig:
     cutoff_len: int = _help(
         "Longest sample in tokens (prompt + image tokens + answer). vlmtune never cuts image tokens or the "
         "answer: a longer sample is reported by the data checks (and refused, or skipped with "
-        "skip_bad_records).", 2048)
+        "skip_bad_records). Prediction never truncates.", 2048)
     max_samples: int | None = _help("Use at most this many records from each dataset (the first ones).")
     val_size: float = _help(
         "Fraction (< 1) or count (≥ 1) of the training data held out for validation, stratified by the final "
@@ -112,7 +134,8 @@ class DataConfig:
         "refusing to start.", False)
     labels: list[str] | None = _help(
         "The closed set of answers (e.g. [满足要求, 不满足要求]) for label scoring and task metrics. When "
-        "empty, it is inferred when the dataset's answers form a small set (≤ 8 distinct answers).")
+        "empty, it is inferred when the dataset's answers form a small set (≤ 8 distinct answers). On a command "
+        "line: a,b.")
     positive_label: str = _help("The positive class for precision / recall / F1.", "满足要求")
     default_system: str | None = _help(
         "System prompt used for records without one (Qwen's template default: \"You are a helpful "
@@ -157,8 +180,15 @@ class TrainConfig:
     """How training runs: optimisation, evaluation, checkpoints, logging, hardware."""
 
     output_dir: str = _help("Where adapters, checkpoints, logs and plots are written.", "output")
-    do_train: bool = _help("Train. (`vlmtune train` always trains; accepted for LLaMA-Factory YAMLs.)", True)
+    do_train: bool | None = _help(
+        "Train. Default: true, unless do_predict is true — LLaMA-Factory's predict YAML sets no do_train and "
+        "only predicts. false without do_predict still trains (a start-up line says so).")
     do_eval: bool = _help("Evaluate at the end of training when a validation split exists.", True)
+    do_predict: bool = _help(
+        "After training (or alone: do_train unset or false), predict eval_dataset with the trained adapter (else "
+        "adapter_name_or_path) into output_dir/generated_predictions.jsonl: LLaMA-Factory's prompt, predict and "
+        "label per line, plus vlmtune's id, images and, when scoring, scores. The predict-section keys apply.",
+        False)
     overwrite_output_dir: bool = _help(
         "Allow writing into a non-empty output_dir. The earlier run's checkpoint-N directories are then removed "
         "when training starts (the log lists them), so a later resume cannot pick one of them up. Without it, a "
@@ -181,8 +211,18 @@ class TrainConfig:
     warmup_steps: int = _help("Warm-up steps; overrides warmup_ratio when > 0.", 0)
     bf16: bool = _help("Train in bfloat16 mixed precision (trainable parameters stay fp32).", False)
     fp16: bool = _help("Train in float16 mixed precision with loss scaling (GPU only).", False)
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", False)
-    seed: int = _help("Seed for the split, data order, initialisation and dropout.", 42)
+    gradient_checkpointing: bool | None = _help(
+        "Recompute each decoder layer's activations in the backward pass instead of keeping them: much less memory, "
+        "about a third more compute. On unless set to false or disable_gradient_checkpointing is true — "
+        "LLaMA-Factory's default, so a YAML that fits there fits here.")
+    disable_gradient_checkpointing: bool = _help("LLaMA-Factory's switch: true turns gradient checkpointing off.",
+                                                 False)
+    use_reentrant_gc: bool | None = _help(
+        "Checkpointing flavour: false (the default here) is torch's non-reentrant checkpoint, which works with "
+        "frozen inputs, DDP and ZeRO-3; true is the older reentrant one (LLaMA-Factory's default).")
+    gradient_checkpointing_kwargs: dict | None = _help(
+        "transformers' form of the same choice: {use_reentrant: true|false}.")
+    seed: int = _help("Seed for the split, data order, initialisation and dropout; in prediction, of sampling.", 42)
     logging_steps: int = _help("Log loss, lr, grad norm, throughput and memory every n steps.", 10)
     eval_strategy: str = _help("When to evaluate: no, steps (every eval_steps) or epoch.", "no")
     evaluation_strategy: str | None = _help("Older name of eval_strategy.")
@@ -203,7 +243,9 @@ class TrainConfig:
         "Where metrics go besides trainer_log.jsonl, through accelerate's trackers: tensorboard, wandb, mlflow, "
         "swanlab, all (every installed one) or none; a comma list or YAML list. Each but TensorBoard is an extra "
         "(pip install 'vlmtune[wandb]', [mlflow], [swanlab]) configured by its own environment variables "
-        "(WANDB_MODE=offline, WANDB_PROJECT, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...).", "none")
+        "(WANDB_MODE=offline, WANDB_PROJECT, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...). MLflow with no "
+        "MLFLOW_TRACKING_URI records into MLflow's default, mlflow.db (SQLite) in the working directory, shared by "
+        "the runs started there; a start-up line names the store and the run.", "none")
     logging_dir: str | None = _help("Tracker files (TensorBoard events) go here, under the run's name (default: "
                                     "output_dir/runs).")
     run_name: str | None = _help("The run's name in the trackers (default: output_dir's name).")
@@ -215,6 +257,8 @@ class TrainConfig:
         "Make the final adapter in output_dir the best one by metric_for_best_model.", False)
     early_stopping_patience: int | None = _help(
         "Stop after this many evaluations without improvement of metric_for_best_model.")
+    early_stopping_steps: int | None = _help("LLaMA-Factory's name for early_stopping_patience.")
+    use_swanlab: bool = _help("LLaMA-Factory's switch for report_to: swanlab.", False)
     dataloader_num_workers: int = _help(
         "Worker processes that read batches (encoded samples, cached image features) from disk ahead of the "
         "GPU. On a CPU the cores already run torch's threads: batches are read in the training process.", 0)
@@ -234,10 +278,60 @@ class TrainConfig:
         "with plain DDP; ZeRO helps full fine-tuning.")
     optim: str = _help("Optimizer. adamw_torch is the one supported (adamw_torch_fused on GPU is the same).",
                        "adamw_torch")
-    disable_tqdm: bool = _help("Hide the progress bar.", False)
+    disable_tqdm: bool = _help(
+        "Hide the progress bar. It is drawn only where stderr is a terminal; elsewhere (a log file, CI, nohup) "
+        "and with this set, each logging step's line carries the progress (percentage, elapsed, remaining).", False)
     logging_first_step: bool = _help("Also log the first optimisation step.", False)
     remove_unused_columns: bool = _help("Accepted for LLaMA-Factory YAMLs. Ignored: vlmtune keeps what it needs.",
                                         False)
+
+
+@dataclass
+class PredictConfig:
+    """How prediction answers (`vlmtune predict`, `vlmtune train` with do_predict): LLaMA-Factory's generating keys."""
+
+    infer_backend: str = _help(
+        "Prediction engine: huggingface (transformers; CPU or GPU; `transformers` is the same) or vllm (GPU, the "
+        "`vllm` extra).", "huggingface")
+    predict_with_generate: bool = _help(
+        "true: generate each answer as text. false (LLaMA-Factory's default): score the labels — P(label) for "
+        "every label, the most probable one the answer — when labels are given or the answers form a closed label "
+        "set; generate otherwise. A start-up line says which and why.", False)
+    max_new_tokens: int = _help(
+        "Generation: most new tokens per answer (LLaMA-Factory's default is 1024; answers here are labels).", 64)
+    do_sample: bool | None = _help(
+        "Generation: true samples (with temperature, top_p, top_k; seeded by `seed`), false decodes greedily. "
+        "Default: sample when temperature > 0.")
+    temperature: float | None = _help(
+        "Generation: 0 is greedy; > 0 samples. Default 0 — LLaMA-Factory's 0.95 when do_sample is true.")
+    top_p: float = _help("Sampling: keep the most probable tokens whose probabilities add up to top_p (1 = all).",
+                         1.0)
+    top_k: int = _help("Sampling: keep the k most probable tokens (0 = all).", 0)
+    repetition_penalty: float = _help("Generation: penalty on tokens already in the text (1 = none).", 1.0)
+    num_beams: int = _help("Beam search width. Only 1 (no beam search): larger has no effect (a start-up line).", 1)
+    length_penalty: float = _help("Beam search's length penalty. No effect: no beam search.", 1.0)
+    max_length: int | None = _help(
+        "Longest prompt + answer. No effect: max_new_tokens bounds the answer (LLaMA-Factory drops max_length too "
+        "when max_new_tokens is set).")
+    skip_special_tokens: bool = _help(
+        "Decode answers without special tokens. Always true: an answer is compared with its label as text.", True)
+
+    def sampling_temperature(self) -> float:
+        """The temperature generation uses: 0 (greedy) when do_sample is false."""
+        return 0.0 if self.do_sample is False else float(self.temperature or 0.0)
+
+
+@dataclass
+class ExportConfig:
+    """`vlmtune export`: LLaMA-Factory's export (merge_lora) keys."""
+
+    export_dir: str | None = _help("Where the merged model is written (an empty or new directory).")
+    export_size: int = _help("Largest weight file (shard) of the merged model, in GB.", 5)
+    export_device: str = _help("Where the merge runs: cpu, cuda, or auto (cuda when there is a GPU).", "cpu")
+    export_legacy_format: bool = _help(
+        "Write the weights as PyTorch .bin files (pytorch_model*.bin) instead of .safetensors.", False)
+    export_dtype: str = _help(
+        "dtype of the merged weights: auto (the base checkpoint's), float32, bfloat16 or float16.", "auto")
 
 
 SECTIONS: dict[str, type] = {
@@ -245,18 +339,23 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "finetune": FinetuneConfig,
     "train": TrainConfig,
+    "predict": PredictConfig,
+    "export": ExportConfig,
 }
 
 
 @dataclass
 class Config:
-    """The whole run configuration: one flat YAML, four sections."""
+    """The whole run configuration: one flat YAML, six sections."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     source: str | None = None  # the YAML file it came from, for messages
+    other: dict[str, Any] = field(default_factory=dict)  # accepted keys that are not settings: `other_keys.py`
 
     def to_flat_dict(self) -> dict[str, Any]:
         flat: dict[str, Any] = {}
@@ -339,6 +438,15 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
             except ValueError:
                 pass
         raise VlmtuneError(f"{origin}: '{key}' must be a number, got {value!r}")
+    if hint is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, dict):
+            raise VlmtuneError(f"{origin}: '{key}' must be a mapping such as {{use_reentrant: false}}, got {value!r}")
+        return value
     if hint is str:
         if isinstance(value, (dict, list)):
             raise VlmtuneError(f"{origin}: '{key}' must be a string, got {value!r}")
@@ -346,6 +454,12 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
             return "no" if value is False else "yes"
         return str(value)
     return value
+
+
+def coerce_value(cls: type, key: str, value: Any, origin: str = "command line") -> Any:
+    """`value` (from a YAML or a command line) converted to the type of field `key` of the dataclass `cls`, or a
+    one-line error naming the key — the same rules for every command's settings as for the config's."""
+    return _coerce(value, _field_type(cls, key), key, origin)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -364,17 +478,31 @@ def build_config(values: dict[str, Any], origin: str = "config") -> Config:
     """Build a Config from a flat mapping of keys, checking names and types."""
     keys = key_sections()
     sections: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    other: dict[str, Any] = {}
     for key, value in values.items():
         if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise VlmtuneError(f"{origin}: unknown key '{key}'{hint}")
+            other[key] = _other_key(key, value, keys, origin)
+            continue
         section, f = keys[key]
         sections[section][key] = _coerce(value, _field_type(SECTIONS[section], key), key, origin)
-    cfg = Config(**{name: SECTIONS[name](**vals) for name, vals in sections.items()})
+    cfg = Config(**{name: SECTIONS[name](**vals) for name, vals in sections.items()}, other=other)
     _apply_aliases(cfg)
     validate(cfg, origin)
     return cfg
+
+
+def _other_key(key: Any, value: Any, keys: dict, origin: str) -> Any:
+    """A key that is not a vlmtune setting: LLaMA-Factory's or transformers' (accepted, or refused with the
+    reason, see `other_keys.py`), else a typo, refused with the closest known key."""
+    kind = other_keys.kind_of(str(key))
+    if kind is None:
+        close = difflib.get_close_matches(str(key), keys, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise VlmtuneError(f"{origin}: unknown key '{key}'{hint}")
+    reason = other_keys.refusal(key, value)
+    if reason:
+        raise VlmtuneError(f"{origin}: '{key}: {value}': {reason}")
+    return value
 
 
 class _DuplicateKey(Exception):
@@ -452,6 +580,23 @@ def _apply_aliases(cfg: Config) -> None:
     cfg.train.report_to = [v for v in cfg.train.report_to if v not in ("none", "")]
     if cfg.train.eval_steps is None:
         cfg.train.eval_steps = cfg.train.logging_steps
+    if cfg.train.early_stopping_patience is None:
+        cfg.train.early_stopping_patience = cfg.train.early_stopping_steps
+    if cfg.train.use_swanlab and "swanlab" not in cfg.train.report_to:
+        cfg.train.report_to.append("swanlab")
+    _resolve_checkpointing(cfg.train)
+
+
+def _resolve_checkpointing(t: TrainConfig) -> None:
+    """One answer from LLaMA-Factory's and transformers' switches: `gradient_checkpointing` (on unless a switch
+    turns it off) and `use_reentrant_gc` (false unless set, from either key)."""
+    if t.gradient_checkpointing is None:
+        t.gradient_checkpointing = not t.disable_gradient_checkpointing
+    elif t.disable_gradient_checkpointing:
+        t.gradient_checkpointing = False
+    reentrant = (t.gradient_checkpointing_kwargs or {}).get("use_reentrant")
+    if t.use_reentrant_gc is None:
+        t.use_reentrant_gc = bool(reentrant) if reentrant is not None else False
 
 
 _CHOICES = {
@@ -463,6 +608,11 @@ _CHOICES = {
     ("train", "lr_scheduler_type"): ("linear", "cosine", "constant", "constant_with_warmup",
                                      "cosine_with_restarts", "polynomial"),
     ("model", "attn_implementation"): ("auto", "sdpa", "eager", "flash_attention_2"),
+    ("predict", "infer_backend"): ("huggingface", "transformers", "vllm"),
+    ("export", "export_dtype"): ("auto", "float32", "bfloat16", "float16"),
+    ("model", "quantization_bit"): (None, 4, 8),
+    ("model", "quantization_method"): ("bnb", "bitsandbytes"),
+    ("model", "quantization_type"): ("nf4", "fp4"),
 }
 
 
@@ -471,10 +621,18 @@ REPORT_TO = ("tensorboard", "wandb", "mlflow", "swanlab", "all")
 
 def validate(cfg: Config, origin: str = "config") -> None:
     """Reject values that cannot work, naming the key."""
+    stage, method = cfg.finetune.stage, cfg.finetune.finetuning_type
+    if stage in other_keys.OTHER_STAGES:
+        raise VlmtuneError(f"{origin}: 'stage: {stage}' is not supported here: vlmtune does supervised fine-tuning "
+                           f"(stage: sft) only; use LLaMA-Factory for {other_keys.OTHER_STAGES[stage]}")
+    if method in other_keys.OTHER_METHODS:
+        raise VlmtuneError(f"{origin}: 'finetuning_type: {method}' is not supported here: "
+                           f"{other_keys.OTHER_METHODS[method]} is not a vlmtune method; use lora (or QLoRA with "
+                           f"quantization_bit), freeze or full")
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in allowed:
-            raise VlmtuneError(f"{origin}: '{key}' must be one of {', '.join(a for a in allowed if a)}, got '{value}'")
+            raise VlmtuneError(f"{origin}: '{key}' must be one of {', '.join(str(a) for a in allowed if a)}, got '{value}'")
     positive = {
         "lora_rank": cfg.finetune.lora_rank,
         "cutoff_len": cfg.data.cutoff_len,
@@ -494,6 +652,14 @@ def validate(cfg: Config, origin: str = "config") -> None:
         raise VlmtuneError(f"{origin}: 'image_min_pixels' ({cfg.model.image_min_pixels}) is larger than "
                            f"'image_max_pixels' ({cfg.model.image_max_pixels})")
     _check_ranges(cfg, origin)
+    _resolve_predict(cfg, origin)
+    if cfg.model.quantization_bit is not None and cfg.finetune.finetuning_type != "lora":
+        raise VlmtuneError(f"{origin}: 'quantization_bit' trains LoRA on a quantized model (QLoRA): it needs "
+                           f"finetuning_type: lora, got {cfg.finetune.finetuning_type}")
+    if cfg.model.quantization_bit is not None and cfg.train.deepspeed:
+        # DeepSpeed would partition bitsandbytes' packed weights (ZeRO-3) or wrap them untested (ZeRO-2).
+        raise VlmtuneError(f"{origin}: 'quantization_bit' (QLoRA) does not run under DeepSpeed here; drop the "
+                           f"deepspeed key: QLoRA fits one GPU per rank with plain data parallelism")
     if cfg.train.bf16 and cfg.train.fp16:
         raise VlmtuneError(f"{origin}: 'bf16' and 'fp16' cannot both be true")
     if cfg.data.max_samples is not None and cfg.data.max_samples <= 0:
@@ -505,14 +671,7 @@ def validate(cfg: Config, origin: str = "config") -> None:
     if metric is not None and metric.removeprefix("eval_") not in BEST_METRICS:
         raise VlmtuneError(f"{origin}: 'metric_for_best_model' must be one of {', '.join(BEST_METRICS)} (eval_ "
                            f"prefix allowed), got '{metric}'")
-    labels = cfg.data.labels
-    if labels is not None:
-        stripped = [label.strip() for label in labels]
-        if len([label for label in stripped if label]) < 2:
-            raise VlmtuneError(f"{origin}: 'labels' needs at least two labels (a closed set to choose from), "
-                               f"got {labels}")
-        if len(set(stripped)) != len(stripped) or not all(stripped):
-            raise VlmtuneError(f"{origin}: 'labels' must be distinct non-empty labels, got {labels}")
+    cfg.data.labels = parse_labels(cfg.data.labels, f"{origin}: 'labels'")  # vlmtune/labels.py: the one rule
 
 
 # Metrics that can pick the best checkpoint (eval_loss, or a task metric of label scoring).
@@ -555,6 +714,49 @@ def _check_ranges(cfg: Config, origin: str) -> None:
             raise VlmtuneError(f"{origin}: '{key}' must be {meaning}, got {value}")
 
 
+def _resolve_predict(cfg: Config, origin: str) -> None:
+    """do_train's default (true, unless the run predicts: LLaMA-Factory's do_train is false unless set), the
+    temperature's (LLaMA-Factory's 0.95 when do_sample asks for sampling, else greedy) and generation settings that
+    cannot work."""
+    if cfg.train.do_train is None:
+        cfg.train.do_train = not cfg.train.do_predict
+    p = cfg.predict
+    if p.temperature is None:
+        p.temperature = 0.95 if p.do_sample else 0.0
+    if p.do_sample and p.temperature <= 0:
+        raise VlmtuneError(f"{origin}: 'do_sample: true' samples, which needs temperature > 0, got {p.temperature}")
+    checks = [("max_new_tokens", p.max_new_tokens > 0, "> 0"), ("temperature", p.temperature >= 0, "≥ 0"),
+              ("top_p", 0 < p.top_p <= 1, "in (0, 1]"), ("top_k", p.top_k >= 0, "≥ 0 (0: all tokens)"),
+              ("repetition_penalty", p.repetition_penalty > 0, "> 0"), ("num_beams", p.num_beams >= 1, "≥ 1")]
+    for key, ok, meaning in checks:
+        if not ok:
+            raise VlmtuneError(f"{origin}: '{key}' must be {meaning}, got {getattr(p, key)}")
+
+
+def prediction_notes(p: PredictConfig, mode: str) -> list[str]:
+    """Lines naming the generation settings that have no effect in this prediction, printed at start-up."""
+    defaults = PredictConfig()
+    notes = []
+    if mode == "score":
+        changed = [k for k in ("max_new_tokens", "do_sample", "top_p", "top_k", "repetition_penalty")
+                   if getattr(p, k) != getattr(defaults, k)] + (["temperature"] if p.temperature else [])
+        if changed:
+            notes.append(f"{', '.join(changed)} {'has' if len(changed) == 1 else 'have'} no effect: label scoring "
+                         f"reads P(label), it does not generate")
+        return notes
+    if p.do_sample is False and p.temperature > 0:
+        notes.append(f"temperature={p.temperature} has no effect with do_sample: false (greedy decoding)")
+    if p.num_beams > 1:
+        notes.append(f"num_beams={p.num_beams} has no effect: vlmtune decodes greedily or samples (no beam search)")
+    if p.length_penalty != defaults.length_penalty:
+        notes.append(f"length_penalty={p.length_penalty} has no effect: it applies to beam search only")
+    if p.max_length is not None:
+        notes.append(f"max_length={p.max_length} has no effect: max_new_tokens ({p.max_new_tokens}) bounds the answer")
+    if not p.skip_special_tokens:
+        notes.append("skip_special_tokens=false has no effect: answers are decoded as text, without special tokens")
+    return notes
+
+
 def inert_settings(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     """Lines naming the settings that have no effect in this run, printed at start-up."""
     notes = []
@@ -567,14 +769,22 @@ def inert_settings(cfg: Config, world_size: int, has_cuda: bool) -> list[str]:
     if cfg.data.preprocessing_num_workers and cfg.data.preprocessing_num_workers > 1:
         notes.append(f"preprocessing_num_workers={cfg.data.preprocessing_num_workers} is capped to the free "
                      f"CPU cores")
-    if not cfg.train.do_train:
-        notes.append("do_train=false has no effect: `vlmtune train` always trains")
+    if not cfg.train.do_train and not cfg.train.do_predict:
+        notes.append("do_train=false has no effect without do_predict: true (then only the prediction runs)")
+    m = cfg.model
+    if m.quantization_bit != 4 and (m.quantization_type, m.double_quantization) != ("nf4", True):
+        notes.append(f"quantization_type / double_quantization have no effect without quantization_bit: 4 "
+                     f"(quantization_bit is {m.quantization_bit})")
+    if cfg.export.export_dir:
+        notes.append(f"export_dir={cfg.export.export_dir} has no effect in training: `vlmtune export CONFIG.yaml` "
+                     f"merges the adapter")
     template = cfg.data.template
     if cfg.data.enable_thinking is False and template is not None and not get_template(template).thought_words:
         notes.append(f"enable_thinking=false has no effect with template {template} (only with a reasoning "
                      f"template: {', '.join(n for n, t in TEMPLATES.items() if t.thought_words)})")
     if template is not None and get_template(template).spec.mismatch_note:
         notes.append(get_template(template).spec.mismatch_note)
+    notes += [line for key, value in cfg.other.items() if (line := other_keys.note(key, value))]
     return notes
 
 
@@ -593,7 +803,21 @@ def config_reference_markdown() -> str:
                          .replace(" | ", " or "))
             lines.append(f"| `{f.name}` | {type_name} | `{default}` | {f.metadata['help']} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _other_keys_markdown())
+
+
+def _other_keys_markdown() -> list[str]:
+    """The LLaMA-Factory and transformers keys that are accepted but are not settings (`other_keys.py`)."""
+    lines = ["## LLaMA-Factory keys vlmtune refuses when they are on", "",
+             "Accepted when false or empty (LLaMA-Factory's defaults); on, the run stops with the reason.", "",
+             "| key | reason |", "| --- | --- |"]
+    lines += [f"| `{key}` | {reason} |" for key, reason in sorted(other_keys.REFUSED.items())]
+    lines += ["", "## LLaMA-Factory keys without effect in vlmtune", "",
+              "Accepted; when set, the start-up prints one line with the reason. Any other field of transformers' "
+              "`Seq2SeqTrainingArguments` is accepted the same way (vlmtune's own loop does not read it).", "",
+              "| key | reason |", "| --- | --- |"]
+    lines += [f"| `{key}` | {reason} |" for key, reason in sorted(other_keys.INERT.items())]
+    return lines + [""]
 
 
 if __name__ == "__main__":

@@ -130,3 +130,11 @@ def ensure_writable_dir(path: str | Path, setting: str) -> Path:
     except OSError as exc:
         raise VlmtuneError(f"{setting} {path}: cannot write there ({exc.strerror or exc})") from None
     return path
+
+
+def describe_write_error(exc: BaseException) -> str:
+    """A failed write or read in a few words: the file and the OS's reason (a full disk), else the first line."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{Path(exc.filename).name}: {exc.strerror}" if exc.filename else exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else exc.__class__.__name__

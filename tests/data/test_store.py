@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ONE_PER_FAMILY, make_dataset, run_cli, write_config
+from helpers import ONE_PER_FAMILY, make_dataset, run_cli, run_inline, write_config
 from vlmtune.data.encode import encode
 from vlmtune.data.loader import load_datasets
 from vlmtune.data.processor import load_processor
@@ -48,23 +48,23 @@ def train_args(model, data, out, *extra):
 
 
 @pytest.mark.slow
-def test_a_second_run_reuses_the_store_and_a_change_rebuilds_it(tiny_model_dir, tmp_path):
+def test_a_second_run_reuses_the_store_and_a_change_rebuilds_it(tiny_model_dir, tmp_path, capsys, monkeypatch):
     data = make_dataset(tmp_path / "data", n=6)
-    env = {CACHE_ENV: str(tmp_path / "cache")}
-    first = run_cli(*train_args(tiny_model_dir, data, tmp_path / "a"), env=env)
-    assert first.returncode == 0, first.stderr[-2000:]
-    assert "encoded into the store" in first.stdout
-    second = run_cli(*train_args(tiny_model_dir, data, tmp_path / "b"), env=env)
-    assert second.returncode == 0 and "reused the encoded-data store" in second.stdout
-    other_pixels = run_cli(*train_args(tiny_model_dir, data, tmp_path / "c", "image_max_pixels=40000"), env=env)
-    assert other_pixels.returncode == 0 and "encoded into the store" in other_pixels.stdout
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+
+    def run(out, *extra):
+        result = run_inline(capsys, *train_args(tiny_model_dir, data, tmp_path / out, *extra))
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
+
+    assert "encoded into the store" in run("a")
+    assert "reused the encoded-data store" in run("b")
+    assert "encoded into the store" in run("c", "image_max_pixels=40000")
     records = json.loads((data / "my_dataset.json").read_text())
     records[1]["messages"][-1]["content"] = "不满足要求"  # the data file changed (record 1 was 满足要求)
     (data / "my_dataset.json").write_text(json.dumps(records, ensure_ascii=False))
-    changed = run_cli(*train_args(tiny_model_dir, data, tmp_path / "d"), env=env)
-    assert changed.returncode == 0 and "encoded into the store" in changed.stdout
-    forced = run_cli(*train_args(tiny_model_dir, data, tmp_path / "e", "overwrite_cache=true"), env=env)
-    assert forced.returncode == 0 and "encoded into the store" in forced.stdout  # LLaMA-Factory's meaning
+    assert "encoded into the store" in run("d")
+    assert "encoded into the store" in run("e", "overwrite_cache=true")  # LLaMA-Factory's meaning
 
 
 @pytest.mark.slow

@@ -271,6 +271,12 @@ def test_template_is_saved_with_the_processor_and_reused(tiny_models, tmp_path):
     reloaded = load_processor(tmp_path)  # the saved processor alone (no config.json): its family from the record
     assert (reloaded.family.name, reloaded.template.name, reloaded.template.enable_thinking) == ("Qwen3-VL",
                                                                                                 "qwen3_vl", False)
+    # ... as an adapter directory holds it (`model.adapter_files` reads it with the adapter's config and weights)
+    import torch
+    from safetensors.torch import save_file
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
     assert resolve_template(tmp_path, None, None) == ("qwen3_vl", False)  # the adapter's
     assert resolve_template(tmp_path, None, True) == ("qwen3_vl", True)  # an explicit enable_thinking wins
     assert resolve_template(tmp_path, "qwen3_vl_nothink", None) == ("qwen3_vl_nothink", None)

@@ -11,7 +11,7 @@ import yaml
 from helpers import REPO, assert_one_line_error, run_cli
 
 from vlmtune.demo import pretrain
-from vlmtune.demo.command import shipped_base, train_config
+from vlmtune.demo.workflow import shipped_base, train_config
 
 
 @pytest.fixture(scope="module")

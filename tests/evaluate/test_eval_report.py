@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.evaluate import report_command
+from vlmtune.commands import report as report_command
 
 POS, NEG = "满足要求", "不满足要求"
 PROMPT = "判断以上图片是否满足要求:\n1. <b>不能</b> 有星形 & 台灯\n请只输出\"满足要求\""

@@ -14,7 +14,7 @@ from vlmtune.data.loader import load_datasets
 from vlmtune.data.processor import load_processor
 from vlmtune.infer.engine import load_engine
 from vlmtune.infer.last_positions import text_model
-from vlmtune.infer.scoring import (encode_prompts, evaluating, infer_label_set, label_token_ids, score_conversations,
+from vlmtune.infer.scoring import (encode_prompts, evaluating, label_token_ids, score_conversations,
                                    score_samples, unwrap)
 from vlmtune.model.load import load_model
 
@@ -149,18 +149,6 @@ def test_label_tokens_are_whole_sequences(tiny_model_dir):
     assert pos != neg
     with pytest.raises(ValueError):
         label_token_ids([POS, POS], processor)
-
-
-def test_infer_label_set():
-    def convs(answers):
-        return [Conversation([Message("user", "q"), Message("assistant", a)], [], "f.json", i)
-                for i, a in enumerate(answers)]
-
-    assert infer_label_set(convs([NEG, POS, POS, " 不满足要求 "])) == [NEG, POS]
-    assert infer_label_set(convs([POS, POS])) is None  # one label is not a choice
-    assert infer_label_set(convs(["a cube", "two rings", "a lamp"])) is None  # all distinct: free text
-    assert infer_label_set(convs([str(i % 9) for i in range(40)])) is None  # more than 8 labels
-    assert infer_label_set(convs([str(i % 9) for i in range(40)]), max_labels=9) is not None
 
 
 def test_merged_adapter_scores_as_the_unmerged_one(tiny_model_dir, label_adapter, rules_dir):

@@ -13,7 +13,8 @@ from vlmtune.families import FAMILIES, family_of_type, parts_of
 from vlmtune.data.processor import load_processor
 from vlmtune.model.compat import image_inputs
 from vlmtune.model.load import load_model
-from vlmtune.model.vision import VisionEncoder, encoder_outputs, rotate, usable, vision_encoder
+from vlmtune.data.features import encoder_outputs
+from vlmtune.model.vision import VisionEncoder, rotate, usable, vision_encoder
 
 # (height, width) after the resize (multiples of 28): 448² has 16 equal windows; the others have
 # windows of several sizes (the grid is not a multiple of the 4×4-token window) and differ per image.

@@ -155,6 +155,32 @@ def test_non_empty_export_dir_is_refused(tiny_model_dir, adapter_dir, tmp_path):
     assert_one_line_error(result, "adapter directory itself")
 
 
+def test_llamafactory_export_yaml_with_legacy_format(case, tiny_model_dir, adapter_dir, exported, batch, tmp_path,
+                                                    capsys):
+    """LLaMA-Factory's export YAML (examples/merge_lora/qwen3vl_lora_sft.yaml's keys, paths changed) works with
+    `vlmtune export CONFIG.yaml`; export_legacy_format: true writes PyTorch .bin weights that load to the same model."""
+    import yaml
+    from transformers import AutoModelForImageTextToText
+
+    from helpers import TEMPLATE_OF, run_inline
+
+    if case != (TINY_DEFAULT, tiny_model_dir, False):
+        pytest.skip("the YAML's keys are the same for every family: tested on the default one")
+    out = tmp_path / "merged-bin"
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({
+        "model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(adapter_dir),
+        "template": TEMPLATE_OF[TINY_DEFAULT], "trust_remote_code": True,
+        "export_dir": str(out), "export_size": 5, "export_device": "cpu", "export_legacy_format": True}))
+    result = run_inline(capsys, "export", config)
+    assert result.returncode == 0, result.stderr
+    assert "export_legacy_format" in result.stdout
+    names = {p.name for p in out.iterdir()}
+    assert "pytorch_model.bin" in names and not [n for n in names if n.endswith(".safetensors")]
+    plain = AutoModelForImageTextToText.from_pretrained(str(out))
+    assert (logits(plain, batch) - logits(load_model(exported), batch)).abs().max() < 1e-5
+
+
 def test_overwrite_in_bfloat16_replaces_stale_shards(tiny_model_dir, adapter_dir, tmp_path):
     from vlmtune.model.export import export
 

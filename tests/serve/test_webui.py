@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import RULES_PROMPT, SYSTEM, make_dataset, save_image
+from helpers import ONE_PER_FAMILY, RULES_PROMPT, SYSTEM, make_dataset, save_image
 from serve.servers import free_port, running
 
 CHROMIUM = os.environ.get("VLMTUNE_CHROMIUM", "/usr/bin/chromium")
@@ -41,6 +41,7 @@ def expected_scores(model_dir: Path, image: Path) -> dict[str, float]:
     return score_conversations(engine.model, engine.processor, [conversation], LABELS)[0]
 
 
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)  # the page is generic; every type answers in test_api
 def test_webui_answers_an_uploaded_image(family_model_dir, tmp_path):
     tiny_model_dir = family_model_dir  # every end-to-end family
     data = make_dataset(tmp_path / "data", n=6)

@@ -89,3 +89,32 @@ def test_cached_image_features_give_the_same_loss_and_gradients(family_model_dir
     assert torch.allclose(plain_loss, cached_loss, atol=1e-5)
     for a, b in zip(plain_grads, (p.grad for p in params)):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family_model_dir, tmp_path):
+    """The default (non-reentrant) checkpointing and LLaMA-Factory's reentrant one against no checkpointing: LoRA
+    inside every layer gets the same gradient (the reentrant one only with the inputs' gradients enabled)."""
+    from vlmtune.train.loop import enable_checkpointing
+
+    processor, samples, model = setup(family_model_dir, tmp_path)
+    batch = Collator(processor)(samples[:3])
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss, n = token_loss_sum(model, batch)
+        (loss / n).backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    plain_loss, plain = loss_and_grads()
+    for reentrant in (False, True):
+        enable_checkpointing(model, reentrant)
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+        loss, grads = loss_and_grads()
+        assert torch.allclose(loss, plain_loss, atol=1e-6)
+        for a, b in zip(plain, grads):
+            assert torch.allclose(a, b, atol=1e-6) and b.abs().sum() > 0
+        for m in model.modules():  # off again for the next round
+            if getattr(m, "gradient_checkpointing", False):
+                m.gradient_checkpointing = False

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import run_cli, run_inline
+from helpers import ONE_PER_FAMILY, run_cli, run_inline
 from vlmtune.families import TINY_DEFAULT
 
 pytestmark = pytest.mark.slow
@@ -45,6 +45,7 @@ def adapter(out: Path) -> dict:
     return load_file(out / "adapter_model.safetensors")
 
 
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)  # a model type of each family (MoE: test_ddp, test_deepspeed)
 def test_kill_and_resume_equals_uninterrupted(family_train_config, arch, tmp_path):
     """Every family resumes exactly from a kill during a checkpoint write; the seed user's also from a kill
     mid-step after a checkpoint (the trainer's own logic, the same for every family)."""

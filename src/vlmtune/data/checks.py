@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from vlmtune.data.conversation import Conversation, Problem
-from vlmtune.data.images import ImageError, header_size, token_count
+from vlmtune.data.images import ImageError, header_size, sequence_tokens, token_count
 
 
 @dataclass
@@ -68,7 +68,7 @@ def _count_tokens(to_count: list, processor, cutoff_len: int | None, result: Che
     parallel, in Rust), and the cutoff_len overruns."""
     ids = processor.tokenizer([text for _, _, text in to_count], add_special_tokens=False)["input_ids"]
     for (conv, counts, _), text_ids in zip(to_count, ids):
-        total = len(text_ids) - len(counts) + sum(counts)
+        total = sequence_tokens(len(text_ids), counts)
         result.stats[conv.id] = SampleStats(sum(counts), total)
         if cutoff_len is not None and total > cutoff_len:
             result.problems.append(Problem(conv.source, conv.index, conv.messages_field,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmtune.data.conversation import Conversation, Message
-from vlmtune.data.images import ImageError, image_grids, load_resized, to_patches
+from vlmtune.data.images import ImageError, image_grids, load_resized, resized_token_count, sequence_tokens, to_patches
 from vlmtune.data.processor import Processor
 
 IGNORE_INDEX = -100
@@ -34,7 +34,7 @@ class EncodedSample:
     labels: torch.Tensor  # (seq,) long, -100 outside the answers
     images: list[torch.Tensor] = field(default_factory=list)  # resized uint8 (3, H, W)
     conversation: Conversation | None = None
-    # Frozen-vision training: each image's features (`model.vision.ImageFeatures`: image tokens × hidden,
+    # Frozen-vision training: each image's features (`data.features.ImageFeatures`: image tokens × hidden,
     # and the deepstack features of Qwen3-VL), computed once and reused every epoch; the decoded pixels
     # are dropped then, so `image_grid_thw` keeps the grid.
     image_features: list | None = None
@@ -50,8 +50,8 @@ class EncodedSample:
 
 
 def image_tokens(images: list[torch.Tensor], processor: Processor) -> list[int]:
-    ip = processor.image_processor
-    return [(im.shape[1] // ip.patch_size) * (im.shape[2] // ip.patch_size) // ip.merge_size ** 2 for im in images]
+    """Tokens of each resized image (CHW): `data.images.resized_token_count`."""
+    return [resized_token_count(im.shape[1], im.shape[2], processor.image_processor) for im in images]
 
 
 def load_images(conversation: Conversation, processor: Processor) -> list[torch.Tensor]:
@@ -99,7 +99,9 @@ def tokenize_rendered(messages: list[Message], images: list[torch.Tensor], proce
         raise EncodeError(f"{int(pads.sum())} image pad tokens for {len(counts)} images", field="messages")
     repeats = torch.ones_like(ids)
     repeats[pads] = torch.tensor(counts)
-    return ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+    ids, labels = ids.repeat_interleave(repeats), labels.repeat_interleave(repeats)
+    assert len(ids) == sequence_tokens(len(repeats), counts)  # the rule `vlmtune data check` counts with
+    return ids, labels
 
 
 def encode(conversation: Conversation, processor: Processor, cutoff_len: int | None,
@@ -171,7 +173,7 @@ class Collator:
         if any(s.image_features is not None for s in samples):
             if not all(s.image_features is not None or not s.images for s in samples):
                 raise ValueError("a batch mixes cached image features and raw images")
-            from vlmtune.model.vision import encoder_outputs
+            from vlmtune.data.features import encoder_outputs
 
             features = [f for s in samples if s.image_features for f in s.image_features]
             batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in samples if s.image_features])

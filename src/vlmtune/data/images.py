@@ -9,7 +9,7 @@ The settings (patch size, pixel limits, mean, std) come from `data.image_setting
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
@@ -93,9 +93,20 @@ def resized_size(width: int, height: int, settings: ImageSettings) -> tuple[int,
 
 
 def token_count(width: int, height: int, settings: ImageSettings) -> int:
-    """Image tokens the language model sees for an image of this size."""
-    h, w = resized_size(width, height, settings)
-    return (h // settings.factor) * (w // settings.factor)
+    """Image tokens the language model sees for an image of this size (before resizing)."""
+    return resized_token_count(*resized_size(width, height, settings), settings)
+
+
+def resized_token_count(height: int, width: int, settings: ImageSettings) -> int:
+    """The token-count rule, in one place: a resized image (sides multiples of `factor`, patch × merge) is one
+    language-model token per factor × factor pixels (a merged group of merge² patches)."""
+    return (height // settings.factor) * (width // settings.factor)
+
+
+def sequence_tokens(text_tokens: int, image_tokens: Sequence[int]) -> int:
+    """Tokens of a sample whose text was tokenised with ONE image pad per image (`data.encode.tokenize_rendered`):
+    each pad stands for its image's tokens."""
+    return text_tokens - len(image_tokens) + sum(image_tokens)
 
 
 def load_resized(path: str | Path, settings: ImageSettings) -> "torch.Tensor":

@@ -18,10 +18,11 @@ from vlmtune.data.split import stratified_split
 from vlmtune.errors import VlmtuneError
 
 
-def load_datasets(names: str, dataset_dir: str, max_samples: int | None) -> LoadedData:
-    """Every named dataset, converted; fatal problems (a file that cannot be read) raise."""
+def load_datasets(names: str, dataset_dir: str, max_samples: int | None, media_dir: str | None = None) -> LoadedData:
+    """Every named dataset, converted; fatal problems (a file that cannot be read) raise. Relative image paths
+    resolve against media_dir (LLaMA-Factory's key), else dataset_dir."""
     loaded = LoadedData()
-    for entry in resolve(names, dataset_dir):
+    for entry in resolve(names, dataset_dir, media_dir):
         part = load_entry(entry, max_samples)
         fatal = [p for p in part.problems if p.fatal]
         if fatal:
@@ -47,8 +48,9 @@ def load_splits(data: DataConfig, seed: int, processor=None, decode_images: bool
     """
     if not data.dataset:
         raise VlmtuneError("no dataset given (set `dataset` in the YAML or pass --dataset)")
-    train = load_datasets(data.dataset, data.dataset_dir, data.max_samples)
-    val = load_datasets(data.eval_dataset, data.dataset_dir, data.max_samples) if data.eval_dataset else LoadedData()
+    train = load_datasets(data.dataset, data.dataset_dir, data.max_samples, data.media_dir)
+    val = (load_datasets(data.eval_dataset, data.dataset_dir, data.max_samples, data.media_dir) if data.eval_dataset
+           else LoadedData())
     problems = train.problems + val.problems
     checked = check_conversations(train.conversations + val.conversations, processor, data.cutoff_len,
                                   data.default_system, decode=decode_images)

@@ -39,6 +39,7 @@ class DatasetEntry:
     columns: dict[str, str | None] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     dataset_dir: Path = Path(".")
+    media_dir: Path | None = None  # where relative image paths resolve (default: dataset_dir)
 
 
 def read_registry(dataset_dir: str | Path) -> dict:
@@ -51,7 +52,7 @@ def read_registry(dataset_dir: str | Path) -> dict:
     return registry
 
 
-def resolve(names: str, dataset_dir: str | Path) -> list[DatasetEntry]:
+def resolve(names: str, dataset_dir: str | Path, media_dir: str | Path | None = None) -> list[DatasetEntry]:
     """Entries for a comma-separated list of dataset names."""
     dataset_dir = Path(dataset_dir)
     registry = read_registry(dataset_dir)
@@ -63,6 +64,7 @@ def resolve(names: str, dataset_dir: str | Path) -> list[DatasetEntry]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise VlmtuneError(f"{registry_path}: unknown dataset '{name}'{hint}")
         entries.append(_entry(name, registry[name], registry_path, dataset_dir))
+        entries[-1].media_dir = Path(media_dir) if media_dir else None
     if not entries:
         raise VlmtuneError(f"{registry_path}: no dataset named (dataset is empty)")
     return entries

@@ -1,4 +1,5 @@
-"""Evaluate predictions: metrics (`vlmtune eval`), the HTML report (`vlmtune report`).
+"""Evaluate predictions: metrics (`vlmtune eval`), the HTML report (`vlmtune report`), the checkpoint sweep
+(`vlmtune sweep`).
 
-Nothing here imports torch, so these commands start in a fraction of a second.
+metrics, table and report import no torch, so `vlmtune eval` and `vlmtune report` start in a fraction of a second.
 """

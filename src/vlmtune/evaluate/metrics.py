@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.files import read_bytes
+from vlmtune.files import read_bytes, refuse_input_as_output, write_atomic
+from vlmtune.labels import seen_label_set
 
 POSITIVE = "满足要求"
 INVALID = "invalid"  # name of the confusion-matrix column for answers equal to no label
@@ -36,16 +37,6 @@ SCORE_KEYS = ("roc_auc", "pr_auc", "best_threshold", "best_threshold_accuracy",
 def _ratio(num: float, den: float) -> float | None:
     """num/den, or None when the denominator is 0 (an undefined metric, not NaN)."""
     return None if den == 0 else float(num) / float(den)
-
-
-def default_label_set(labels: Sequence[str], positive: str = POSITIVE) -> list[str]:
-    """The positive label first, then the other distinct reference labels in order of appearance."""
-    out = [positive.strip()]
-    for label in labels:
-        label = label.strip()
-        if label not in out:
-            out.append(label)
-    return out
 
 
 def compute_metrics(labels: Sequence[str], predicts: Sequence[str], positive: str = POSITIVE,
@@ -66,7 +57,7 @@ def compute_metrics(labels: Sequence[str], predicts: Sequence[str], positive: st
     truth = [label.strip() for label in labels]
     answers = [predict.strip() for predict in predicts]
     if label_set is None:
-        label_set = default_label_set(truth, positive)
+        label_set = seen_label_set(truth, positive)
     else:
         label_set = list(dict.fromkeys(label.strip() for label in label_set))
         if positive not in label_set:
@@ -326,6 +317,26 @@ def metrics_of_file(records: Sequence[dict[str, Any]], path: str | Path, positiv
     scores = positive_scores_of(records, positive, path)
     if label_set is None and scores is not None:
         # Score mode knows every label even when the test set shows only one class.
-        label_set = default_label_set(labels + [k for r in records for k in r["scores"]], positive)
+        label_set = seen_label_set(labels + [k for r in records for k in r["scores"]], positive)
     return compute_metrics(labels, [r["predict"] for r in records], positive=positive,
                            label_set=label_set, positive_scores=scores)
+
+
+def save_metrics(path: str | Path, out: str | Path | None = None, positive: str = POSITIVE,
+                 label_set: Sequence[str] | None = None, warn=None) -> tuple[dict[str, Any], Path]:
+    """Metrics of a predictions JSONL written to `out` (default: metrics.json next to it); (metrics, out).
+
+    `warn` gets one line when the positive label never occurs (usually a typo or the wrong file), or when the file
+    has one label and no label set is given (every other answer then counts as invalid)."""
+    path = Path(path)
+    records = load_predictions(path)
+    metrics = metrics_of_file(records, path, positive=positive, label_set=label_set)
+    if warn is not None and metrics["n_positive"] == 0:
+        warn(f"warning: the positive label {metrics['positive']!r} never occurs in 'label' of {path}")
+    if warn is not None and label_set is None and len(metrics["labels"]) < 2:
+        warn(f"warning: only the label {metrics['labels'][0]!r} occurs in {path}, so every other answer counts as "
+             f"invalid; pass --labels to name the full label set")
+    target = Path(out) if out else path.parent / "metrics.json"
+    refuse_input_as_output(target, [path], "--out" if out else "metrics file")
+    write_atomic(target, json.dumps({"predictions": str(path), **metrics}, ensure_ascii=False, indent=2) + "\n")
+    return metrics, target

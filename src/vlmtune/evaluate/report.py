@@ -24,8 +24,10 @@ from typing import Any, Sequence
 from matplotlib.figure import Figure  # the object API: no pyplot, no global backend state
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.evaluate.metrics import pr_curve, positive_scores_of, roc_curve
+from vlmtune.evaluate.metrics import (POSITIVE, load_predictions, metrics_of_file, pr_curve, positive_scores_of,
+                                     roc_curve)
 from vlmtune.evaluate.table import fmt, metric_rows
+from vlmtune.files import refuse_input_as_output, write_atomic
 
 THUMB_SIDE = 320  # px, longest side of a gallery thumbnail
 # eval_* keys of trainer_log.jsonl that are timings, not task metrics.
@@ -285,3 +287,24 @@ def build_report(records: Sequence[dict[str, Any]], metrics: dict[str, Any], sou
     return (f'<!DOCTYPE html><html lang="zh"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<style>{CSS}</style></head><body><h1>{esc(title)}</h1><p class="note">{esc(source)}</p>'
             f'{"".join(parts)}</body></html>\n')
+
+
+def write_report(path: str | Path, out: str | Path | None = None, run_dir: str | Path | None = None,
+                 max_gallery: int = 200, positive: str | None = None, label_set: Sequence[str] | None = None) -> Path:
+    """The HTML report of a predictions JSONL written to `out` (default: report.html next to it), with the loss and
+    metric curves of `run_dir` (a training output_dir) when given; never over one of the files it reads."""
+    if max_gallery < 0:
+        raise VlmtuneError(f"--max_gallery must be >= 0, got {max_gallery}")
+    path = Path(path)
+    target = Path(out) if out else path.parent / "report.html"
+    run_dir = Path(run_dir) if run_dir else None
+    setting = "--out" if out else "report file"
+    inputs = [path] + ([p for p in run_dir.iterdir() if p.is_file()] if run_dir and run_dir.is_dir() else [])
+    refuse_input_as_output(target, inputs, setting)
+    records = load_predictions(path)
+    images = [Path(i) if Path(i).is_absolute() else path.parent / i for r in records for i in r["images"]]
+    refuse_input_as_output(target, images, setting)  # the gallery reads them
+    metrics = metrics_of_file(records, path, positive=positive or POSITIVE, label_set=label_set)
+    page = build_report(records, metrics, path, run_dir=run_dir, max_gallery=max_gallery)
+    write_atomic(target, page)
+    return target

@@ -51,11 +51,9 @@ def normalise_metric(metric: str) -> str:
 
 def _weights_digest(adapter_dir: Path) -> str | None:
     from vlmtune.infer.output import file_digest
+    from vlmtune.model.adapter_files import adapter_files
 
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        if (adapter_dir / name).is_file():
-            return file_digest(adapter_dir / name)
-    return None
+    return file_digest(adapter_files(adapter_dir).weights)
 
 
 def _logged_last_step(output_dir: Path) -> int | None:
@@ -114,8 +112,9 @@ def evaluate_points(points: Sequence[SweepPoint], conversations, labels: list[st
     """Metrics of every point on the conversations (label scoring), one row per point, in order."""
     from vlmtune.data.encode import EncodeError, load_images
     from vlmtune.data.processor import load_processor
-    from vlmtune.infer.engine import (attach_adapter, base_model_of, inference_dtype, pick_device,
-                                      resolve_pixel_limits, resolve_template)
+    from vlmtune.infer.engine import (attach_adapter, inference_dtype, pick_device, resolve_pixel_limits,
+                                      resolve_template)
+    from vlmtune.model.adapter_files import adapter_files
     from vlmtune.infer.scoring import score_conversations
     from vlmtune.model.load import load_model, resolve_model_dir
 
@@ -123,7 +122,7 @@ def evaluate_points(points: Sequence[SweepPoint], conversations, labels: list[st
     # The run's own pixel limits and template, for the base model too.
     reference = adapters[-1].adapter_dir if adapters else None
     if not model_name_or_path:
-        model_name_or_path = base_model_of(reference) if reference is not None else None
+        model_name_or_path = adapter_files(reference).base_model if reference is not None else None
         if not model_name_or_path:
             raise VlmtuneError("the adapters do not name their base model (base_model_name_or_path); "
                                "pass --model_name_or_path")
@@ -263,4 +262,58 @@ def write_sweep(output_dir: str | Path, rows: Sequence[dict[str, Any]], metric: 
     write_atomic(output_dir / "sweep.csv", render_csv(rows))
     write_atomic(output_dir / "sweep.json", json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     write_atomic(output_dir / "sweep.png", render_plot(rows, metric, f"{metric} vs step ({dataset})"))
+    return best
+
+
+def sweep_labels(cfg, conversations) -> tuple[list[str], str]:
+    """(label set with the positive label first, positive label): the given labels or the dataset's label set;
+    every reference answer must be one of them."""
+    from vlmtune.labels import answers_outside, positive_first, resolve_label_set
+
+    labels, _ = resolve_label_set(cfg.data.labels, [c.answer for c in conversations], cfg.data.positive_label)
+    if labels is None:
+        raise VlmtuneError(f"dataset '{cfg.data.dataset}': the answers do not form a small closed label set; "
+                           f"pass --labels a,b")
+    positive = cfg.data.positive_label.strip()
+    if positive not in labels:
+        raise VlmtuneError(f"--positive {positive!r} is not one of the labels {labels}")
+    outside = answers_outside(labels, [c.answer for c in conversations])
+    if outside:
+        raise VlmtuneError(f"dataset '{cfg.data.dataset}': answer {outside[0]!r} is not one of the labels {labels}")
+    return positive_first(labels, positive), positive
+
+
+def run_sweep(output_dir: str | Path, cfg, metric: str = "f1", batch_size: int = 8,
+              explicit: set[str] | frozenset[str] = frozenset(), log=print) -> dict[str, Any] | None:
+    """Score cfg's dataset at every point of a training output_dir, print the table, write sweep.csv / .json /
+    .png; returns the best row. Image pixel limits, template and enable_thinking are the adapters' unless in
+    `explicit` (the keys the user set); the base model is the adapters' base unless model_name_or_path is set."""
+    from vlmtune.files import refuse_input_as_output
+    from vlmtune.infer.predict import load_test_data, prediction_inputs
+
+    metric = normalise_metric(metric)
+    if batch_size <= 0:
+        raise VlmtuneError(f"--batch_size must be > 0, got {batch_size}")
+    points = find_points(output_dir)
+    conversations = load_test_data(cfg)
+    inputs = prediction_inputs(cfg, conversations)
+    for name in SWEEP_FILES:  # a dataset kept in the run directory as sweep.json is not written over
+        refuse_input_as_output(Path(output_dir) / name, inputs, "sweep output")
+    labels, positive = sweep_labels(cfg, conversations)
+    log(f"sweep of {output_dir}: {', '.join(p.name for p in points)}")
+    given = {key: getattr(cfg.model if key.startswith("image") else cfg.data, key) if key in explicit else None
+             for key in ("image_max_pixels", "image_min_pixels", "template", "enable_thinking")}
+    rows = evaluate_points(points, conversations, labels, positive, cfg.model.model_name_or_path, batch_size,
+                           given["image_max_pixels"], given["image_min_pixels"], cfg.train.bf16, cfg.train.fp16,
+                           cfg.data.default_system, given["template"], given["enable_thinking"], log=log)
+    best = write_sweep(output_dir, rows, metric, cfg.data.dataset, labels, positive)
+    log("\n" + format_sweep_table(rows, metric) + "\n")
+    if best is None:
+        log(f"best: none ({metric} is undefined at every point)")
+    else:
+        step = "" if best["step"] is None else f", step {best['step']}"
+        where = f" ({best['adapter']})" if best["adapter"] else ""
+        log(f"best by {metric}: {best['name']}{step}{where}: {best[metric]:.4f}")
+    out = Path(output_dir)
+    log(f"wrote {out / 'sweep.csv'}, {out / 'sweep.json'}, {out / 'sweep.png'}")
     return best

@@ -7,5 +7,5 @@
                        transformers predictor
     vllm_backend.py    the same two modes on vLLM (GPU, tensor parallel, LoRA), imported lazily
     output.py          the resumable prediction JSONL and its `.meta.json` sidecar
-    command.py         `vlmtune predict`
+    predict.py         a dataset into a prediction JSONL: `vlmtune predict`'s and do_predict's work
 """

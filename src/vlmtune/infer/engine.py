@@ -26,11 +26,9 @@ import torch
 
 from vlmtune.data.processor import Processor, load_processor
 from vlmtune.errors import VlmtuneError
-from vlmtune.files import read_json_object
+from vlmtune.model.adapter_files import ADAPTER_CONFIG, adapter_files
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 
-ADAPTER_CONFIG = "adapter_config.json"
-PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
 @dataclass
@@ -46,43 +44,13 @@ class Engine:
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """The adapter's `adapter_config.json`, or a one-line error saying why the directory is not an adapter
-    (no config, a config that is not a JSON object, missing or damaged weights)."""
-    path = Path(adapter_dir).expanduser()
-    if not path.is_dir():
-        raise VlmtuneError(f"{path}: adapter directory not found")
-    config_path = path / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise VlmtuneError(f"{path}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
-    config = read_json_object(config_path)
-    base = config.get("base_model_name_or_path")
-    if base is not None and not isinstance(base, str):
-        raise VlmtuneError(f"{config_path}: field 'base_model_name_or_path' must be a string, got {base!r}")
-    weights = path / "adapter_model.safetensors"
-    if weights.is_file():
-        check_safetensors(weights)
-    elif not (path / "adapter_model.bin").is_file():
-        raise VlmtuneError(f"{path}: no adapter_model.safetensors (the adapter weights are missing)")
-    return config
-
-
-def check_safetensors(path: Path) -> None:
-    """Read a .safetensors header (not the tensors): a truncated or foreign file fails here, in one line,
-    before the model loads. safetensors checks that the header covers the whole file."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            handle.keys()
-    except (SafetensorError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise VlmtuneError(f"{path}: not a readable safetensors file ({first[:200]}); the adapter is damaged") from None
+    """The adapter's `adapter_config.json` (checked with its weights: `model.adapter_files`)."""
+    return adapter_files(adapter_dir).config
 
 
 def base_model_of(adapter_dir: str | Path) -> str | None:
     """`base_model_name_or_path` recorded in the adapter (the model it was trained on), if any."""
-    value = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-    return str(value) if value else None
+    return adapter_files(adapter_dir).base_model
 
 
 def warn_if_other_base(adapter_dir: Path, model_name_or_path: str, model_dir: Path, warn) -> None:
@@ -99,31 +67,11 @@ def warn_if_other_base(adapter_dir: Path, model_name_or_path: str, model_dir: Pa
          f"loaded onto {model_dir}; if that is another model, its answers may mean little")
 
 
-def saved_pixel_limits(directory: str | Path) -> tuple[int | None, int | None]:
-    """(max_pixels, min_pixels) from a saved `preprocessor_config.json`, (None, None) when absent."""
-    path = Path(directory) / PREPROCESSOR_CONFIG
-    if not path.is_file():
-        return None, None
-    config = read_json_object(path)
-    size = config.get("size") or {}
-    if not isinstance(size, dict):
-        raise VlmtuneError(f"{path}: field 'size' must be an object, got {size!r}")
-    max_pixels = size.get("longest_edge", config.get("max_pixels"))
-    min_pixels = size.get("shortest_edge", config.get("min_pixels"))
-    limits = []
-    for key, value in (("size.longest_edge", max_pixels), ("size.shortest_edge", min_pixels)):
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise VlmtuneError(f"{path}: field '{key}' must be a pixel count (an integer > 0), got {value!r}")
-        limits.append(value)
-    return limits[0], limits[1]
-
-
 def resolve_pixel_limits(adapter_dir: str | Path | None, image_max_pixels: int | None,
                          image_min_pixels: int | None) -> tuple[int | None, int | None]:
     """Explicit limits win; otherwise the adapter's; None means "the base model's processor default"."""
-    saved_max, saved_min = saved_pixel_limits(adapter_dir) if adapter_dir is not None else (None, None)
+    saved = adapter_files(adapter_dir) if adapter_dir is not None else None
+    saved_max, saved_min = (saved.max_pixels, saved.min_pixels) if saved is not None else (None, None)
     max_pixels = image_max_pixels if image_max_pixels is not None else saved_max
     min_pixels = image_min_pixels if image_min_pixels is not None else saved_min
     if max_pixels is not None and min_pixels is not None and min_pixels > max_pixels:
@@ -134,9 +82,8 @@ def resolve_pixel_limits(adapter_dir: str | Path | None, image_max_pixels: int |
 def resolve_template(adapter_dir: str | Path | None, template: str | None,
                      enable_thinking: bool | None) -> tuple[str | None, bool | None]:
     """Explicit settings win; otherwise the adapter's; None means "the model family's default"."""
-    from vlmtune.data.processor import saved_template
-
-    saved_name, saved_thinking = saved_template(adapter_dir) if adapter_dir is not None else (None, None)
+    saved = adapter_files(adapter_dir) if adapter_dir is not None else None
+    saved_name, saved_thinking = (saved.template, saved.enable_thinking) if saved is not None else (None, None)
     if template is not None:  # the adapter's own template named again: its enable_thinking unless another is given
         return template, saved_thinking if enable_thinking is None and template == saved_name else enable_thinking
     return saved_name, enable_thinking if enable_thinking is not None else saved_thinking
@@ -162,7 +109,7 @@ def attach_adapter(model: torch.nn.Module, adapter_dir: str | Path, model_dir: s
     from peft import PeftModel
     from safetensors import SafetensorError
 
-    read_adapter_config(adapter_dir)
+    adapter_files(adapter_dir)  # a one-line error for a directory that is not an adapter
     try:
         with warnings.catch_warnings():  # peft calls transformers APIs that 5.x deprecates: not the user's concern
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -177,20 +124,35 @@ def attach_adapter(model: torch.nn.Module, adapter_dir: str | Path, model_dir: s
     return wrapped
 
 
+def base_note(adapter_dir: Path, quantization) -> str | None:
+    """One line on what a QLoRA adapter (trained on a quantized base) is applied to — by prediction, the servers
+    and export alike; None for other adapters on a full-precision base."""
+    trained = adapter_files(adapter_dir).quantization
+    if quantization is not None:
+        on = f"the {quantization.label} base" + (" it trained on" if trained == quantization else "")
+        return f"QLoRA: {adapter_dir} applied to {on}, not merged (quantization_bit given)"
+    if trained is not None:
+        return (f"QLoRA: {adapter_dir} was trained on the {trained.label} base; it is applied to the "
+                f"full-precision base, not to dequantized {trained.bits}-bit weights")
+    return None
+
+
 def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None = None,
                 image_max_pixels: int | None = None, image_min_pixels: int | None = None,
                 bf16: bool = False, fp16: bool = False, attn_implementation: str = "auto",
                 device: str | torch.device | None = None, cache_dir: str | None = None,
                 revision: str = "main", merge_adapter: bool = False, template: str | None = None,
-                enable_thinking: bool | None = None, log=print) -> Engine:
+                enable_thinking: bool | None = None, quantization=None, log=print) -> Engine:
     """Load base model (+ adapter) and the processor with the adapter's pixel limits and chat template.
 
-    `model_name_or_path` may be None when the adapter records its base model.
+    `model_name_or_path` may be None when the adapter records its base model. The base is the full-precision
+    one, also for a QLoRA adapter, unless `quantization` (a `model.quantize.Quantization`) asks for it quantized
+    — then the adapter is not merged: merging into quantized weights would round the sum again.
     """
     adapter_dir = None
     if adapter_name_or_path:
         adapter_dir = Path(adapter_name_or_path).expanduser()
-        read_adapter_config(adapter_dir)  # fail on a bad adapter before the (slow) model load
+        adapter_files(adapter_dir)  # fail on a bad adapter before the (slow) model load
         if not model_name_or_path:
             model_name_or_path = base_model_of(adapter_dir)
             if not model_name_or_path:
@@ -204,15 +166,20 @@ def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None
                                *resolve_template(adapter_dir, template, enable_thinking))
     device = pick_device(device)
     dtype = inference_dtype(device, bf16, fp16)
-    model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation, device=device)
+    model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation, device=device,
+                       quantization=quantization)
     model.eval()
     if adapter_dir is not None:
+        note = base_note(adapter_dir, quantization)
+        if note is not None:
+            log(note)
         model = attach_adapter(model, adapter_dir, model_dir)
-        if merge_adapter:
+        if merge_adapter and quantization is None:
             model.merge_adapter()
     source = "from the adapter" if adapter_dir is not None and image_max_pixels is None and \
-        saved_pixel_limits(adapter_dir)[0] is not None else "given" if image_max_pixels is not None else "model default"
+        adapter_files(adapter_dir).max_pixels is not None else "given" if image_max_pixels is not None else "model default"
     log(f"model: {model_dir}" + (f" + adapter {adapter_dir}" if adapter_dir else "") +
-        f" ({str(dtype).replace('torch.', '')} on {device}); image pixels {processor.min_pixels}..{processor.max_pixels}"
+        f" ({str(dtype).replace('torch.', '')}{f', language model {quantization.label}' if quantization else ''} on "
+        f"{device}); image pixels {processor.min_pixels}..{processor.max_pixels}"
         f" ({source}); template {processor.template.name}")
     return Engine(model, processor, model_dir, adapter_dir, device, dtype)

@@ -24,15 +24,16 @@ from vlmtune.infer.scoring import encode_prompts, evaluating, to_model
 from vlmtune.model.compat import image_inputs, unwrap
 
 
-def sampling_kwargs(max_new_tokens: int, temperature: float) -> dict:
-    """Generation settings with nothing left for the model's generation_config to fill in."""
+def sampling_kwargs(max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = 0,
+                    repetition_penalty: float = 1.0) -> dict:
+    """Generation settings with nothing left for the model's generation_config to fill in (top_k 0: all tokens)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     # The penalties apply to greedy decoding too; the warpers (top_k, top_p, ...) only when sampling.
-    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1, repetition_penalty=1.0,
-                  no_repeat_ngram_size=0, do_sample=temperature > 0)
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
+                  repetition_penalty=float(repetition_penalty), no_repeat_ngram_size=0, do_sample=temperature > 0)
     if temperature > 0:
-        kwargs.update(temperature=float(temperature), top_k=0, top_p=1.0, typical_p=1.0)
+        kwargs.update(temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), typical_p=1.0)
     return kwargs
 
 
@@ -61,16 +62,18 @@ def stopping_criteria(should_stop: Callable[[], bool] | None):
 
 def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, max_new_tokens: int = 32,
                    temperature: float = 0.0, seed: int | None = None,
-                   should_stop: Callable[[], bool] | None = None) -> list[str]:
-    """`generate_samples` for an already collated, LEFT-padded batch."""
+                   should_stop: Callable[[], bool] | None = None, **sampling) -> list[str]:
+    """`generate_samples` for an already collated, LEFT-padded batch (`sampling`: top_p, top_k,
+    repetition_penalty of `sampling_kwargs`)."""
     core = unwrap(model)
     batch = to_model(batch, core)  # the images go through the vision tower here, once
     if seed is not None:
         torch.manual_seed(seed)
     stops = processor.stop_token_ids()
     with image_inputs(core, batch) as inputs:
-        output = core.generate(**inputs, **sampling_kwargs(max_new_tokens, temperature), eos_token_id=stops,
-                               pad_token_id=processor.pad_token_id, stopping_criteria=stopping_criteria(should_stop))
+        output = core.generate(**inputs, **sampling_kwargs(max_new_tokens, temperature, **sampling),
+                               eos_token_id=stops, pad_token_id=processor.pad_token_id,
+                               stopping_criteria=stopping_criteria(should_stop))
     new_tokens = output[:, batch["input_ids"].shape[1]:]
     texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [processor.template.answer_of(text) for text in texts]

@@ -30,7 +30,7 @@ META_VERSION = 1
 # rows are checked id by id.)
 FINGERPRINT = ("datasets", "model", "adapter", "adapter_weights", "backend", "mode", "labels",
                "max_new_tokens", "temperature", "seed", "image_max_pixels", "image_min_pixels", "dtype",
-               "default_system", "template")
+               "default_system", "template", "sampling")
 
 
 def meta_path(path: str | Path) -> Path:

@@ -44,9 +44,10 @@ def row_of(conv: Conversation, template, default_system: str | None, predict: st
 
 def predict_batches(predictor, conversations: Sequence[Conversation], mode: str, labels: list[str] | None,
                     batch_size: int, max_new_tokens: int = 64, temperature: float = 0.0, seed: int | None = None,
-                    default_system: str | None = None,
-                    first_index: int = 0) -> Iterator[tuple[list[Conversation], list[dict[str, Any]]]]:
-    """(conversations, rows) batch by batch, in order.
+                    default_system: str | None = None, first_index: int = 0, sampling: dict[str, Any] | None = None
+                    ) -> Iterator[tuple[list[Conversation], list[dict[str, Any]]]]:
+    """(conversations, rows) batch by batch, in order. `sampling`: top_p, top_k, repetition_penalty for
+    generation (`predictor.generate`'s keywords; none: their neutral values).
 
     With sampling (temperature > 0) each batch is seeded with `seed + its first sample's index in the
     dataset` (`first_index` is the index of conversations[0]), so a resumed run samples as a
@@ -72,7 +73,7 @@ def predict_batches(predictor, conversations: Sequence[Conversation], mode: str,
                                dict(zip(labels, p))) for c, p in zip(chunk, probs)]
             else:
                 batch_seed = seed + offset if temperature > 0 and seed is not None else None
-                texts = predictor.generate(prepared, max_new_tokens, temperature, batch_seed)
+                texts = predictor.generate(prepared, max_new_tokens, temperature, batch_seed, **(sampling or {}))
                 rows = [row_of(c, predictor.processor.template, default_system, t, None) for c, t in zip(chunk, texts)]
             offset += len(chunk)
             yield chunk, rows
@@ -157,12 +158,14 @@ class TransformersPredictor:
         return logp.softmax(-1).tolist()
 
     def generate(self, batch: dict, max_new_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None) -> list[str]:
+                 seed: int | None = None, **sampling) -> list[str]:
+        """Generated answers; `sampling`: top_p, top_k, repetition_penalty (`generation.sampling_kwargs`)."""
         from vlmtune.infer.generation import generate_batch
         from vlmtune.infer.scoring import evaluating
 
         with evaluating(self.engine.model):
-            return generate_batch(self.engine.model, self.processor, batch, max_new_tokens, temperature, seed)
+            return generate_batch(self.engine.model, self.processor, batch, max_new_tokens, temperature, seed,
+                                  **sampling)
 
     def close(self) -> None:
         pass

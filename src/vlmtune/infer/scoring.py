@@ -30,7 +30,6 @@ tests/infer/test_scoring.py checks the result against one plain full forward per
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from typing import Iterator, Sequence
 
 import torch
@@ -48,26 +47,7 @@ FAST_POSITIONS = tuple(name for family in FAMILIES for name in family.fast_rope_
 
 
 # ---------------------------------------------------------------------------------------------
-# Label sets
-
-
-def infer_label_set(conversations: Sequence[Conversation], max_labels: int = 8) -> list[str] | None:
-    """The closed set of answers when the data looks like classification, else None.
-
-    Classification means: every sample has a final answer; between 2 and `max_labels` distinct
-    answers (after strip); each at most 64 characters; and at least one answer repeats (five
-    captions on five samples are five distinct answers, not a label set). Labels come in order of
-    first appearance.
-    """
-    answers = [c.answer for c in conversations]
-    if not answers or any(a is None or not a.strip() for a in answers):
-        return None
-    counts = Counter(a.strip() for a in answers)
-    if not 2 <= len(counts) <= max_labels or len(counts) == len(answers):
-        return None
-    if any(len(label) > 64 for label in counts):
-        return None
-    return list(counts)
+# Label sets (parsed and inferred in `vlmtune.labels`)
 
 
 def label_token_ids(labels: Sequence[str], processor: Processor) -> list[list[int]]:
@@ -136,7 +116,8 @@ def to_model(batch: dict, core: torch.nn.Module) -> dict:
     raw, settings = out.pop("image_pixels", None), out.pop("image_settings", None)
     pixels = out.pop("pixel_values", None)
     if raw is not None or pixels is not None:
-        from vlmtune.model.vision import encoder_outputs, vision_encoder
+        from vlmtune.data.features import encoder_outputs
+        from vlmtune.model.vision import vision_encoder
 
         encoder = vision_encoder(parts_of(core).vision_tower)
         grid = out["image_grid_thw"]

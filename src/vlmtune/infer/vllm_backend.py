@@ -162,13 +162,14 @@ class VllmPredictor:
         from vllm.lora.request import LoRARequest
 
         from vlmtune.data.processor import load_processor
-        from vlmtune.infer.engine import base_model_of, read_adapter_config, resolve_pixel_limits, resolve_template
+        from vlmtune.infer.engine import resolve_pixel_limits, resolve_template
+        from vlmtune.model.adapter_files import adapter_files
         from vlmtune.model.load import resolve_model_dir
 
         adapter_dir = Path(adapter_name_or_path).expanduser() if adapter_name_or_path else None
-        adapter_config = read_adapter_config(adapter_dir) if adapter_dir is not None else {}
-        if not model_name_or_path and adapter_dir is not None:
-            model_name_or_path = base_model_of(adapter_dir)
+        adapter = adapter_files(adapter_dir) if adapter_dir is not None else None
+        if not model_name_or_path and adapter is not None:
+            model_name_or_path = adapter.base_model
         model_dir = resolve_model_dir(model_name_or_path, cache_dir, revision)
         max_pixels, min_pixels = resolve_pixel_limits(adapter_dir, image_max_pixels, image_min_pixels)
         processor = load_processor(model_dir, max_pixels, min_pixels,
@@ -188,9 +189,8 @@ class VllmPredictor:
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         if adapter_dir is not None:
-            check_adapter(adapter_dir, adapter_config, vllm_config)
-            kwargs.update(enable_lora=True, max_loras=1,
-                          max_lora_rank=lora_rank_limit(int(adapter_config.get("r", 8))))
+            check_adapter(adapter_dir, adapter.config, vllm_config)
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_limit(adapter.rank))
         # Scoring sends each prompt once per label: the label requests of a sample share its prompt's cache.
         kwargs["enable_prefix_caching"] = True
         kwargs.update(vllm_config)  # the user's settings win (tensor_parallel_size, gpu_memory_utilization, ...)
@@ -297,14 +297,15 @@ class VllmPredictor:
             probs.append([e / sum(exp) for e in exp])
         return probs
 
-    def generate(self, prepared, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None) -> list[str]:
+    def generate(self, prepared, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0) -> list[str]:
         from vllm import SamplingParams
 
-
         # Every setting explicit: Qwen's generation_config.json (repetition_penalty 1.05, top_k 1) must not leak in.
-        sampling = dict(temperature=temperature, top_p=1.0, top_k=-1, seed=seed) if temperature > 0 else \
+        # top_k 0 is "all tokens" in vlmtune's settings, -1 in vLLM's.
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k or -1, seed=seed) if temperature > 0 else \
             dict(temperature=0.0)
-        params = SamplingParams(**sampling, repetition_penalty=1.0, max_tokens=max_new_tokens,
+        params = SamplingParams(**sampling, repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,
                                 stop_token_ids=self.processor.stop_token_ids(), skip_special_tokens=True)
         requests = [self._request(prompt, images) for prompt, images in prepared]
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)

@@ -17,6 +17,7 @@ then), so the adapter holds what trains; an unfrozen projector is trained in ful
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -174,6 +175,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for param in model.parameters():
         n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 partitions weights to empty tensors
+        quant_state = getattr(param, "quant_state", None)  # bitsandbytes 4-bit packs two weights per byte
+        if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+            n = math.prod(quant_state.shape)
         total += n
         if param.requires_grad:
             trainable += n

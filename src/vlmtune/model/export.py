@@ -28,13 +28,17 @@ its linear layer, W + (alpha/r)·B·A (the product in float32 on a CPU, the sum 
 Modules trained in full next to the adapter (`additional_target`, the projector) replace the base
 ones. Merging a 7B model in bfloat16 on the CPU needs about 17 GB of memory.
 
+A QLoRA adapter (trained on a 4- or 8-bit base, `model/quantize.py`) is merged the same way, onto the
+full-precision base — never onto dequantized 4-bit weights, whose rounding would stay in the export; a start-up
+line says so, and `vlmtune_export.json` records how the adapter's base was quantized in training. A quantized base
+checkpoint is refused.
+
 An export directory that is not empty is refused unless `--overwrite`, which replaces the files an
 export writes (and stale weight shards) and leaves other files alone.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -100,10 +104,24 @@ def merge_adapter(model):
     return merged
 
 
+def refuse_quantized_base(model_dir: Path) -> None:
+    """A base checkpoint that is itself quantized (`quantization_config` in its config.json) is refused: merging
+    into it would fold the adapter into rounded weights."""
+    from vlmtune.files import read_json_object
+
+    config = read_json_object(model_dir / "config.json")
+    quantized = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+    if quantized:
+        method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else "?"
+        raise VlmtuneError(f"{model_dir}: a quantized checkpoint ({method}); export merges onto the full-precision "
+                           f"base: pass its directory with --model_name_or_path")
+
+
 def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir: str | Path,
            export_dtype: str = "auto", export_size: int = 5, overwrite: bool = False, device: str = "cpu",
-           log=print) -> Path:
-    """Merge `adapter_name_or_path` into its base and write the checkpoint into `export_dir`."""
+           log=print, legacy_format: bool = False) -> Path:
+    """Merge `adapter_name_or_path` into its base and write the checkpoint into `export_dir` (`legacy_format`:
+    PyTorch .bin weight files instead of .safetensors). `device` auto: a GPU when there is one."""
     if export_dtype not in DTYPES:
         raise VlmtuneError(f"--export_dtype must be one of {', '.join(DTYPES)}, got {export_dtype!r}")
     if export_size < 1:
@@ -115,23 +133,24 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
 
     import torch
 
-    from vlmtune.infer.engine import base_model_of, load_engine, read_adapter_config
+    from vlmtune.infer.engine import load_engine
+    from vlmtune.model.adapter_files import adapter_files
     from vlmtune.model.load import resolve_model_dir
 
-    adapter_config = read_adapter_config(adapter_dir)
-    if adapter_config.get("peft_type", "LORA") != "LORA":
-        raise VlmtuneError(f"{adapter_dir}: peft_type {adapter_config.get('peft_type')} cannot be merged "
-                           f"(only LoRA adapters)")
-    model_name_or_path = model_name_or_path or base_model_of(adapter_dir)
+    adapter = adapter_files(adapter_dir)
+    if adapter.peft_type != "LORA":
+        raise VlmtuneError(f"{adapter_dir}: peft_type {adapter.peft_type} cannot be merged (only LoRA adapters)")
+    model_name_or_path = model_name_or_path or adapter.base_model
     model_dir = resolve_model_dir(model_name_or_path)
     check_export_dir(export_dir, overwrite, model_dir, adapter_dir)
+    refuse_quantized_base(model_dir)  # a QLoRA adapter merges onto the full-precision base (the engine says so)
     ensure_writable_dir(export_dir, "--export_dir")  # a read-only place fails now, not after the merge
     dtype_name = base_dtype(model_dir) if export_dtype == "auto" else export_dtype
     start = time.perf_counter()
     with warnings.catch_warnings():  # peft calls transformers APIs that 5.x deprecates: not the user's concern
         warnings.filterwarnings("ignore", category=FutureWarning)
         engine = load_engine(str(model_dir), str(adapter_dir), bf16=dtype_name == "bfloat16",
-                             fp16=dtype_name == "float16", device=device, log=log)
+                             fp16=dtype_name == "float16", device=None if device == "auto" else device, log=log)
         merged = merge_adapter(engine.model)
     merged = merged.to(getattr(torch, dtype_name))
     merged.config.use_cache = True
@@ -139,13 +158,16 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
 
     try:
         write_export(merged, engine, model_dir, adapter_dir, export_dir, dtype_name, export_size, overwrite, log)
+        if legacy_format:
+            to_legacy_format(export_dir, log)
     except (OSError, RuntimeError) as exc:  # a full disk: one line (the base and the adapter are untouched)
-        from vlmtune.train.checkpoint import describe_write_error
+        from vlmtune.files import describe_write_error
 
         raise VlmtuneError(f"--export_dir {export_dir}: writing the merged model failed ({describe_write_error(exc)}); "
                            f"the export there is incomplete") from None
-    size = sum(p.stat().st_size for p in export_dir.glob("*.safetensors"))
-    log(f"exported to {export_dir}: {size / 2**20:.1f} MiB of safetensors, "
+    kind = "pytorch_model*.bin" if legacy_format else "*.safetensors"
+    size = sum(p.stat().st_size for p in export_dir.glob(kind))
+    log(f"exported to {export_dir}: {size / 2**20:.1f} MiB of {'.bin' if legacy_format else 'safetensors'} weights, "
         f"{len(list(export_dir.iterdir()))} files (load it like any {engine.processor.family.name}, no adapter)")
     return export_dir
 
@@ -175,7 +197,11 @@ def write_export(merged, engine, model_dir: Path, adapter_dir: Path, export_dir:
     for name in AUXILIARY_FILES:
         if (model_dir / name).is_file() and not (export_dir / name).exists():
             shutil.copyfile(model_dir / name, export_dir / name)
+    from vlmtune.model.adapter_files import adapter_files
+
+    trained_on = adapter_files(adapter_dir).quantization
     info = {"base_model": str(model_dir), "adapter": str(adapter_dir.resolve()), "dtype": dtype_name,
+            **({"adapter_trained_quantized": trained_on.record()} if trained_on is not None else {}),
             "image_pixels": [processor.min_pixels, processor.max_pixels],
             "vlmtune_version": __version__, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (export_dir / "vlmtune_export.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
@@ -265,24 +291,30 @@ def add_shard(export_dir: Path, name: str, tensors: dict, existing: dict) -> Non
     index_path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtune export", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
-    parser.add_argument("--model_name_or_path", default=None,
-                        help="base model (default: the one recorded in the adapter's adapter_config.json)")
-    parser.add_argument("--adapter_name_or_path", required=True, help="LoRA adapter directory to merge")
-    parser.add_argument("--export_dir", required=True, help="where to write the merged model (empty or new)")
-    parser.add_argument("--export_dtype", choices=DTYPES, default="auto",
-                        help="weights' dtype (auto: the base checkpoint's)")
-    parser.add_argument("--export_size", type=int, default=5, help="largest safetensors shard, in GB (default 5)")
-    parser.add_argument("--export_device", default="cpu", help="where to merge: cpu (default) or cuda")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty export_dir")
-    return parser
+LEGACY_INDEX = "pytorch_model.bin.index.json"
 
 
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    export(args.model_name_or_path, args.adapter_name_or_path, args.export_dir, args.export_dtype, args.export_size,
-           args.overwrite, args.export_device)
-    return 0
+def to_legacy_format(export_dir: Path, log=print) -> None:
+    """The export's .safetensors shards rewritten as PyTorch .bin files (`export_legacy_format`), with their index.
+
+    transformers 5's `save_pretrained` writes safetensors only (its `safe_serialization=False` is gone), so each
+    shard is converted here, one at a time: `model-00001-of-00002.safetensors` → `pytorch_model-00001-of-00002.bin`,
+    the index → `pytorch_model.bin.index.json`, the safetensors files removed. transformers and vLLM load either.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    shards = sorted(export_dir.glob("model*.safetensors"))
+    names = {shard.name: "pytorch_model" + shard.name[len("model"):-len(".safetensors")] + ".bin" for shard in shards}
+    for shard in shards:
+        torch.save(load_file(str(shard)), export_dir / names[shard.name])
+    index_path = export_dir / INDEX
+    if index_path.is_file():
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        index["weight_map"] = {k: names.get(v, v) for k, v in index["weight_map"].items()}
+        (export_dir / LEGACY_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        index_path.unlink()
+    for shard in shards:
+        shard.unlink()
+    log(f"export_legacy_format: the weights written as {len(shards)} PyTorch .bin file(s) (transformers 5 saves "
+        f"safetensors only; converted shard by shard)")

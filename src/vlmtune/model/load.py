@@ -82,18 +82,32 @@ def read_model_config(model_dir: Path):
 
 
 def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "auto",
-               device: torch.device | str | None = None):
-    """The base model with weights. Weights stay in `dtype` (bf16 on GPUs halves memory)."""
+               device: torch.device | str | None = None, quantization=None):
+    """The base model with weights. Weights stay in `dtype` (bf16 on GPUs halves memory). With `quantization`
+    (a `model.quantize.Quantization`, QLoRA) the language model's linear layers are loaded quantized by
+    bitsandbytes, straight onto `device` (default: the CPU) — bitsandbytes quantizes as the weights arrive there
+    and a quantized model is not moved afterwards."""
     from transformers import AutoModelForImageTextToText
 
     config = read_model_config(model_dir)
-    note = missing_kernels_note(family_of_type(config.model_type))
+    family = family_of_type(config.model_type)
+    note = missing_kernels_note(family)
     if note is not None:
         print(f"note: {note}", file=sys.stderr, flush=True)
+    placement = {}
+    if quantization is not None:
+        from vlmtune.model.quantize import bnb_config
+
+        placement = {"quantization_config": bnb_config(quantization, dtype, family.layout),
+                     "device_map": {"": torch.device(device if device is not None else "cpu")}}
     model = AutoModelForImageTextToText.from_pretrained(
-        str(model_dir), dtype=dtype, attn_implementation=pick_attention(attn_implementation))
-    if device is not None:
+        str(model_dir), dtype=dtype, attn_implementation=pick_attention(attn_implementation), **placement)
+    if device is not None and quantization is None:
         model.to(device)
+    if quantization is not None:
+        from vlmtune.model.quantize import guard_cpu_packing
+
+        guard_cpu_packing(model)
     guard_fp16_overflow(model)
     return model
 

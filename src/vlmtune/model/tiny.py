@@ -1,5 +1,5 @@
-"""`vlmtune tiny-model --out DIR [--arch MODEL_TYPE]`: a tiny random model that loads like a real checkpoint
-of its family (`--arch`: any model type of `vlmtune.families`, default qwen2_5_vl).
+"""A tiny random model that loads like a real checkpoint of its family (any model type of `vlmtune.families`,
+default qwen2_5_vl): what `vlmtune tiny-model` writes.
 
 No weights can be downloaded on the machines that test vlmtune, so tests and the demo build a model
 of the real architecture with small sizes (text hidden 128, 2 layers; vision depth 2, hidden 64;
@@ -11,11 +11,9 @@ directory like any release of that family.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
-from typing import Sequence
 
 from vlmtune.errors import VlmtuneError
 from vlmtune.families import MODEL_TYPES, TINY_DEFAULT, Family, family_of_type
@@ -125,23 +123,3 @@ def build_tiny_model(out: str | Path, seed: int = 0, text_hidden: int = 128, tex
     # As the releases ship it: the processor's template (AutoTokenizer of transformers 5 reads the .jinja).
     (out / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}), encoding="utf-8")
     return out
-
-
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vlmtune tiny-model", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="directory to write the model into")
-    parser.add_argument("--arch", default=DEFAULT_ARCH, choices=ARCHS,
-                        help=f"the family's model_type (default {DEFAULT_ARCH})")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text_hidden", type=int, default=128)
-    parser.add_argument("--text_layers", type=int, default=2)
-    parser.add_argument("--vision_hidden", type=int, default=64)
-    parser.add_argument("--vision_depth", type=int, default=2)
-    args = parser.parse_args(argv)
-    if args.text_hidden % 32:
-        raise VlmtuneError("--text_hidden must be a multiple of 32")
-    out = build_tiny_model(args.out, args.seed, args.text_hidden, args.text_layers, args.vision_hidden,
-                           args.vision_depth, arch=args.arch)
-    n_files = len(list(out.iterdir()))
-    print(f"tiny {family_of_type(args.arch).name} written to {out} ({n_files} files)")
-    return 0

@@ -41,8 +41,8 @@ cached features (`train.image_features`) and otherwise keeps the library's forwa
 
 What the encoder returns is `ImageFeatures`: the merged features the language model puts at the
 image tokens and, for towers with deepstack (Qwen3-VL), the features of the tower's deepstack layers
-that the language model adds to its first layers' hidden states. `encoder_outputs` turns per-image
-features back into the `mm_encoder_outputs` the model's forward takes.
+that the language model adds to its first layers' hidden states. `data.features.encoder_outputs` turns
+per-image features back into the `mm_encoder_outputs` the model's forward takes.
 """
 
 from __future__ import annotations
@@ -55,41 +55,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlmtune.families import FAMILIES, Family, import_object
+from vlmtune.data.features import ImageFeatures
+from vlmtune.families import FAMILIES
 from vlmtune.model.compat import vision_rotary
 from vlmtune.model.load import clamp_fp16_overflow
 
 SUPPORTED = tuple(name for family in FAMILIES for name in family.fast_vision_towers)
 PLAIN_ATTENTION = (None, "sdpa", "eager")
-
-
-@dataclass
-class ImageFeatures:
-    """Vision-tower output for one image (or several, concatenated): what the language model receives."""
-
-    embeds: torch.Tensor  # (tokens, text hidden): put at the image tokens (`pooler_output`)
-    deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: one (tokens, text hidden) per deepstack layer
-
-    def to(self, *args, **kwargs) -> "ImageFeatures":
-        return ImageFeatures(self.embeds.to(*args, **kwargs), tuple(d.to(*args, **kwargs) for d in self.deepstack))
-
-    def clone(self) -> "ImageFeatures":
-        return ImageFeatures(self.embeds.clone(), tuple(d.clone() for d in self.deepstack))
-
-
-def encoder_outputs(features: list[ImageFeatures], family: Family | None) -> dict:
-    """`mm_encoder_outputs` for a model's forward: the per-image features in the output class its vision
-    tower returns (with `deepstack_features` for a deepstack family, whose forward reads them)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    embeds = [f.embeds for f in features]
-    if family is None or family.deepstack_output is None:
-        return {"image": BaseModelOutputWithPooling(pooler_output=embeds)}
-    layers = len(features[0].deepstack) if features else 0
-    if any(len(f.deepstack) != layers for f in features):
-        raise ValueError("image features with and without deepstack features in one batch")
-    deepstack = [[f.deepstack[k] for f in features] for k in range(layers)]
-    return {"image": import_object(family.deepstack_output)(pooler_output=embeds, deepstack_features=deepstack)}
 
 
 @dataclass

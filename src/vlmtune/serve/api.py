@@ -48,14 +48,11 @@ if it is still queued, generation stopped at the next token.
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and
 # `Request` is imported inside create_app (the module imports without FastAPI installed).
-import argparse
 import asyncio
 import dataclasses
 import hmac
 import json
 import logging
-import os
-import sys
 import threading
 import time
 import urllib.error
@@ -64,12 +61,10 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from vlmtune import allocator
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Message
 from vlmtune.errors import VlmtuneError
-from vlmtune.serve.common import (MAX_IMAGE_PIXELS, MODES, Answer, Cancelled, ModelService, RequestError,
-                                  add_model_args, check_port_free, decode_data_url, is_loopback, model_label,
-                                  open_image_bytes, parse_labels)
+from vlmtune.serve.common import (MAX_IMAGE_PIXELS, Answer, Cancelled, ModelService, RequestError,
+                                  decode_data_url, open_image_bytes)
 
 API_KEY_ENV = "VLMTUNE_API_KEY"
 DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
@@ -79,6 +74,14 @@ DISCONNECT_POLL_S = 0.2  # how often a request in progress checks that its clien
 SEED_RANGE = (-(2**63), 2**63 - 1)  # torch's generator seed is a 64-bit integer
 TOKENS_PER_MESSAGE = 4  # <|im_start|>, the role, a newline, <|im_end|>: the least a message costs in a prompt
 log = logging.getLogger("vlmtune.api")
+
+
+def _limit(default: int, text: str):
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+# Limits fields whose flag has another name (`--max_tokens_limit`: `--max_new_tokens` is a request's default).
+LIMIT_FLAGS = {"max_tokens": "max_tokens_limit"}
 
 
 @dataclasses.dataclass
@@ -93,16 +96,32 @@ class Limits:
     up to 512 (one request holds the model while it generates; answers here are a few tokens).
     """
 
-    max_labels: int = 16
-    max_label_chars: int = 128
-    max_images: int = 8
-    max_image_pixels: int = MAX_IMAGE_PIXELS
-    max_request_pixels: int = 128_000_000
-    max_prompt_tokens: int = 16384
-    max_tokens: int = 512
+    max_labels: int = _limit(16, "Most candidate labels in vlmtune_labels.")
+    max_label_chars: int = _limit(128, "Longest candidate label, in characters.")
+    max_images: int = _limit(8, "Most images per request.")
+    max_image_pixels: int = _limit(MAX_IMAGE_PIXELS, "Most pixels of one image (read from its header before "
+                                                     "decoding).")
+    max_request_pixels: int = _limit(128_000_000, "Most pixels of all images of a request together.")
+    max_prompt_tokens: int = _limit(16384, "Longest prompt in tokens, image tokens included.")
+    # `--max_tokens_limit` on the command line: `--max_new_tokens` is the default a request gets.
+    max_tokens: int = _limit(512, "Largest max_tokens / max_completion_tokens a request may ask for.")
     # Text longer than this many characters per allowed prompt token is refused without tokenising it:
     # no real prompt averages 16 characters per token.
-    chars_per_token: int = 16
+    chars_per_token: int = _limit(16, "Characters of text per allowed prompt token above which a prompt is refused "
+                                      "without tokenising it.")
+
+    def check(self, max_new_tokens: int) -> None:
+        """Each limit must be ≥ 1, the per-image pixels within the per-request ones, and the default max_new_tokens
+        within max_tokens (one-line errors naming the flags)."""
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise VlmtuneError(f"--{LIMIT_FLAGS.get(f.name, f.name)} must be ≥ 1, got {getattr(self, f.name)}")
+        if max_new_tokens < 1 or max_new_tokens > self.max_tokens:
+            raise VlmtuneError(f"--max_new_tokens {max_new_tokens} must be between 1 and --max_tokens_limit "
+                               f"{self.max_tokens}")
+        if self.max_image_pixels > self.max_request_pixels:
+            raise VlmtuneError(f"--max_image_pixels {self.max_image_pixels:,} is larger than --max_request_pixels "
+                               f"{self.max_request_pixels:,}")
 
     def check_labels(self, labels: list[str] | None) -> None:
         if labels is None:
@@ -550,100 +569,15 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Command line
+# Running it
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtune api", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
-    add_model_args(parser)
-    server = parser.add_argument_group("server")
-    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    server.add_argument("--port", type=int, default=8000)
-    server.add_argument("--served_model_name", default=None,
-                        help="the model id /v1/models lists and responses carry (default: adapter or model dir name)")
-    server.add_argument("--mode", choices=MODES, default="generate",
-                        help="how a request without vlmtune_mode is answered (score needs --labels)")
-    server.add_argument("--max_request_bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
-                        help=f"largest request body accepted (413 above; default {DEFAULT_MAX_REQUEST_BYTES})")
-    server.add_argument("--allow_local_images", action="store_true",
-                        help="also accept file:// URLs and absolute paths (files the server process can read)")
-    server.add_argument("--allow_remote_images", action="store_true",
-                        help="also accept http(s) image URLs (the server fetches them: only where the server "
-                             "may reach every address a client names)")
-    server.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    bounds = parser.add_argument_group("request limits (a request above one gets a 400 before the work it bounds; "
-                                       "defaults for a 7B model on one GPU)")
-    for flag, field_name, text in LIMIT_FLAGS:
-        bounds.add_argument(f"--{flag}", dest=field_name, type=int, default=getattr(Limits, field_name),
-                            help=f"{text} (default {getattr(Limits, field_name):,})")
-    return parser
+def run_server(app, host: str, port: int, log_level: str = "info") -> None:
+    """Serve `app` with uvicorn until interrupted; a server that could not start is a one-line error."""
+    import uvicorn
 
-
-# flag → Limits field, help. (`--max_tokens_limit`: `--max_new_tokens` is the default a request gets.)
-LIMIT_FLAGS = (
-    ("max_labels", "max_labels", "most candidate labels in vlmtune_labels"),
-    ("max_label_chars", "max_label_chars", "longest candidate label, in characters"),
-    ("max_images", "max_images", "most images per request"),
-    ("max_image_pixels", "max_image_pixels", "most pixels of one image (read from its header before decoding)"),
-    ("max_request_pixels", "max_request_pixels", "most pixels of all images of a request together"),
-    ("max_prompt_tokens", "max_prompt_tokens", "longest prompt in tokens, image tokens included"),
-    ("max_tokens_limit", "max_tokens", "largest max_tokens / max_completion_tokens a request may ask for"),
-)
-
-
-def limits_of(args: argparse.Namespace) -> Limits:
-    """The request limits from the command line; each must be ≥ 1 (and --max_new_tokens within them)."""
-    limits = Limits(**{field_name: getattr(args, field_name) for _, field_name, _ in LIMIT_FLAGS})
-    for flag, field_name, _ in LIMIT_FLAGS:
-        if getattr(limits, field_name) < 1:
-            raise VlmtuneError(f"--{flag} must be ≥ 1, got {getattr(limits, field_name)}")
-    if args.max_new_tokens < 1 or args.max_new_tokens > limits.max_tokens:
-        raise VlmtuneError(f"--max_new_tokens {args.max_new_tokens} must be between 1 and --max_tokens_limit "
-                           f"{limits.max_tokens}")
-    if limits.max_image_pixels > limits.max_request_pixels:
-        raise VlmtuneError(f"--max_image_pixels {limits.max_image_pixels:,} is larger than --max_request_pixels "
-                           f"{limits.max_request_pixels:,}")
-    return limits
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    labels = parse_labels(args.labels)
-    if args.mode == "score" and not labels:
-        raise VlmtuneError("--mode score needs --labels (the closed label set to score)")
-    if args.max_request_bytes < 1024:
-        raise VlmtuneError(f"--max_request_bytes {args.max_request_bytes} is too small (at least 1024)")
-    limits = limits_of(args)
-    allocator.for_serving()  # before torch allocates: see vlmtune/allocator.py
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn
-    except ModuleNotFoundError:
-        raise VlmtuneError("`vlmtune api` needs FastAPI and uvicorn: pip install 'vlmtune[api]'") from None
-    check_port_free(args.host, args.port)
-    api_key = os.environ.get(API_KEY_ENV) or None
-    if not is_loopback(args.host) and not api_key:
-        print(f"warning: binding {args.host} without {API_KEY_ENV}: anyone who can reach this address can use "
-              f"the model", file=sys.stderr)
-    try:
-        service = ModelService.from_args(args, labels)
-    except RequestError as exc:
-        raise VlmtuneError(f"--labels: {exc}") from None
-    name = args.served_model_name or model_label(service.engine)
-    app = create_app(service, name, api_key, args.max_request_bytes,
-                     ImagePolicy(args.allow_local_images, args.allow_remote_images, args.max_request_bytes,
-                                 limits.max_image_pixels), args.mode, limits)
-    sources = "data: URLs" + (", local files" if args.allow_local_images else "") + \
-        (", http(s)" if args.allow_remote_images else "")
-    print(f"vlmtune api: http://{args.host}:{args.port}/v1 serving '{name}' "
-          f"(API key: {'required' if api_key else 'not required'}; labels: {', '.join(labels) if labels else 'none'}; "
-          f"default mode: {args.mode}; images from {sources}; per request at most {limits.max_images} images, "
-          f"{limits.max_request_pixels:,} pixels, {limits.max_prompt_tokens:,} prompt tokens, max_tokens "
-          f"{limits.max_tokens})", flush=True)
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()))
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, access_log=True,
+    logging.basicConfig(level=getattr(logging, log_level.upper()))
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=True,
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     try:
@@ -651,5 +585,4 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         pass
     if not server.started:
-        raise VlmtuneError(f"the server did not start on {args.host}:{args.port} (see the messages above)")
-    return 0
+        raise VlmtuneError(f"the server did not start on {host}:{port} (see the messages above)")

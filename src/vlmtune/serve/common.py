@@ -22,7 +22,6 @@ thread that calls torch would get its own OpenMP team — dozens of them on two 
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import io
@@ -58,39 +57,7 @@ class Cancelled(RequestError):
 
 
 # ---------------------------------------------------------------------------------------------
-# Command-line options both servers take
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--model_name_or_path", default=None,
-                       help="base model directory or hub id (may be omitted when the adapter records it)")
-    group.add_argument("--adapter_name_or_path", default=None, help="LoRA adapter directory (not merged)")
-    group.add_argument("--image_max_pixels", type=int, default=None,
-                       help="image pixel limit (default: the adapter's saved limit, else the model's)")
-    group.add_argument("--image_min_pixels", type=int, default=None)
-    group.add_argument("--bf16", action="store_true", help="load the model in bfloat16")
-    group.add_argument("--fp16", action="store_true", help="load the model in float16")
-    group.add_argument("--attn_implementation", default="auto", help="auto, sdpa, eager, flash_attention_2")
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    group.add_argument("--labels", default=None,
-                       help="closed label set, comma separated (e.g. 满足要求,不满足要求): enables label scoring")
-    group.add_argument("--default_system", default=None,
-                       help="system prompt when a request has none (default: the chat template's — Qwen2-VL's "
-                            "'You are a helpful assistant.', none for Qwen3-VL and Qwen3.5)")
-    group.add_argument("--max_new_tokens", type=int, default=128, help="generation limit when a request sets none")
-
-
-def parse_labels(text: str | None) -> list[str] | None:
-    """`a,b` → ['a', 'b'] (stripped, order kept); None or empty → None. Duplicates are an error."""
-    if text is None or not str(text).strip():
-        return None
-    labels = [part.strip() for part in str(text).split(",") if part.strip()]
-    if len(labels) < 2:
-        raise VlmtuneError(f"--labels needs at least two labels separated by commas, got {text!r}")
-    if len(set(labels)) != len(labels):
-        raise VlmtuneError(f"--labels has duplicates: {text!r}")
-    return labels
+# Where the servers listen
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -203,7 +170,8 @@ class ModelService:
             self.check_labels(self.labels)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, labels: Sequence[str] | None = None, log=print) -> "ModelService":
+    def from_args(cls, args, labels: Sequence[str] | None = None, log=print) -> "ModelService":
+        """From the servers' settings (an object with the attributes below: `commands/serving.py`)."""
         from vlmtune.infer.engine import load_engine
 
         engine = load_engine(args.model_name_or_path, args.adapter_name_or_path, args.image_max_pixels,

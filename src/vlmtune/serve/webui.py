@@ -1,4 +1,4 @@
-"""`vlmtune webui`: try the model by hand — drop an image, read the answer and the label probabilities.
+"""The page of `vlmtune webui`: try the model by hand — drop an image, read the answer and the label probabilities.
 
     vlmtune webui --model_name_or_path /data/Qwen2.5-VL-7B-Instruct --adapter_name_or_path /output/my_task \\
         --dataset my_dataset --dataset_dir data           # prompt box pre-filled with the dataset's rules
@@ -16,16 +16,13 @@ The model is loaded once at start-up; requests queue on one lock. The page binds
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Message
 from vlmtune.errors import VlmtuneError
-from vlmtune.serve.common import (MODES, ModelService, RequestError, add_model_args, check_port_free, is_loopback,
-                                  model_label, parse_labels)
+from vlmtune.serve.common import MODES, ModelService, RequestError, is_loopback, model_label
 
 # Fonts the browser has; the default theme would ask Google Fonts, which offline machines cannot reach.
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Noto Sans CJK SC",
@@ -48,7 +45,7 @@ class PageDefaults:
 def dataset_defaults(dataset: str, dataset_dir: str, log=print) -> PageDefaults:
     """Prompt and system of the dataset's first record, its label set, and a few of its images."""
     from vlmtune.data.loader import load_datasets
-    from vlmtune.infer.scoring import infer_label_set
+    from vlmtune.labels import infer_label_set
 
     loaded = load_datasets(dataset, dataset_dir, None)
     conversations = loaded.conversations
@@ -58,7 +55,8 @@ def dataset_defaults(dataset: str, dataset_dir: str, log=print) -> PageDefaults:
     first = conversations[0]
     examples = [[c.images[0], c.prompt, c.answer or ""] for c in conversations
                 if len(c.images) == 1 and c.prompt.count(IMAGE_PLACEHOLDER) == 1 and Path(c.images[0]).is_file()]
-    defaults = PageDefaults(prompt=first.prompt, system=first.system or "", labels=infer_label_set(conversations),
+    defaults = PageDefaults(prompt=first.prompt, system=first.system or "",
+                            labels=infer_label_set([c.answer for c in conversations]),
                             examples=examples[:MAX_EXAMPLES], source=f"{dataset} ({first.source}, record {first.index})")
     log(f"prompt from {defaults.source}; {len(conversations)} records; label set: "
         f"{', '.join(defaults.labels) if defaults.labels else 'none (answers are not a closed set)'}")
@@ -137,46 +135,17 @@ def build_app(service: ModelService, defaults: PageDefaults, title: str):
     return app
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlmtune webui", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.split("\n")[1:]))
-    add_model_args(parser)
-    data = parser.add_argument_group("page")
-    data.add_argument("--dataset", default=None, help="dataset whose first record fills the prompt (and label set)")
-    data.add_argument("--dataset_dir", default="data", help="directory with dataset_info.json")
-    data.add_argument("--prompt", default=None, help="initial prompt text (instead of a dataset's)")
-    data.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    data.add_argument("--port", type=int, default=7860)
-    return parser
+def launch_page(service: ModelService, defaults: PageDefaults, host: str, port: int) -> None:
+    """Build the page for the loaded model and serve it until interrupted (no share link, no analytics)."""
+    import gradio as gr
 
-
-def main(argv: list[str]) -> int:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    args = build_parser().parse_args(argv)
-    check_port_free(args.host, args.port)
-    defaults = dataset_defaults(args.dataset, args.dataset_dir) if args.dataset else PageDefaults()
-    if args.prompt is not None:
-        defaults.prompt = args.prompt
-    if args.default_system and not defaults.system:
-        defaults.system = args.default_system
-    labels = parse_labels(args.labels) or defaults.labels
-    try:
-        import gradio as gr
-    except ModuleNotFoundError:
-        raise VlmtuneError("`vlmtune webui` needs Gradio: pip install 'vlmtune[webui]'") from None
-    try:
-        service = ModelService.from_args(args, labels)
-    except RequestError as exc:
-        raise VlmtuneError(f"--labels: {exc}") from None
     app = build_app(service, defaults, model_label(service.engine))
-    if not is_loopback(args.host):
-        print(f"warning: binding {args.host}: anyone who can reach this address can use the model", file=sys.stderr)
+    if not is_loopback(host):
+        print(f"warning: binding {host}: anyone who can reach this address can use the model", file=sys.stderr)
     allowed = sorted({str(Path(path).resolve().parent) for path, _, _ in defaults.examples})
     theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
-    print(f"vlmtune webui: http://{args.host}:{args.port}  (labels: {', '.join(labels) if labels else 'none'})",
-          flush=True)
-    app.queue(default_concurrency_limit=1).launch(server_name=args.host, server_port=args.port, share=False,
+    labels = service.labels
+    print(f"vlmtune webui: http://{host}:{port}  (labels: {', '.join(labels) if labels else 'none'})", flush=True)
+    app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=False,
                                                   ssr_mode=False, inbrowser=False, theme=theme,
                                                   allowed_paths=allowed or None, footer_links=[], show_error=True)
-    return 0

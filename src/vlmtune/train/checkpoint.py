@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import describe_write_error
+from vlmtune.model.quantize import save_record
 from vlmtune.train.state import TrainerState
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -118,6 +120,7 @@ def _write_checkpoint(accelerator, model, processor, optimizer, scheduler, state
     weights = model_state_dict(accelerator, model)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        save_record(unwrapped, tmp)  # QLoRA: how the base was quantized
         processor.save_pretrained(tmp)
     if not save_only_model:
         save_torch(rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
@@ -151,13 +154,6 @@ def _write_errors() -> tuple[type[BaseException], ...]:
 
 
 WRITE_ERRORS = _write_errors()
-
-
-def describe_write_error(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{Path(exc.filename).name}: {exc.strerror}" if exc.filename else exc.strerror
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else exc.__class__.__name__
 
 
 def _survivors(output_dir: Path) -> str:

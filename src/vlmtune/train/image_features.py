@@ -119,7 +119,7 @@ def write_features(path: Path, features: list, grids: torch.Tensor) -> None:
 def read_features(path: Path) -> tuple[list, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from vlmtune.model.vision import ImageFeatures
+    from vlmtune.data.features import ImageFeatures
 
     tensors = load_file(str(path))
     grids = tensors["grids"]

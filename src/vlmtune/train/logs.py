@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from vlmtune.errors import VlmtuneError
+from vlmtune.progress import Progress, clock
 
 LOG_FILE = "trainer_log.jsonl"
 PLOTTED_EVAL_KEYS = ("eval_loss", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1", "eval_roc_auc",
@@ -28,6 +29,13 @@ class TrainLogger:
         self.start_time = time.time()
         self.start_step = start_step
         self.accelerator = accelerator if accelerator is not None and accelerator.log_with else None
+        self.progress: Progress | None = None
+
+    def start_progress(self, enabled: bool) -> Progress:
+        """The training bar on a terminal; without one (a log file, CI, `nohup`) each row's console line carries
+        the progress instead, so a log holds one line per logging step and no carriage-return redraws."""
+        self.progress = Progress(self.total_steps, self.start_step, desc="train", enabled=self.is_main and enabled)
+        return self.progress
 
     def info(self, message: str) -> None:
         if self.is_main:
@@ -39,7 +47,7 @@ class TrainLogger:
         remaining = elapsed / done * max(self.total_steps - step, 0)
         return {"current_steps": step, "total_steps": self.total_steps,
                 "percentage": round(100 * step / max(self.total_steps, 1), 2),
-                "elapsed_time": _clock(elapsed), "remaining_time": _clock(remaining)}
+                "elapsed_time": clock(elapsed), "remaining_time": clock(remaining)}
 
     def log(self, step: int, values: dict, prefix: str) -> None:
         """One row: to the jsonl, to TensorBoard as `{prefix}/{key}`, and a console line."""
@@ -61,6 +69,8 @@ class TrainLogger:
                     scalars[f"{prefix}/{tag}"] = value
             self.accelerator.log(scalars, step=step)
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in values.items() if v is not None)
+        if prefix == "train" and (self.progress is None or self.progress.bar is None):
+            shown += f" ({row['percentage']:g}%, {row['elapsed_time']} elapsed, {row['remaining_time']} left)"
         from tqdm.auto import tqdm
 
         tqdm.write(f"[{prefix} step {step}/{self.total_steps}] {shown}")  # above the progress bar, not into it
@@ -74,11 +84,6 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def read_log(output_dir: Path) -> list[dict]:

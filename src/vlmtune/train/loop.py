@@ -40,6 +40,7 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.files import ensure_writable_dir, write_atomic
 from vlmtune.model.adapters import apply_finetuning, parameter_summary
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
+from vlmtune.model.quantize import quantization_of, save_record
 from vlmtune.launch import local_rank_and_world, share_cores_between_local_ranks
 from vlmtune.train.batches import EpochBatches
 from vlmtune.train.checkpoint import (WRITE_ERRORS, checkpoint_dirs, describe_write_error, latest_checkpoint,
@@ -227,6 +228,9 @@ def run_shape(cfg: Config, world: int, n_examples: int) -> dict:
              "num_examples": n_examples, "seed": cfg.train.seed, "finetuning_type": f.finetuning_type}
     if f.finetuning_type == "lora":
         shape.update(lora_rank=f.lora_rank, lora_target=f.lora_target, additional_target=f.additional_target)
+        # QLoRA resumes on the base quantized as it trained on, plain LoRA on a full-precision one.
+        quantization = quantization_of(cfg.model)
+        shape.update(quantization.record() if quantization is not None else {"quantization_bit": None})
     return shape
 
 
@@ -268,6 +272,21 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def enable_checkpointing(model: torch.nn.Module, reentrant: bool) -> None:
+    """Gradient checkpointing on every layer that supports it (transformers' GradientCheckpointingLayer): a
+    layer's activations are recomputed in the backward pass instead of kept, LLaMA-Factory's default."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):  # its name from transformers 5.25 (the old one warns)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False  # training never reads the cache; scoring asks for it explicitly
+    if reentrant:
+        # The reentrant checkpoint backpropagates into a layer only when one of its inputs needs a gradient; with
+        # frozen embeddings (LoRA) none does and LoRA inside would get none. The non-reentrant one has no such rule.
+        model.enable_input_require_grads()
+
+
 def train(cfg: Config) -> dict:
     # ---- set-up ---------------------------------------------------------------------------------
     accelerator = make_accelerator(cfg)
@@ -300,8 +319,14 @@ def train(cfg: Config) -> dict:
                                cfg.data.enable_thinking)
     log(f"template: {processor.template.label} ({processor.family.name})")
     # (ZeRO-3 partitions the weights while they load, with collectives: that stays on this thread.)
+    # QLoRA: a quantized model loads straight onto this rank's device (bitsandbytes quantizes on arrival there).
+    quantization = quantization_of(cfg.model)
+    if quantization is not None:
+        log(f"QLoRA: the language model's linear layers load {quantization.label}; the vision tower, projector "
+            f"and lm_head in {str(dtype).replace('torch.', '')}")
     model_loading = Background(load_model, model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-                               in_thread=zero_stage(accelerator) < 3)
+                               device=accelerator.device if quantization is not None else None,
+                               quantization=quantization, in_thread=zero_stage(accelerator) < 3)
     data = prepare_data(cfg, processor, log, *local_rank_and_world(), barrier=accelerator.wait_for_everyone)
     log(describe_example(data.train[0], processor))
     model = model_loading.result()
@@ -311,8 +336,9 @@ def train(cfg: Config) -> dict:
 
     # ---- model ----------------------------------------------------------------------------------
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model, cfg.train.use_reentrant_gc)
+        log(f"gradient checkpointing: on ({'reentrant' if cfg.train.use_reentrant_gc else 'non-reentrant'}; "
+            f"disable_gradient_checkpointing: true turns it off)")
     model = apply_finetuning(model, cfg.finetune, log=log)
     log(parameter_summary(model))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -374,10 +400,7 @@ def train(cfg: Config) -> dict:
         log("  Vision tower frozen: each image's features are computed once and reused every epoch")
 
     # ---- the loop -------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    progress = tqdm(total=total_steps, initial=state.global_step, disable=not is_main or cfg.train.disable_tqdm,
-                    desc="train", dynamic_ncols=True)
+    progress = logger.start_progress(enabled=not cfg.train.disable_tqdm)
     best_weights: dict[str, torch.Tensor] | None = None
     window_stats = {"loss": [], "samples": 0, "tokens": 0, "start": time.time()}
     train_start, steps_at_start = time.time(), state.global_step
@@ -421,8 +444,7 @@ def train(cfg: Config) -> dict:
             state.train_loss_sum += loss_value
             state.samples_seen += sum(len(b) for b in window) * world
             window_stats["loss"].append(loss_value)
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss_value:.4f}")
+            progress.update(1, loss=f"{loss_value:.4f}")
             step = state.global_step
             if step % cfg.train.logging_steps == 0 or (cfg.train.logging_first_step and step == 1):
                 elapsed = max(time.time() - window_stats["start"], 1e-9)
@@ -524,6 +546,7 @@ def save_final(model, processor, state: TrainerState, output_dir: Path, weights)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        save_record(model, tmp)  # QLoRA: how the base was quantized, for predict / export to say
         processor.save_pretrained(tmp)
         state.save(tmp / "trainer_state.json")
         for path in sorted(tmp.iterdir()):

@@ -14,7 +14,7 @@ from vlmtune.data.conversation import Problem
 from vlmtune.data.encode import IGNORE_INDEX, EncodedSample
 from vlmtune.data.loader import load_splits, refuse_or_skip
 from vlmtune.errors import VlmtuneError
-from vlmtune.infer.scoring import infer_label_set
+from vlmtune.labels import resolve_label_set
 
 
 @dataclass
@@ -89,7 +89,8 @@ def prepare_data(cfg: Config, processor, log, local_rank: int = 0, local_world_s
     val = StoredSamples(store, [c for c in splits.val if c in store])
     if not train:
         raise VlmtuneError(f"{cfg.data.dataset}: no usable training records")
-    label_set = list(cfg.data.labels) if cfg.data.labels else infer_label_set(splits.train + splits.val)
+    label_set, _ = resolve_label_set(cfg.data.labels, [c.answer for c in splits.train + splits.val],
+                                     cfg.data.positive_label)
     how = ("reused the encoded-data store" if reused else
            f"encoded into the store by {local_world_size} rank(s) × {workers} thread(s), each image decoded once")
     log(f"{len(train)} training and {len(val)} validation samples: {how} ({store.directory}, "

@@ -1,0 +1,47 @@
+"""What `vlmtune webui` and `vlmtune api` share on the command line: the model (the config's keys), where to run
+it and where to listen."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+from vlmtune.commands.options import add_config_options, add_options, build_options, given_options
+from vlmtune.config import build_config
+from vlmtune.labels import parse_labels
+
+MODEL_FLAGS = ("model_name_or_path", "adapter_name_or_path", "image_max_pixels", "image_min_pixels", "bf16", "fp16",
+               "attn_implementation", "labels", "default_system", "max_new_tokens")
+SERVER_DEFAULTS = {"max_new_tokens": 128}  # the answer limit of a request that sets none
+
+
+@dataclass
+class ServerArgs:
+    """Where the model runs and where the server listens."""
+
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1 (default: cuda when available)."})
+    host: str = field(default="127.0.0.1", metadata={"help": "Address to bind (127.0.0.1: this machine only)."})
+    port: int = field(default=8000, metadata={"help": "Port to listen on."})
+
+
+def add_server_options(parser: argparse.ArgumentParser, port: int) -> None:
+    add_config_options(parser.add_argument_group("model"), MODEL_FLAGS, defaults=SERVER_DEFAULTS)
+    add_options(parser.add_argument_group("server"), ServerArgs, defaults={"port": port})
+
+
+def server_settings(args: argparse.Namespace, port: int) -> tuple[argparse.Namespace, list[str] | None]:
+    """(settings for `ModelService.from_args`, label set): the model keys typed and checked by the config's rules
+    (pixel limits None unless given: the adapter's then), the label set by `vlmtune.labels`'s."""
+    given = given_options(args, MODEL_FLAGS)
+    labels = parse_labels(given.pop("labels", None), "--labels")
+    cfg = build_config(given, "command line")
+    server = build_options(ServerArgs, args, defaults={"port": port})
+    settings = argparse.Namespace(
+        model_name_or_path=cfg.model.model_name_or_path, adapter_name_or_path=cfg.model.adapter_name_or_path,
+        image_max_pixels=cfg.model.image_max_pixels if "image_max_pixels" in given else None,
+        image_min_pixels=cfg.model.image_min_pixels if "image_min_pixels" in given else None,
+        bf16=cfg.train.bf16, fp16=cfg.train.fp16, attn_implementation=cfg.model.attn_implementation,
+        default_system=cfg.data.default_system,
+        max_new_tokens=cfg.predict.max_new_tokens if "max_new_tokens" in given else SERVER_DEFAULTS["max_new_tokens"],
+        device=server.device, host=server.host, port=server.port)
+    return settings, labels

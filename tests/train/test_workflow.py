@@ -1,0 +1,88 @@
+"""LLaMA-Factory's other entry point through `vlmtune train`: a predict YAML (examples/extras/nlg_eval/
+llama3_lora_predict.yaml's keys, paths pointed at a tiny model, a label adapter and the rules dataset) writes
+output_dir/generated_predictions.jsonl with LLaMA-Factory's prompt / predict / label and vlmtune's own fields; and
+do_train + do_predict trains, then predicts with the adapter it trained. In-process runs (`run_inline`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from helpers import TEMPLATE_OF, run_inline
+from vlmtune.families import TINY_DEFAULT
+
+POS, NEG = "满足要求", "不满足要求"
+
+
+def predict_yaml(path: Path, model_dir: Path, adapter: Path, data_dir: Path, output_dir: Path, **changes) -> Path:
+    """LLaMA-Factory's predict YAML (its keys and values; no do_train, as there), paths changed."""
+    values = {
+        "model_name_or_path": str(model_dir), "adapter_name_or_path": str(adapter), "trust_remote_code": True,
+        "stage": "sft", "do_predict": True, "finetuning_type": "lora",
+        "eval_dataset": "rules", "dataset_dir": str(data_dir), "template": TEMPLATE_OF[TINY_DEFAULT],
+        "cutoff_len": 2048, "max_samples": 6, "overwrite_cache": True, "preprocessing_num_workers": 16,
+        "dataloader_num_workers": 4,
+        "output_dir": str(output_dir), "overwrite_output_dir": True, "report_to": "none",
+        "per_device_eval_batch_size": 3, "predict_with_generate": True, "ddp_timeout": 180000000,
+        "max_new_tokens": 4,
+    }
+    values.update(changes)
+    path.write_text(yaml.safe_dump(values, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_predict_yaml_through_train_writes_generated_predictions(tmp_path, capsys, tiny_model_dir, label_adapter,
+                                                                 rules_dir):
+    out = tmp_path / "predict"
+    config = predict_yaml(tmp_path / "predict.yaml", tiny_model_dir, label_adapter, rules_dir, out, num_beams=2)
+    result = run_inline(capsys, "train", config)
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(out / "generated_predictions.jsonl")
+    assert len(rows) == 6
+    for row in rows:
+        assert {"prompt", "predict", "label"} <= set(row), row  # LLaMA-Factory's fields
+        assert {"id", "images"} <= set(row) and "scores" not in row  # vlmtune's; generated, so no label scores
+        assert row["label"] in (POS, NEG) and "<image>" in row["prompt"]
+    assert sum(row["predict"] == row["label"] for row in rows) >= 5  # the adapter has learned the answers
+    assert "mode: generate (predict_with_generate: true)" in result.stdout
+    assert "num_beams=2 has no effect" in result.stdout  # a generating key without effect says so
+    assert not (out / "adapter_model.safetensors").exists()  # nothing was trained
+
+
+def test_predict_with_generate_false_scores_the_closed_label_set(tmp_path, capsys, tiny_model_dir, label_adapter,
+                                                                 rules_dir):
+    out = tmp_path / "score"
+    config = predict_yaml(tmp_path / "score.yaml", tiny_model_dir, label_adapter, rules_dir, out,
+                          predict_with_generate=False, do_train=False, temperature=0.7)
+    result = run_inline(capsys, "train", config)
+    assert result.returncode == 0, result.stderr
+    assert "mode: score (the answers form the label set" in result.stdout
+    assert "predict_with_generate: false" in result.stdout
+    note = next(line for line in result.stdout.splitlines() if "no effect: label scoring" in line)
+    assert "max_new_tokens, temperature have no effect" in note  # the generating keys said to be unused, in a line
+    rows = read_rows(out / "generated_predictions.jsonl")
+    assert all(set(row["scores"]) == {POS, NEG} and row["predict"] in (POS, NEG) for row in rows)
+
+
+def test_train_then_predict_uses_the_trained_adapter(capsys, train_config):
+    path = train_config("train_predict.yaml", do_predict=True, eval_dataset="my_dataset", max_steps=2, max_samples=4,
+                        save_steps=2, eval_steps=2, per_device_eval_batch_size=4)
+    output_dir = Path(yaml.safe_load(path.read_text(encoding="utf-8"))["output_dir"])
+    result = run_inline(capsys, "train", path)
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((output_dir / "generated_predictions.jsonl.meta.json").read_text(encoding="utf-8"))
+    assert meta["adapter"] == str(output_dir.resolve())  # the adapter just trained
+    assert len(read_rows(output_dir / "generated_predictions.jsonl")) == 4
+
+
+def test_predict_yaml_without_eval_dataset_is_one_line(tmp_path, capsys, tiny_model_dir, label_adapter, rules_dir):
+    config = predict_yaml(tmp_path / "p.yaml", tiny_model_dir, label_adapter, rules_dir, tmp_path / "o",
+                          eval_dataset=None)
+    result = run_inline(capsys, "train", config)
+    assert result.returncode == 1 and "do_predict predicts eval_dataset" in result.stderr
