@@ -1,6 +1,7 @@
 """`vlmtune data check` from the shell, as a new user runs it: each malformed input, one line, exit 1."""
 
 import json
+import os
 
 import pytest
 
@@ -63,6 +64,15 @@ BROKEN = {
                       "field 'messages[1].content': empty assistant content"),
     "no answer": (lambda d: {"messages": [{"role": "user", "content": RULES_PROMPT}], "images": ["images/img_0.png"]},
                   "field 'messages': no assistant answer at the end"),
+    "a FIFO as image": (lambda d: os.mkfifo(d / "images" / "pipe.jpg") or record("images/pipe.jpg", "满足要求"),
+                        "field 'images[0]': not an image file (a FIFO)"),
+    # LLaMA-Factory's mllm_video_demo / mllm_audio_demo shapes: refused, not silently left out
+    "a video record": (lambda d: {"messages": [{"role": "user", "content": "<video>What is she doing?"},
+                                               {"role": "assistant", "content": "满足要求"}],
+                                  "videos": ["mllm_demo_data/1.mp4"]}, "field 'videos': videos are not read"),
+    "an audio placeholder": (lambda d: {"messages": [{"role": "user", "content": "<audio>What is it?"},
+                                                     {"role": "assistant", "content": "满足要求"}]},
+                             "field 'messages[0].content': <audio> placeholder: vlmtune reads images only"),
 }
 
 

@@ -43,7 +43,8 @@ def test_loaded_images_are_rgb_and_stay_usable_after_the_file_closes(tmp_path):
     Image.new("L", (56, 112), 77).save(gray)
     a, g = load_resized(rgba, settings), load_resized(gray, settings)
     assert a.shape == (3, 56, 112) and g.shape == (3, 112, 56)
-    assert a[:, 0, 0].tolist() == [10, 20, 30] and g.unique().tolist() == [77]
+    over_white = [round(c * 40 / 255 + 255 * (1 - 40 / 255)) for c in (10, 20, 30)]  # as viewed
+    assert a[:, 0, 0].tolist() == over_white and g.unique().tolist() == [77]
 
 
 @pytest.mark.parametrize("config", [{}, {"do_normalize": False}, {"do_rescale": False, "image_mean": [0.5] * 3}])
@@ -76,3 +77,76 @@ def test_16_bit_greyscale_is_scaled_not_whitened(tmp_path):
     eight_bit = tmp_path / "scan8.png"
     Image.fromarray(expected.numpy()).save(eight_bit)  # the same picture saved in 8 bits loads the same
     assert torch.equal(load_resized(eight_bit, settings), loaded)
+
+
+# Pillow's transposition for each EXIF orientation: what a viewer shows of the stored pixels.
+VIEWED = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_270, 8: Image.Transpose.ROTATE_90,
+          2: Image.Transpose.FLIP_LEFT_RIGHT, 5: Image.Transpose.TRANSPOSE}
+
+
+@pytest.mark.parametrize("orientation", sorted(VIEWED))
+def test_a_photo_is_used_as_viewed_whatever_its_exif_orientation(tmp_path, orientation):
+    """A phone photo stored sideways with its orientation in EXIF reaches the model as every viewer shows it: the
+    same pixels and token count as the file turned and saved without the tag."""
+    stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 255, (84, 140, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    tagged, upright = tmp_path / "tagged.png", tmp_path / "upright.png"
+    stored.save(tagged, exif=exif)
+    stored.transpose(VIEWED[orientation]).save(upright)
+    settings = ImageSettings.from_dict({"max_pixels": 448 * 448})
+    assert header_size(tagged) == header_size(upright) == Image.open(upright).size
+    assert torch.equal(load_resized(tagged, settings), load_resized(upright, settings))
+    from vlmtune.serve.common import open_image_bytes, resize_image  # the API's and web page's decode: the same
+
+    assert torch.equal(resize_image(open_image_bytes(tagged.read_bytes()), settings), load_resized(upright, settings))
+    if orientation != 3:  # and not what the file stores: a sideways (or mirrored) picture
+        plain = tmp_path / "plain.png"
+        stored.save(plain)
+        assert not torch.equal(load_resized(tagged, settings), load_resized(plain, settings))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_white_and_partial_ones_blend(tmp_path, mode):
+    """A PNG with transparency reaches the model as viewed on white, not as the colours under its alpha."""
+    rgba = np.zeros((56, 56, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red everywhere, hidden where transparent
+    rgba[:, :28, 3] = 0  # left half: fully transparent
+    rgba[:, 28:, 3] = 255
+    image = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        image = image.convert("LA")
+    elif mode == "P":  # palette entry 0 (red) marked transparent on the left, entry 1 (blue) on the right
+        indices = np.zeros((56, 56), dtype=np.uint8)
+        indices[:, 28:] = 1
+        image = Image.fromarray(indices, "P")
+        image.putpalette([200, 0, 0, 0, 0, 200])
+        image.info["transparency"] = 0
+    path = tmp_path / f"{mode}.png"
+    image.save(path, **({"transparency": 0} if mode == "P" else {}))
+    settings = ImageSettings.from_dict({"max_pixels": 56 * 56, "min_pixels": 28 * 28})
+    pixels = load_resized(path, settings)  # 3 × 56 × 56, no resize
+    assert (pixels[:, :, :28] == 255).all()  # transparent → white
+    assert not (pixels[:, :, 28:] == 255).all()  # opaque: its colour
+    half = np.zeros((56, 56, 4), dtype=np.uint8)
+    half[..., 0], half[..., 3] = 200, 128
+    Image.fromarray(half, "RGBA").save(tmp_path / "half.png")
+    blended = load_resized(tmp_path / "half.png", settings)
+    assert blended[0, 0, 0].item() == round(200 * 128 / 255 + 255 * (1 - 128 / 255))  # red over white
+    assert blended[1, 0, 0].item() == round(255 * (1 - 128 / 255))
+
+
+def test_a_fifo_or_directory_named_as_an_image_is_refused_at_once(tmp_path):
+    """A special file would block the read forever: it is refused without opening it."""
+    import os
+
+    from vlmtune.data.images import ImageError
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    (tmp_path / "folder.png").mkdir()
+    for path, kind in ((fifo, "a FIFO"), (tmp_path / "folder.png", "a directory")):
+        with pytest.raises(ImageError, match=f"not an image file \\({kind}\\)"):
+            header_size(path, decode=True)
+        with pytest.raises(ImageError):
+            load_resized(path, ImageSettings.from_dict({}))

@@ -76,7 +76,7 @@ def load_entry(entry: DatasetEntry, max_samples: int | None = None) -> LoadedDat
             continue
         messages, record_problems = convert(record, entry, where)
         images, image_problems = _images(record, entry, where)
-        record_problems += image_problems
+        record_problems += image_problems + _media_problems(record, entry, where, messages)
         if messages is not None and not record_problems:
             conv = Conversation(messages=messages, images=images, source=str(entry.path), index=index,
                                 dataset=entry.name, messages_field=messages_field,
@@ -176,6 +176,29 @@ def _alpaca(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[
     messages += [Message("user", user, origin=(user_field, user_field)),
                  Message("assistant", response, origin=(cols["response"], cols["response"]))]
     return messages, []
+
+
+# LLaMA-Factory's other media: columns (its registry's `columns: {videos: ..., audios: ...}`) and placeholders.
+OTHER_MEDIA = {"videos": "<video>", "audios": "<audio>"}
+
+
+def _media_problems(record: dict, entry: DatasetEntry, where: tuple[str, int],
+                    messages: list[Message] | None) -> list[Problem]:
+    """Videos and audio are refused by record and field until vlmtune reads them: left out silently, the model
+    would train on prompts whose `<video>` is plain text and whose picture is missing."""
+    problems = []
+    for kind, placeholder in OTHER_MEDIA.items():
+        column = entry.columns.get(kind) or kind
+        if record.get(column):
+            problems.append(Problem(*where, column, f"{kind} are not read by vlmtune (images only): remove them, or "
+                                                    f"the record"))
+            continue  # one line a kind: its placeholders go with it
+        for i, message in enumerate(messages or []):
+            if placeholder in message.content:
+                problems.append(Problem(*where, message.content_field(i), f"{placeholder} placeholder: vlmtune reads "
+                                                                          f"images only"))
+                break
+    return problems
 
 
 def structure_problems(conv: Conversation) -> list[Problem]:

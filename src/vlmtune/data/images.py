@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from vlmtune.data.image_settings import ImageSettings
 
@@ -39,6 +39,8 @@ def open_header(source) -> Image.Image:
     struct.error, ...), so any exception here means "not a readable image". Its decompression-bomb guard
     (an image over twice Image.MAX_IMAGE_PIXELS) is named as such.
     """
+    if isinstance(source, (str, Path)):
+        _regular_file(source)
     try:
         return Image.open(source)
     except FileNotFoundError:
@@ -49,21 +51,65 @@ def open_header(source) -> Image.Image:
         raise ImageError(f"unreadable image ({exc.__class__.__name__})") from None
 
 
+# EXIF orientations that turn the picture a quarter (width and height swap as viewed).
+QUARTER_TURNS = (5, 6, 7, 8)
+EXIF_ORIENTATION = 0x0112
+
+
+def _regular_file(path: str | Path) -> None:
+    """A FIFO, device or directory named as an image would block the read forever (or fail obscurely): only
+    regular files are opened (a link to one is fine)."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ImageError("image not found") from None
+    except OSError as exc:
+        raise ImageError(f"unreadable image ({exc.strerror or exc.__class__.__name__})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+        raise ImageError(f"not an image file ({kind})")
+
+
 def header_size(path: str | Path, decode: bool = False) -> tuple[int, int]:
-    """(width, height) from the file header; with decode, every pixel is decoded too (a truncated file
+    """(width, height) as viewed, from the file header; with decode, every pixel is decoded too (a truncated file
     has a good header: only decoding finds it)."""
     with open_header(path) as image:
         if decode:
             decode_rgb(image)
-        return image.size
+        return viewed_size(image)
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1: as stored), from the header; an unreadable EXIF block counts as none."""
+    try:
+        value = image.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 — a broken EXIF block: the pixels are still an image
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def viewed_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    return (height, width) if orientation(image) in QUARTER_TURNS else (width, height)
 
 
 def decode_rgb(image: Image.Image) -> Image.Image:
-    """Decode a lazily opened image and convert it to 8-bit RGB (16-bit greyscale scaled, not clipped)."""
+    """Decode a lazily opened image into 8-bit RGB as image viewers show it: turned by its EXIF orientation (a phone
+    photo taken in portrait is stored sideways with orientation 6 or 8), transparent parts composited on white,
+    16-bit greyscale scaled (not clipped). Every command decodes through here, so training, prediction, the API and
+    the web page see the same pixels."""
     try:
         image.load()
+        if orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
         if image.mode in WIDE_MODES:
             image = _to_8bit(image)
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return image if image.mode == "RGB" else image.convert("RGB")
     except ImageError:
         raise

@@ -46,7 +46,7 @@ from vlmtune.data.encode import EncodedSample, EncodeError, encode
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import read_json_object, write_atomic
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: images as viewed (EXIF orientation, transparency on white)
 CACHE_ENV = "VLMTUNE_CACHE"  # where stores live (default ~/.cache/vlmtune)
 
 

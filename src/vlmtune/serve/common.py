@@ -11,7 +11,8 @@ With a label set configured, the probabilities are computed in both modes (two s
 so a client that generates still sees how sure the model is.
 
 Images sent to the API never touch the disk: they are decoded from bytes, converted to RGB and
-resized exactly as training resizes files (`data.images.load_resized`; no EXIF rotation either), and
+resized exactly as training resizes files (`data.images.load_resized`: as viewed, EXIF orientation applied and
+transparency composited on white), and
 handed to scoring/generation as tensors. The web page reads the uploaded file with `load_resized`
 itself.
 
