@@ -255,17 +255,17 @@ def saved_adapter(model_dir, out, **lora):
 ])
 def test_adapters_vllm_cannot_apply_are_refused_with_the_fix(tiny_model_dir, tmp_path, kind, fragment):
     from vlmtune.errors import VlmtuneError
-    from vlmtune.infer.engine import read_adapter_config
+    from vlmtune.model.adapter_files import adapter_files
     from vlmtune.infer.vllm_backend import check_adapter
 
     adapter = saved_adapter(tiny_model_dir, tmp_path / "adapter", **dict(kind))
     with pytest.raises(VlmtuneError, match=fragment) as info:
-        check_adapter(adapter, read_adapter_config(adapter), {})
+        check_adapter(adapter, adapter_files(adapter).config, {})
     assert "vlmtune export" in str(info.value) and "\n" not in str(info.value)
     plain = saved_adapter(tiny_model_dir, tmp_path / "plain")
-    check_adapter(plain, read_adapter_config(plain), {})  # language-model LoRA: fine
+    check_adapter(plain, adapter_files(plain).config, {})  # language-model LoRA: fine
     if "target_modules" in kind:  # tower LoRA with vLLM's option on: allowed
-        check_adapter(adapter, read_adapter_config(adapter), {"enable_tower_connector_lora": True})
+        check_adapter(adapter, adapter_files(adapter).config, {"enable_tower_connector_lora": True})
 
 
 def test_tensor_parallel_size_is_checked_against_the_heads():

@@ -43,21 +43,11 @@ class Engine:
     dtype: torch.dtype
 
 
-def read_adapter_config(adapter_dir: str | Path) -> dict:
-    """The adapter's `adapter_config.json` (checked with its weights: `model.adapter_files`)."""
-    return adapter_files(adapter_dir).config
-
-
-def base_model_of(adapter_dir: str | Path) -> str | None:
-    """`base_model_name_or_path` recorded in the adapter (the model it was trained on), if any."""
-    return adapter_files(adapter_dir).base_model
-
-
 def warn_if_other_base(adapter_dir: Path, model_name_or_path: str, model_dir: Path, warn) -> None:
     """The adapter records the model it was trained on (`base_model_name_or_path`); loading it onto another
     directory or hub id is allowed — it may be a copy — but said in one line on stderr. Weights of another
     shape are refused when they load (`attach_adapter`)."""
-    recorded = base_model_of(adapter_dir)
+    recorded = adapter_files(adapter_dir).base_model
     if not recorded or recorded == model_name_or_path:  # the same directory or hub id as at training
         return
     recorded_dir = Path(recorded).expanduser()
@@ -154,7 +144,7 @@ def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None
         adapter_dir = Path(adapter_name_or_path).expanduser()
         adapter_files(adapter_dir)  # fail on a bad adapter before the (slow) model load
         if not model_name_or_path:
-            model_name_or_path = base_model_of(adapter_dir)
+            model_name_or_path = adapter_files(adapter_dir).base_model
             if not model_name_or_path:
                 raise VlmtuneError(f"{adapter_dir / ADAPTER_CONFIG}: no base_model_name_or_path; "
                                    f"pass --model_name_or_path")

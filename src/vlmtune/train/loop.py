@@ -280,11 +280,10 @@ def enable_checkpointing(model: torch.nn.Module, reentrant: bool) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # The reentrant checkpoint backpropagates into a layer only when one of its inputs needs a gradient; with frozen
+    # embeddings (LoRA) none would. transformers enables the embeddings' output gradients itself for a model whose
+    # input is input_ids (every family here; 5.16.1 and 5.25 alike), so nothing is added for it here.
     model.config.use_cache = False  # training never reads the cache; scoring asks for it explicitly
-    if reentrant:
-        # The reentrant checkpoint backpropagates into a layer only when one of its inputs needs a gradient; with
-        # frozen embeddings (LoRA) none does and LoRA inside would get none. The non-reentrant one has no such rule.
-        model.enable_input_require_grads()
 
 
 def train(cfg: Config) -> dict:
