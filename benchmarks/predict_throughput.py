@@ -89,7 +89,8 @@ def train_adapter(model_dir: Path, conversations, out: Path, steps: int) -> None
     collate, rng = Collator(processor), random.Random(0)
     model.train()
     for _ in range(steps):
-        model(**collate(rng.sample(samples, 8))).loss.backward()
+        batch = collate(rng.sample(samples, 8))
+        model(**batch.model_inputs(), labels=batch.labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(out)
@@ -220,9 +221,9 @@ def vision_only(model, processor, conversations, batch_size: int = 8, library: b
         with torch.no_grad():
             for batch in batches:
                 if library:
-                    visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+                    visual(batch.pixel_values, grid_thw=batch.image_grid_thw)
                 else:
-                    encoder.still_images(batch["image_pixels"], batch["image_grid_thw"], batch["image_settings"])
+                    encoder.still_images(batch.image_pixels, batch.image_grid_thw, batch.image_settings)
     return run
 
 
@@ -242,8 +243,8 @@ def naive_scores(model, processor, conversations, labels):
             for label in labels:
                 c = replace(conv, messages=list(conv.messages[:-1]) + [Message("assistant", label)])
                 batch = collate([encode(c, processor, None, images=images)])
-                target = batch.pop("labels")[0, 1:]
-                logp = model(**batch).logits[0, :-1].float().log_softmax(-1)
+                target = batch.labels[0, 1:]
+                logp = model(**batch.model_inputs()).logits[0, :-1].float().log_softmax(-1)
                 keep = target != IGNORE_INDEX
                 logp[keep].gather(-1, target[keep][:, None]).sum()
 

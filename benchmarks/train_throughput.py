@@ -10,7 +10,13 @@ vision depth 2, hidden 64), 96 ShareGPT samples with 448×448 images, batch 1, g
 
 `--arch` picks the tiny model's family (default qwen2_5_vl, the reference's), with its default template;
 `--text_hidden` / `--text_layers` make its language model larger (where activations, and so gradient
-checkpointing, matter).
+checkpointing, matter). `--model_dir` / `--dataset_dir` time a model and a dataset already on disk (the same ones
+another tool is timed on; `--keep DIR` leaves the generated ones there for that). The medium model of
+docs/benchmarks.md, where arithmetic dominates (≈150 M parameters, the user's 448² images → 256 image tokens):
+
+    python benchmarks/train_throughput.py --text_hidden 768 --text_layers 12 --samples 24 --epochs 1 --keep /tmp/medium
+    python benchmarks/train_throughput.py --model_dir /tmp/medium/model --dataset_dir /tmp/medium/data --samples 24 \
+        --epochs 1 --batch 8 --accumulation 1 packing=true
 
 Prints: train samples/s and tokens/s (from vlmtune's own log), peak RSS of the training process, the
 time from process start to the end of the first optimisation step, and the load average around each
@@ -44,6 +50,13 @@ def main() -> None:
     parser.add_argument("--arch", default=TINY_DEFAULT, choices=MODEL_TYPES, help="the tiny model's family (model type)")
     parser.add_argument("--text_hidden", type=int, default=128, help="the language model's hidden size")
     parser.add_argument("--text_layers", type=int, default=2, help="the language model's decoder layers")
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="per_device_train_batch_size")
+    parser.add_argument("--accumulation", type=int, default=8, help="gradient_accumulation_steps")
+    parser.add_argument("--model_dir", help="time this model (a local directory) instead of building a tiny one")
+    parser.add_argument("--dataset_dir", help="time this dataset (its dataset_info.json names 'bench') instead of "
+                                              "generating one")
+    parser.add_argument("--keep", help="write the generated model and dataset here (model/, data/) and keep them")
     parser.add_argument("overrides", nargs="*", help="key=value settings for the training YAML")
     args = parser.parse_args()
 
@@ -52,22 +65,29 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model_dir = build_tiny_model(tmp / "tiny", max_pixels=args.image_size ** 2, arch=args.arch,
-                                     text_hidden=args.text_hidden, text_layers=args.text_layers)
-        generate(args.samples, tmp / "data", seed=1, preset="easy", name="bench", image_size=args.image_size)
+        kept = Path(args.keep) if args.keep else tmp
+        model_dir = Path(args.model_dir) if args.model_dir else build_tiny_model(
+            kept / "model", max_pixels=args.image_size ** 2, arch=args.arch, text_hidden=args.text_hidden,
+            text_layers=args.text_layers)
+        data_dir = Path(args.dataset_dir) if args.dataset_dir else kept / "data"
+        if not args.dataset_dir:
+            generate(args.samples, data_dir, seed=1, preset="easy", name="bench", image_size=args.image_size)
         cfg = {
-            "model_name_or_path": str(model_dir), "dataset": "bench", "dataset_dir": str(tmp / "data"),
+            "model_name_or_path": str(model_dir), "dataset": "bench", "dataset_dir": str(data_dir),
+            "max_samples": args.samples,
             "template": None, "finetuning_type": "lora", "lora_rank": 8, "lora_target": "all",
             "image_max_pixels": args.image_size ** 2, "cutoff_len": 4096, "output_dir": str(tmp / "out"),
-            "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "num_train_epochs": 2,
+            "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": args.accumulation,
+            "num_train_epochs": args.epochs,
             "learning_rate": 1e-4, "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "val_size": 0.1,
             "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no", "report_to": "none",
             "disable_tqdm": True, "bf16": False, "overwrite_output_dir": True,
         }
         (tmp / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-        print(f"model: {args.arch}, text hidden {args.text_hidden}, {args.text_layers} layers")
-        print(f"config: {args.samples} samples {args.image_size}x{args.image_size}, batch 1 x accumulation 8, "
-              f"2 epochs, val_size 0.1, {args.threads} threads, OMP_WAIT_POLICY="
+        print(f"model: {model_dir if args.model_dir else args.arch}, {parameters(model_dir) / 1e6:.1f} M parameters"
+              + ("" if args.model_dir else f", text hidden {args.text_hidden}, {args.text_layers} layers"))
+        print(f"config: {args.samples} samples {args.image_size}x{args.image_size}, batch {args.batch} x accumulation "
+              f"{args.accumulation}, {args.epochs:g} epochs, val_size 0.1, {args.threads} threads, OMP_WAIT_POLICY="
               f"{os.environ.get('OMP_WAIT_POLICY', 'unset (vlmtune picks PASSIVE when load >= cores)')} "
               f"{' '.join(args.overrides)}")
         runs = [run_once(tmp, args.threads, args.overrides) for _ in range(args.repeat)]
@@ -81,6 +101,22 @@ def main() -> None:
         print(f"start to first step:      {median['first_step_s']:.1f} s")
         print(f"wall time:                {median['wall_s']:.1f} s")
         print(f"load average (1 min):     {', '.join(run['load'] for run in runs)}")
+
+
+def parameters(model_dir: Path) -> int:
+    """The model's parameter count, from its safetensors headers (nothing loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                count = 1
+                for n in shape:
+                    count *= n
+                total += count
+    return total
 
 
 def run_once(tmp: Path, threads: int, overrides: list[str]) -> dict:

@@ -20,6 +20,15 @@ from label_adapters import make_rules_dataset, one_torch_thread, train_label_ada
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _library_log_handler_outside_capsys():
+    """transformers' log handler keeps the stderr it was made with: made inside a test's `capsys` (an in-process
+    `vlmtune` run), it would write to that closed stream in a later test ("Logging error ... closed file")."""
+    from transformers.utils import logging
+
+    logging.get_logger("transformers")  # configures the library's root logger and its handler now
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _encoded_store_in_the_session(tmp_path_factory):
     """Encoded-data stores (data.store) go to this session's own cache, for the CLI's subprocesses too."""
     from vlmtune.data.store import CACHE_ENV

@@ -158,3 +158,23 @@ def unwritable_dir(tmp: Path) -> Path:
     path.mkdir()
     path.chmod(0o555)
     return path / "out"
+
+
+def save_grey16_png(path: Path, width: int, height: int) -> Path:
+    """A black 16-bit greyscale PNG (Pillow mode I;16) written a row at a time, so the test never holds its pixels:
+    a few hundred KB on disk, 2 bytes a pixel once Pillow decodes it."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, parts = zlib.compressobj(9), []
+    rows = bytes((1 + 2 * width) * 64)  # 64 rows of filter byte 0 + the row's samples
+    for start in range(0, height, 64):
+        parts.append(packer.compress(rows if start + 64 <= height else rows[:(1 + 2 * width) * (height - start)]))
+    parts.append(packer.flush())
+    header = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # 16 bits, greyscale, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts))
+                     + chunk(b"IEND", b""))
+    return path

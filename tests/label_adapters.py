@@ -78,7 +78,7 @@ def train_label_adapter(model_dir: Path, data_dir: Path, out: Path, steps: int =
     model.train()
     for _ in range(steps):
         batch = collate(rng.sample(samples, 8))
-        model(**batch).loss.backward()
+        model(**batch.model_inputs(), labels=batch.labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     model.save_pretrained(out)

@@ -118,6 +118,18 @@ class DataConfig:
         "answer: a longer sample is reported by the data checks (and refused, or skipped with "
         "skip_bad_records). Prediction never truncates.", 2048)
     max_samples: int | None = _help("Use at most this many records from each dataset (the first ones).")
+    packing: bool = _help(
+        "Padding-free training: the per_device_train_batch_size samples of each micro-batch go into one row "
+        "without padding, each keeping its own positions (its own 3-D rope positions), and no sample attends to "
+        "another — sdpa with a block-diagonal causal mask, flash_attention_2 with its variable-length kernel. "
+        "Loss and gradients are those of the padded micro-batch; what is saved is the padding's compute. Unlike "
+        "LLaMA-Factory's packing (samples packed up to cutoff_len, attending to each other unless neat_packing), "
+        "samples never see each other here, and rows hold one micro-batch. Qwen3.5 / 3.6 / 3.8 (linear-attention "
+        "layers) need a CUDA device with flash-linear-attention and causal-conv1d (pip install 'vlmtune[gdn]'); "
+        "elsewhere the run is refused at start-up.", False)
+    neat_packing: bool = _help(
+        "LLaMA-Factory's packing without attention across samples: here the same as packing (which never lets "
+        "samples attend to each other).", False)
     val_size: float = _help(
         "Fraction (< 1) or count (≥ 1) of the training data held out for validation, stratified by the final "
         "assistant answer and seeded by `seed`.", 0.0)

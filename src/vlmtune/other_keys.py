@@ -76,8 +76,6 @@ INERT: dict[str, str] = {
     "eval_num_beams": "evaluation scores the labels (no beam search)",
     "ignore_pad_token_for_loss": "padding never counts in the loss",
     "eval_on_each_dataset": "the eval_dataset's datasets are evaluated together",
-    "packing": "each micro-batch is padded; sequence packing is not implemented yet",
-    "neat_packing": "each micro-batch is padded; sequence packing is not implemented yet",
     "tool_format": "tool calls are not part of vlmtune's tasks",
     "preserve_thinking": "earlier assistant turns render as the checkpoint's own chat template renders them",
     "tokenized_path": "the encoded-data store under $VLMTUNE_CACHE is reused by every run on the same data and "

@@ -83,6 +83,11 @@ class Progress:
                   flush=True)
             self.next_line = self._next_mark(self.done)
 
+    def set_postfix(self, **postfix) -> None:
+        """Values shown after the bar (on a terminal) until the next ones."""
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+
     def timing(self) -> str:
         """`40%, 0:01:02 elapsed, 0:01:33 left` (the rate of this run's units so far)."""
         elapsed = time.time() - self.start

@@ -240,9 +240,23 @@ def kill_processes_naming(path: Path) -> None:
             pass
 
 
+# Loaded by the ranks' interpreters (PYTHONPATH): rank 1's share takes far longer than rank 0's, and gloo's default
+# timeout (30 minutes) is cut to 1 s — so a rank that waits for another under it fails here at once.
+SLOW_RANK_1 = f"""
+import os
+if os.environ.get("RANK") == "1":
+    os.environ["{DELAY_ENV}"] = "0.5"
+if "RANK" in os.environ:
+    import datetime
+    import torch.distributed.distributed_c10d as c10d
+    c10d._get_default_timeout = lambda backend: datetime.timedelta(seconds=1)
+"""
+
+
 def test_two_ranks_give_the_rows_of_one_and_resume_after_a_kill(tmp_path, tiny_model_dir, label_adapter, rules_dir):
-    """torchrun --nproc_per_node 2 -m vlmtune predict: each rank its block, the final JSONL in dataset order equal
-    to one process's rows; a killed run (every rank) resumes from the parts; a finished one adds nothing."""
+    """torchrun --nproc_per_node 2 -m vlmtune predict: each rank its share, the final JSONL in dataset order equal
+    to one process's rows; a killed run (every rank) resumes from the parts — with one rank seconds slower than the
+    other, which the finished rank waits for without a timeout; a finished one adds nothing."""
     one_save, two_save = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     result = run_cli(*predict_args(tiny_model_dir, label_adapter, rules_dir, one_save, "--batch_size", "4"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -262,7 +276,10 @@ def test_two_ranks_give_the_rows_of_one_and_resume_after_a_kill(tmp_path, tiny_m
         process.wait()
         kill_processes_naming(two_save)  # torchrun's workers may run in sessions of their own: every rank dies
     assert part.is_file() and not two_save.exists(), "the run was not killed half-way"
-    resumed = torchrun_predict(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_RANK_1)
+    resumed = torchrun_predict(args, env={"PYTHONPATH": str(tmp_path / "site")}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-3000:]
     assert "resuming:" in out
@@ -276,3 +293,32 @@ def test_two_ranks_give_the_rows_of_one_and_resume_after_a_kill(tmp_path, tiny_m
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0 and "already holds every row" in out, err[-2000:]
     assert read_rows(two_save) == two
+
+
+@pytest.mark.parametrize("backend, vllm_config, processes", [("transformers", "{}", 8), ("vllm", "{}", 8),
+                                                              ("vllm", '{"tensor_parallel_size": 4}', 2),
+                                                              ("vllm", '{"tensor_parallel_size": 8}', None)])
+def test_several_gpus_start_one_rank_per_engine(monkeypatch, tmp_path, tiny_model_dir, rules_dir, backend,
+                                                vllm_config, processes):
+    """On 8 GPUs `vlmtune predict` starts torchrun itself: a rank per GPU, for vLLM a rank per engine of
+    tensor_parallel_size GPUs (the GPUs and the exec of torchrun stood in for)."""
+    import vlmtune.commands.predict as command
+
+    started = []
+
+    def relaunch(name, argv, count):
+        started.append(count)
+        raise SystemExit(0)
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("VLMTUNE_NO_TORCHRUN", raising=False)
+    monkeypatch.setattr(command, "visible_gpus", lambda: 8)
+    monkeypatch.setattr(command, "relaunch_under_torchrun", relaunch)
+    monkeypatch.setattr(command, "predict", lambda *args: started.append("in this process"))
+    args = predict_args(tiny_model_dir, None, rules_dir, tmp_path / "p.jsonl", "--infer_backend", backend,
+                        "--vllm_config", vllm_config)[1:]
+    try:
+        command.main(args)
+    except SystemExit:
+        pass
+    assert started == [processes if processes is not None else "in this process"]

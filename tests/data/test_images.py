@@ -97,9 +97,9 @@ def test_a_photo_is_used_as_viewed_whatever_its_exif_orientation(tmp_path, orien
     settings = ImageSettings.from_dict({"max_pixels": 448 * 448})
     assert header_size(tagged) == header_size(upright) == Image.open(upright).size
     assert torch.equal(load_resized(tagged, settings), load_resized(upright, settings))
-    from vlmtune.serve.common import open_image_bytes, resize_image  # the API's and web page's decode: the same
+    from vlmtune.serve.common import open_image, resize_image  # the API's and web page's decode: the same
 
-    assert torch.equal(resize_image(open_image_bytes(tagged.read_bytes()), settings), load_resized(upright, settings))
+    assert torch.equal(resize_image(open_image(tagged.read_bytes()), settings), load_resized(upright, settings))
     if orientation != 3:  # and not what the file stores: a sideways (or mirrored) picture
         plain = tmp_path / "plain.png"
         stored.save(plain)
@@ -150,3 +150,48 @@ def test_a_fifo_or_directory_named_as_an_image_is_refused_at_once(tmp_path):
             header_size(path, decode=True)
         with pytest.raises(ImageError):
             load_resized(path, ImageSettings.from_dict({}))
+
+
+def decode_cases(tmp_path) -> dict[str, "Path"]:
+    """A 3000 × 3000 black file of each kind of decode: 8-bit and wide greyscale, palette (with transparency too),
+    RGB, RGBA, LA, CMYK, and a turned photo (EXIF orientation 6)."""
+    side, files = 3000, {}
+    for name, mode, fmt, extra in [("1", "1", "PNG", {}), ("L", "L", "PNG", {}), ("P", "P", "PNG", {}),
+                                   ("P+tRNS", "P", "PNG", {"transparency": 0}), ("RGB", "RGB", "PNG", {}),
+                                   ("RGBA", "RGBA", "PNG", {}), ("LA", "LA", "PNG", {}), ("I;16", "I;16", "PNG", {}),
+                                   ("I", "I", "TIFF", {"compression": "tiff_deflate"}),
+                                   ("F", "F", "TIFF", {"compression": "tiff_deflate"}), ("CMYK", "CMYK", "JPEG", {})]:
+        files[name] = tmp_path / f"{name.replace(';', '_')}.{fmt.lower()}"
+        Image.new(mode, (side, side)).save(files[name], format=fmt, **extra)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    files["RGB turned"] = tmp_path / "turned.jpg"
+    Image.new("RGB", (side, side)).save(files["RGB turned"], exif=exif)
+    return files
+
+
+def test_decoded_bytes_bounds_what_decoding_holds(tmp_path):
+    """`decoded_bytes`, read from the header, is at least the memory `decode_rgb` takes at its peak, whatever the
+    mode (16-bit greyscale: 7 bytes a pixel, no longer 21), so a server can refuse an image before decoding it."""
+    from pathlib import Path
+
+    from vlmtune.data.images import decode_rgb, decoded_bytes, open_header
+
+    clear_refs = Path("/proc/self/clear_refs")
+    if not clear_refs.exists():
+        pytest.skip("no /proc/self/clear_refs to reset the peak memory with")
+
+    def rss_kb(key: str) -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+        return int(line.split()[1])
+
+    for name, path in decode_cases(tmp_path).items():
+        with open_header(path) as image:
+            bound = decoded_bytes(image)
+            clear_refs.write_text("5")  # VmHWM := VmRSS
+            start = rss_kb("VmRSS")
+            rgb = decode_rgb(image)
+            peak = (rss_kb("VmHWM") - start) * 1024
+        assert rgb.mode == "RGB"
+        del rgb
+        assert peak <= bound + 12 * 2**20, (name, peak / 9e6, bound / 9e6)  # bytes a pixel; 12 MB of working copies

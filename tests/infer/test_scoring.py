@@ -27,9 +27,9 @@ def naive_logprob(model, processor, conv: Conversation, label: str) -> float:
     """log P(label + <|im_end|> | prompt) from one right-padded full forward of the whole conversation."""
     conv = replace(conv, messages=list(conv.messages[:-1]) + [Message("assistant", label)])
     batch = Collator(processor)([encode(conv, processor, None)])
-    labels = batch.pop("labels")[0, 1:]
+    labels = batch.labels[0, 1:]
     with torch.no_grad():
-        logp = model(**batch).logits[0, :-1].float().log_softmax(-1)
+        logp = model(**batch.model_inputs()).logits[0, :-1].float().log_softmax(-1)
     keep = labels != IGNORE_INDEX
     return float(logp[keep].gather(-1, labels[keep][:, None]).sum())
 

@@ -49,21 +49,35 @@ class FakeLLM:
         self.calls = []
         self.prompts = []
 
+    def expanded_ids(self, request) -> list[int]:
+        """The prompt's token ids as vLLM sees them: each image pad repeated to its image's tokens."""
+        pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        counts = iter([(image.size[0] // self.grid) * (image.size[1] // self.grid)
+                       for image in request["multi_modal_data"]["image"]])
+        ids = self.tokenizer(request["prompt"], add_special_tokens=False)["input_ids"]
+        return [t for token in ids for t in ([token] * next(counts) if token == pad else [token])]
+
     def logprob(self, token: int, lora) -> float:
         return -(token % 7) / 10 - (1.0 if lora is not None and self.honours_lora else 0.0)
 
     def generate(self, requests, params, lora_request=None, use_tqdm=False):
-        self.calls.append((len(requests), params.kwargs, lora_request))
+        each = [p.kwargs for p in params] if isinstance(params, list) else [params.kwargs] * len(requests)
+        assert len(each) == len(requests)
+        self.calls.append((len(requests), each if isinstance(params, list) else params.kwargs, lora_request))
         out = []
-        for request in requests:
+        for request, kwargs in zip(requests, each):
             assert request["multi_modal_data"]["image"][0].size[0] % self.grid == 0  # pre-resized to the model's grid
             assert request["prompt"].count("<|image_pad|>") == 1  # one pad per image: vLLM expands it
             self.prompts.append(request["prompt"])
-            ids = self.tokenizer(request["prompt"], add_special_tokens=False)["input_ids"]
+            ids = self.expanded_ids(request)
             prompt_logprobs = None
-            if params.kwargs.get("prompt_logprobs") is not None:
-                prompt_logprobs = [None] + [{t: SimpleNamespace(logprob=self.logprob(t, lora_request))}
-                                            for t in ids[1:]]
+            if kwargs.get("prompt_logprobs") is not None:
+                # vLLM 0.34 (v1/engine/logprobs.py, input_processor.py): the first token and the rows before
+                # prompt_logprob_start get None; the start must leave a row to score
+                start = kwargs.get("prompt_logprob_start") or 0
+                assert start < len(ids) - 1
+                prompt_logprobs = [None] * (1 + start) + [{t: SimpleNamespace(logprob=self.logprob(t, lora_request))}
+                                                          for t in ids[1 + start:]]
             out.append(SimpleNamespace(prompt_token_ids=ids, prompt_logprobs=prompt_logprobs,
                                        outputs=[SimpleNamespace(text=f" {POS}\n")]))
         return out
@@ -103,12 +117,19 @@ def test_score_sums_the_label_token_logprobs(fake_vllm, predictor_parts, tiny_mo
 
     want = [math.exp(s) / sum(math.exp(v) for v in sums) for s in sums]
     assert all(p == pytest.approx(want) for p in probs)
-    assert llm.calls[0][0] == 2 * len(convs)  # one request per (sample, label)
-    assert llm.calls[0][1]["prompt_logprobs"] == 0 and llm.calls[0][2] == "lora"
+    assert len(llm.calls) == 1 and llm.calls[0][0] == 2 * len(convs)  # one request per (sample, label), no rerun
+    assert all(p["prompt_logprobs"] == 0 for p in llm.calls[0][1]) and llm.calls[0][2] == "lora"
+    # Each request scores from the prompt's last row on (the label's rows only) and may read the prompt's cache
+    # before it: the start is the engine's prompt length (image tokens expanded) - 1.
+    engine_prompts = [encode_prompt(prompt_messages(c), load_images(c, processor), processor, prompt="score")
+                      for c in convs]
+    assert [p["prompt_logprob_start"] for p in llm.calls[0][1]] == [len(e.input_ids) - 1 for e in engine_prompts
+                                                                    for _ in (POS, NEG)]
+    assert all(p["skip_reading_prefix_cache"] is False for p in llm.calls[0][1])
     # The prompt is the transformers engine's (its chat template; a reasoning one's empty thought for scoring),
     # with one image pad instead of the image's tokens, then the label and <|im_end|>.
     tok = processor.tokenizer
-    engine_prompt = encode_prompt(prompt_messages(convs[0]), load_images(convs[0], processor), processor, prompt="score")
+    engine_prompt = engine_prompts[0]
     expanded = tok.decode(engine_prompt.input_ids)
     pads = "<|image_pad|>" * int((engine_prompt.input_ids == processor.image_token_id).sum())
     assert llm.prompts[0] == expanded.replace(pads, "<|image_pad|>") + POS + "<|im_end|>"
@@ -295,3 +316,56 @@ def test_default_max_model_len_comes_from_the_data(tiny_model_dir, rules_dir):
     length = default_max_model_len(longest, 64)
     assert length % 256 == 0 and longest + 64 <= length < longest + 64 + 256 + 16
     assert default_max_model_len(900, 64) == 1024  # the user's ≈880-token samples: 1k, not 128k
+
+
+def test_scoring_params_fall_back_on_older_vllm():
+    """vLLM ≥ 0.34 gets the label requests' start row; older ones (no such field: TypeError, as msgspec raises)
+    the cache setting alone, the oldest neither."""
+    from vlmtune.infer.vllm_backend import scoring_params
+
+    def vllm_with(*fields):
+        def make(**kwargs):
+            unknown = set(kwargs) - {"temperature", "max_tokens", "prompt_logprobs", "detokenize", *fields}
+            if unknown:
+                raise TypeError(f"Unexpected keyword argument {sorted(unknown)[0]!r}")
+            return kwargs
+        return make
+
+    newest = scoring_params(vllm_with("prompt_logprob_start", "skip_reading_prefix_cache"), 600)
+    assert newest["prompt_logprob_start"] == 599 and newest["skip_reading_prefix_cache"] is False
+    assert newest["prompt_logprobs"] == 0 and newest["max_tokens"] == 1
+    older = scoring_params(vllm_with("skip_reading_prefix_cache"), 600)
+    assert "prompt_logprob_start" not in older and older["skip_reading_prefix_cache"] is False
+    assert scoring_params(vllm_with(), 600) == {"temperature": 0.0, "max_tokens": 1, "prompt_logprobs": 0,
+                                                "detokenize": False}
+
+
+def test_engine_is_sized_for_the_prompts_as_sent(tiny_model_dir, tmp_path, monkeypatch):
+    """vllm.LLM's arguments as `VllmPredictor.load` builds them (vllm stood in for by a recorder): max_model_len
+    counts the default_system that records without a system turn are sent with; no video slots."""
+    import torch
+
+    from helpers import record, save_image, write_dataset
+    from vlmtune.data.checks import check_conversations
+    from vlmtune.data.loader import load_datasets
+    from vlmtune.data.processor import load_processor
+    from vlmtune.infer.vllm_backend import VllmPredictor
+
+    built = []
+    module = types.ModuleType("vllm")
+    module.LLM = lambda **kwargs: built.append(kwargs) or SimpleNamespace()
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda *args: args
+    for name, value in (("vllm", module), ("vllm.lora", types.ModuleType("vllm.lora")), ("vllm.lora.request", lora)):
+        monkeypatch.setitem(sys.modules, name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    save_image(tmp_path / "a.png", (56, 56), seed=1)
+    write_dataset(tmp_path, "plain", [record("a.png", POS, system=False) for _ in range(2)])
+    convs = load_datasets("plain", str(tmp_path), None).conversations
+    rules = "请逐条检查以下要求：" + "；".join(f"第{i}条：图片中不得出现任何与规则{i}相违背的内容" for i in range(1, 80))
+    VllmPredictor.load(str(tiny_model_dir), None, None, None, conversations=convs, max_new_tokens=64,
+                       default_system=rules, log=lambda *_: None)
+    sent = max(s.total_tokens for s in check_conversations(convs, load_processor(tiny_model_dir),
+                                                           default_system=rules).stats.values())
+    assert built[0]["max_model_len"] >= sent + 64
+    assert built[0]["limit_mm_per_prompt"] == {"image": 1, "video": 0}

@@ -88,7 +88,8 @@ def batch_of_two(tiny_model_dir, tmp_path_factory):
     convs = load_datasets("my_dataset", str(data_dir), None).conversations
     samples = [encode(c, processor, 4096) for c in convs]
     assert samples[0].images[0].shape != samples[1].images[0].shape
-    return Collator(processor)(samples)
+    batch = Collator(processor)(samples)
+    return {**batch.model_inputs(), "labels": batch.labels}  # the model's own loss
 
 
 def test_forward_backward_reaches_only_lora(tiny_model_dir, batch_of_two):

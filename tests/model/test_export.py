@@ -83,8 +83,7 @@ def batch(tiny_model_dir, adapter_dir, tmp_path_factory):
     data = make_dataset(tmp_path_factory.mktemp("export-data") / "data", n=3)
     conversations = load_datasets("my_dataset", str(data), None).conversations
     samples = [encode_prompt(prompt_messages(c), load_images(c, processor), processor) for c in conversations]
-    out = Collator(processor, padding_side="left")(samples)
-    out.pop("labels")
+    out = Collator(processor, padding_side="left")(samples).model_inputs()
     assert out["pixel_values"].shape[0] > 0 and len({len(s) for s in samples}) > 1
     return out
 
@@ -295,8 +294,64 @@ def test_export_keeps_what_transformers_drops(released_like, released_adapter, t
     data = make_dataset(tmp_path / "data", n=3)
     conversations = load_datasets("my_dataset", str(data), None).conversations
     samples = [encode_prompt(prompt_messages(c), load_images(c, processor), processor) for c in conversations]
-    batch = Collator(processor, padding_side="left")(samples)
-    batch.pop("labels")
+    batch = Collator(processor, padding_side="left")(samples).model_inputs()
     with_adapter = logits(PeftModel.from_pretrained(load_model(released_like), str(released_adapter)), batch)
     assert (with_adapter - logits(load_model(released_like), batch)).abs().max() > 1e-2
     assert (logits(load_model(merged32), batch) - with_adapter).abs().max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def default_adapter(tiny_models, tmp_path_factory):
+    """A random non-zero LoRA adapter of the default family (r=8, language-model linears)."""
+    tiny = tiny_models(TINY_DEFAULT)
+    out = tmp_path_factory.mktemp("export-default") / "adapter"
+    torch.manual_seed(2)
+    model = apply_finetuning(load_model(tiny), FinetuneConfig(lora_rank=8, lora_alpha=16), log=lambda *_: None)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.normal_(0, 0.1)
+    model.save_pretrained(out)
+    load_processor(tiny).save_pretrained(out)
+    return tiny, out
+
+
+def weights_of(export_dir) -> dict:
+    with safe_open(str(export_dir / "model.safetensors"), "pt") as weights:
+        return {k: weights.get_tensor(k) for k in weights.keys()}
+
+
+def test_float32_export_on_a_gpu_merges_in_float32(default_adapter, tmp_path, monkeypatch):
+    """`--export_device cuda --export_dtype float32`: the merge runs in float32 as on the CPU (inference's choice
+    on a GPU, bf16, would round every weight). The GPU is stood in for: one CUDA device with bf16 reported, and the
+    model placed on the CPU where it would have gone to it."""
+    import vlmtune.infer.engine as engine
+    from vlmtune.model.export import export
+
+    tiny, adapter = default_adapter
+    export(str(tiny), str(adapter), tmp_path / "cpu", export_dtype="float32", log=lambda *_: None)
+    loaded = []
+    real_load_model = engine.load_model
+
+    def load_on_the_cpu(model_dir, dtype, device=None, **kwargs):
+        loaded.append((dtype, str(device)))
+        return real_load_model(model_dir, dtype=dtype, device="cpu", **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *_, **__: True)
+    monkeypatch.setattr(engine, "load_model", load_on_the_cpu)
+    export(str(tiny), str(adapter), tmp_path / "gpu", export_dtype="float32", device="cuda", log=lambda *_: None)
+    assert loaded == [(torch.float32, "cuda")]
+    cpu, gpu = weights_of(tmp_path / "cpu"), weights_of(tmp_path / "gpu")
+    assert cpu.keys() == gpu.keys() and all(torch.equal(cpu[k], gpu[k]) for k in cpu)
+
+
+@pytest.mark.parametrize("device, fragment", [("tpu", "must be cpu, cuda (cuda:N) or auto, got 'tpu'"),
+                                              ("cuda:3", "no such CUDA device here")])
+def test_an_export_device_that_is_not_here_is_a_one_line_error(default_adapter, tmp_path, capsys, device, fragment):
+    from helpers import run_inline
+
+    tiny, adapter = default_adapter
+    result = run_inline(capsys, "export", "--model_name_or_path", tiny, "--adapter_name_or_path", adapter,
+                        "--export_dir", tmp_path / "out", "--export_device", device)
+    assert_one_line_error(result, "--export_device", fragment)

@@ -131,6 +131,35 @@ def test_stream_yields_chunks_ending_with_done(client, server, image_url):
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "stop"
 
 
+def test_logprobs_in_score_mode_are_the_labels_log_probabilities(client, image_url):
+    """OpenAI's logprobs, honoured where the request scores labels: one entry, the answer label, with log P(label) and
+    the most probable labels as top_logprobs; streamed on the content chunk. Neutral values of the parameters this
+    server cannot honour (no tools, plain text, no penalties) are accepted."""
+    import math
+
+    neutral = {"vlmtune_mode": "score", "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+               "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
+    completion = client.chat.completions.create(model="m", messages=messages(image_url), logprobs=True, top_logprobs=2,
+                                                extra_body=neutral)
+    answer, scores = completion.choices[0].message.content, completion.model_extra["vlmtune"]["scores"]
+    (entry,) = completion.choices[0].logprobs.content
+    assert entry.token == answer and entry.bytes == list(answer.encode())
+    assert math.exp(entry.logprob) == pytest.approx(scores[answer], rel=1e-6)
+    assert [top.token for top in entry.top_logprobs] == sorted(LABELS, key=lambda label: -scores[label])
+    for top in entry.top_logprobs:
+        assert math.exp(top.logprob) == pytest.approx(scores[top.token], rel=1e-6)
+    one = client.chat.completions.create(model="m", messages=messages(image_url), logprobs=True,
+                                         extra_body={"vlmtune_mode": "score"})
+    assert one.choices[0].logprobs.content[0].top_logprobs == []
+    chunks = list(client.chat.completions.create(model="m", messages=messages(image_url), stream=True, logprobs=True,
+                                                 top_logprobs=1, extra_body={"vlmtune_mode": "score"}))
+    streamed = [c.choices[0].logprobs.content for c in chunks if c.choices and c.choices[0].logprobs]
+    assert len(streamed) == 1 and streamed[0][0].token == answer and len(streamed[0][0].top_logprobs) == 1
+    plain = client.chat.completions.create(model="m", messages=messages(image_url),
+                                           extra_body={"vlmtune_mode": "score"})
+    assert plain.choices[0].logprobs is None
+
+
 def test_models_lists_the_served_model(client):
     listed = client.models.list()
     assert [m.id for m in listed.data] == ["tiny-judge"]
@@ -228,3 +257,34 @@ def test_every_family_answers_as_its_adapter_learned(tiny_models, label_adapters
             scored = client.chat.completions.create(model="m", messages=asked, extra_body={"vlmtune_mode": "score"})
             generated = client.chat.completions.create(model="m", messages=asked, max_tokens=8)
             assert scored.choices[0].message.content == generated.choices[0].message.content == conv.answer
+
+
+def test_out_of_memory_is_a_503_with_the_cache_emptied_and_the_server_goes_on(tiny_model_dir, image_url, monkeypatch):
+    """A request the GPU has no memory for (stood in for: the model's forward raises torch's OutOfMemoryError, one
+    CUDA device reported) gets a JSON 503 saying so, not a bare 500; the allocator's cache is emptied; the next
+    request is answered. In-process: the app `vlmtune api` serves."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from vlmtune.infer.engine import load_engine
+    from vlmtune.serve.api import create_app
+    from vlmtune.serve.common import ModelService
+
+    service = ModelService(load_engine(str(tiny_model_dir), log=lambda *_: None), LABELS)
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+
+    def no_memory(*_):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    hook = service.engine.model.register_forward_pre_hook(no_memory)
+    client = TestClient(create_app(service, "tiny-judge", default_mode="score"))
+    body = {"model": "tiny-judge", "messages": messages(image_url)}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 503, response.text
+    error = response.json()["error"]
+    assert error["code"] == "out_of_memory" and "ran out of GPU memory" in error["message"] and emptied == [True]
+    hook.remove()
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] in LABELS

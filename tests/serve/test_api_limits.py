@@ -11,14 +11,16 @@ import base64
 import importlib.util
 import io
 import shutil
+import socket
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from helpers import RULES_PROMPT, assert_one_line_error, checksums, png_data_url, run_inline, truncate
-from serve.servers import free_port, running
+from helpers import (RULES_PROMPT, assert_one_line_error, checksums, png_data_url, run_inline, save_grey16_png,
+                     truncate)
+from serve.servers import free_port, memory_kb, running
 
 for _package in ("fastapi", "uvicorn"):
     if importlib.util.find_spec(_package) is None:
@@ -27,16 +29,6 @@ httpx = pytest.importorskip("httpx")
 
 LABELS = ["满足要求", "不满足要求"]
 BIG_SIDE = 7900  # 62.4 M pixels: under the per-image cap, 187 MB once decoded to RGB
-
-
-def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +201,84 @@ def test_bad_server_settings_are_one_line(tmp_path, capsys, tiny_model_dir, labe
         except AssertionError as exc:
             raise AssertionError(name) from exc
         assert checksums(tmp_path, tiny_model_dir) == before, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 25: fields read wrongly or silently ignored, and images whose decode costs more than their pixels say
+
+
+@pytest.fixture(scope="module")
+def wide_urls(tmp_path_factory) -> dict[str, str]:
+    """8000 × 8000 black greyscale images, exactly the per-image pixel limit: 16-bit (a 124 KB PNG, 448 MB held while
+    decoding) and 32-bit float (a TIFF, 576 MB)."""
+    tmp = tmp_path_factory.mktemp("wide")
+    grey16 = save_grey16_png(tmp / "grey16.png", 8000, 8000)
+    grey32 = tmp / "grey32.tiff"
+    Image.new("F", (8000, 8000)).save(grey32, format="TIFF", compression="tiff_deflate")
+    return {"grey16": "data:image/png;base64," + base64.b64encode(grey16.read_bytes()).decode(),
+            "grey32": "data:image/tiff;base64," + base64.b64encode(grey32.read_bytes()).decode()}
+
+
+def issue_25_requests(wide_urls: dict[str, str]) -> dict[str, tuple[object, str]]:
+    """name: (body — a dict, or the raw bytes a hostile client sends —, what the 400's message must name)."""
+    text = {"messages": [{"role": "user", "content": "x"}]}
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    return {
+        "max_tokens of 5,000 digits": (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": '
+                                       + b"9" * 5000 + b"}", "max_tokens"),
+        "seed of 5,000 digits": (b'{"messages": [{"role": "user", "content": "x"}], "seed": -' + b"9" * 5000 + b"}",
+                                 "seed"),
+        "a lone surrogate": (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\\ud800b"}]}]}',
+                             "messages[0].content[0].text"),
+        "a lone surrogate in a label": (b'{"messages": [{"role": "user", "content": "x"}], "vlmtune_mode": "score", '
+                                        b'"vlmtune_labels": ["\\udfff", "b"]}', "vlmtune_labels[0]"),
+        "16-bit 8000x8000 greyscale": (ask(wide_urls["grey16"], vlmtune_mode="score"), "--max_image_bytes"),
+        "32-bit 8000x8000 greyscale": (ask(wide_urls["grey32"], vlmtune_mode="score"), "--max_image_bytes"),
+        "tools": ({**text, "tools": [tool]}, "tools"),
+        "functions": ({**text, "functions": [tool["function"]]}, "functions"),
+        "tool_choice": ({**text, "tool_choice": "required"}, "tool_choice"),
+        "function_call": ({**text, "function_call": {"name": "f"}}, "function_call"),
+        "response_format json_object": ({**text, "response_format": {"type": "json_object"}}, "response_format"),
+        "response_format json_schema": ({**text, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "verdict", "schema": {"type": "object"}}}}, "response_format"),
+        "top_p": ({**text, "temperature": 1.0, "top_p": 0.5}, "top_p"),
+        "presence_penalty": ({**text, "presence_penalty": 0.5}, "presence_penalty"),
+        "frequency_penalty": ({**text, "frequency_penalty": -1}, "frequency_penalty"),
+        "logit_bias": ({**text, "logit_bias": {"1234": 5}}, "logit_bias"),
+        "logprobs in generate mode": ({**text, "vlmtune_mode": "generate", "logprobs": True}, "logprobs"),
+        "top_logprobs without logprobs": ({**text, "vlmtune_mode": "score", "top_logprobs": 2}, "top_logprobs"),
+    }
+
+
+def test_issue_25_requests_are_400s_naming_the_field_within_a_second_with_flat_memory(server, small_url, wide_urls):
+    post(server, ask(small_url, max_tokens=2))  # warm: both passes have run once
+    before = memory_kb(server["proc"].pid)
+    for name, (body, field) in issue_25_requests(wide_urls).items():
+        start = time.monotonic()
+        response = post(server, content=body) if isinstance(body, bytes) else post(server, body)
+        elapsed = time.monotonic() - start
+        assert response.status_code == 400, (name, response.status_code, response.text[:300])
+        assert field in response.json()["error"]["message"], (name, response.text[:300])
+        assert elapsed < 1.0, (name, elapsed)
+    after = memory_kb(server["proc"].pid)
+    # Either wide image decoded would add 448-576 MB to the peak (1.3-1.5 GB before decoding was made lean).
+    assert after["VmHWM"] - before["VmHWM"] < 64 * 1024, (before, after)
+    assert after["VmRSS"] - before["VmRSS"] < 64 * 1024, (before, after)
+    assert httpx.get(server["url"].replace("/v1/chat/completions", "/health"), timeout=5).status_code == 200
+    response = post(server, ask(small_url, vlmtune_mode="score"))
+    assert response.status_code == 200 and response.json()["choices"][0]["message"]["content"] in LABELS
+    log = Path(server["log"]).read_text()
+    assert " 500 " not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_an_api_key_set_but_empty_is_refused_at_start(capsys, monkeypatch, tiny_model_dir):
+    """Not a server open to anyone while its operator believes it guarded. (The port is taken, so a start that
+    got past the key would stop there, naming the port instead.)"""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for blank in ("", "  "):
+            monkeypatch.setenv("VLMTUNE_API_KEY", blank)
+            result = run_inline(capsys, "api", "--model_name_or_path", tiny_model_dir, "--port",
+                                taken.getsockname()[1])
+            assert_one_line_error(result, "VLMTUNE_API_KEY", "empty")

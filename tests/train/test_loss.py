@@ -13,7 +13,7 @@ from vlmtune.data.loader import load_datasets
 from vlmtune.data.processor import load_processor
 from vlmtune.model.adapters import apply_finetuning
 from vlmtune.model.load import load_model
-from vlmtune.train.loop import token_loss_sum
+from vlmtune.train.step import token_loss_sum
 
 
 def setup(tiny_model_dir, tmp_path, n=4):
@@ -33,14 +33,14 @@ def setup(tiny_model_dir, tmp_path, n=4):
 def test_label_position_logits_equal_full_logits(family_model_dir, tmp_path):
     processor, samples, model = setup(family_model_dir, tmp_path)
     batch = Collator(processor)(samples[:3])
-    ours, n = token_loss_sum(model, batch)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-    plain = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+    ours, n = token_loss_sum(model, batch), batch.num_label_tokens
+    logits = model(**batch.model_inputs()).logits
+    plain = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
                             ignore_index=-100, reduction="sum")
-    assert n == int((batch["labels"] != -100).sum())
+    assert n == int((batch.labels != -100).sum())
     assert torch.allclose(ours, plain, atol=1e-4), (ours, plain)
     # and the model's own mean loss agrees
-    assert torch.allclose(ours / n, model(**batch).loss, atol=1e-5)
+    assert torch.allclose(ours / n, model(**batch.model_inputs(), labels=batch.labels).loss, atol=1e-5)
 
 
 def test_accumulated_token_normalised_gradient_equals_one_batch(family_model_dir, tmp_path):
@@ -48,16 +48,15 @@ def test_accumulated_token_normalised_gradient_equals_one_batch(family_model_dir
     collate = Collator(processor)
     params = [p for p in model.parameters() if p.requires_grad]
 
-    loss, n = token_loss_sum(model, collate(samples))
-    (loss / n).backward()
+    whole = collate(samples)
+    (token_loss_sum(model, whole) / whole.num_label_tokens).backward()
     one_batch = [p.grad.clone() for p in params]
     model.zero_grad()
 
     micro = [collate(samples[:1]), collate(samples[1:])]
-    total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    total = sum(int((b.labels[:, 1:] != -100).sum()) for b in micro)
     for b in micro:
-        part, _ = token_loss_sum(model, b)
-        (part / total).backward()
+        (token_loss_sum(model, b) / total).backward()
     for a, b in zip(one_batch, (p.grad for p in params)):
         assert torch.allclose(a, b, atol=1e-6)
 
@@ -71,7 +70,7 @@ def test_cached_image_features_give_the_same_loss_and_gradients(family_model_dir
     processor, samples, model = setup(family_model_dir, tmp_path)
     collate = Collator(processor)
     params = [p for p in model.parameters() if p.requires_grad]
-    plain_loss, _ = token_loss_sum(model, collate(samples[:3]))
+    plain_loss = token_loss_sum(model, collate(samples[:3]))
     plain_loss.backward()
     plain_grads = [p.grad.clone() for p in params]
     model.zero_grad()
@@ -81,10 +80,10 @@ def test_cached_image_features_give_the_same_loss_and_gradients(family_model_dir
     cache.fill(samples[:3])
     assert all(s.image_features is not None and not s.images for s in samples[:3])
     batch = collate(samples[:3])
-    assert "pixel_values" not in batch and "mm_encoder_outputs" in batch
-    deepstack = getattr(batch["mm_encoder_outputs"]["image"], "deepstack_features", None)
+    assert batch.pixel_values is None and batch.mm_encoder_outputs is not None
+    deepstack = getattr(batch.mm_encoder_outputs["image"], "deepstack_features", None)
     assert bool(deepstack) is (processor.family.deepstack_output is not None)
-    cached_loss, _ = token_loss_sum(model, batch)
+    cached_loss = token_loss_sum(model, batch)
     cached_loss.backward()
     assert torch.allclose(plain_loss, cached_loss, atol=1e-5)
     for a, b in zip(plain_grads, (p.grad for p in params)):
@@ -103,8 +102,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(family_model_d
 
     def loss_and_grads():
         model.zero_grad()
-        loss, n = token_loss_sum(model, batch)
-        (loss / n).backward()
+        loss = token_loss_sum(model, batch)
+        (loss / batch.num_label_tokens).backward()
         return loss.detach(), [p.grad.clone() for p in params]
 
     plain_loss, plain = loss_and_grads()

@@ -207,3 +207,23 @@ def test_a_full_disk_while_saving_keeps_the_earlier_checkpoint_and_says_so(finis
     assert "optimizer.pt could not be written completely" in line, line
     assert checksums(out / "checkpoint-4") == kept
     assert not list(out.glob(".tmp-checkpoint-*")) and not (out / "checkpoint-6").exists()
+
+
+def test_a_runaway_learning_rate_stops_before_writing_non_finite_weights(train_config, tmp_path, capsys):
+    """The loss turns nan/inf: one line, exit 1, and every tensor left in output_dir is a number."""
+    import torch
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    AcceleratorState._reset_state(True)
+    config = train_config(learning_rate=1e12, max_grad_norm=0, max_steps=8, save_steps=2, logging_steps=4,
+                          eval_strategy="no", val_size=0, gradient_accumulation_steps=1, lr_scheduler_type="constant",
+                          warmup_ratio=0)
+    result = run_inline(capsys, "train", config)
+    AcceleratorState._reset_state(True)
+    assert_one_line_error(result, "non-finite", "learning_rate")
+    out = tmp_path / "out"
+    assert not (out / "adapter_model.safetensors").exists()
+    for path in out.rglob("*.safetensors"):
+        for name, tensor in load_file(path).items():
+            assert torch.isfinite(tensor).all(), (path, name)

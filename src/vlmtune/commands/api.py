@@ -18,7 +18,8 @@ from vlmtune import allocator
 from vlmtune.commands.options import add_options, build_options, command_parser
 from vlmtune.commands.serving import add_server_options, server_settings
 from vlmtune.errors import VlmtuneError
-from vlmtune.serve.api import API_KEY_ENV, DEFAULT_MAX_REQUEST_BYTES, LIMIT_FLAGS, Limits
+from vlmtune.serve.api import API_KEY_ENV
+from vlmtune.serve.common import LIMIT_FLAGS, Limits
 
 PORT = 8000
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -35,8 +36,6 @@ class ApiArgs:
                 "name)."})
     mode: str = field(default="generate", metadata={
         "help": "How a request without vlmtune_mode is answered: generate, or score (needs --labels)."})
-    max_request_bytes: int = field(default=DEFAULT_MAX_REQUEST_BYTES, metadata={
-        "help": "Largest request body accepted (413 above)."})
     allow_local_images: bool = field(default=False, metadata={
         "help": "Also accept file:// URLs and absolute paths (files the server process can read)."})
     allow_remote_images: bool = field(default=False, metadata={
@@ -49,8 +48,6 @@ class ApiArgs:
             raise VlmtuneError(f"--mode must be score or generate, got {self.mode!r}")
         if self.mode == "score" and not labels:
             raise VlmtuneError("--mode score needs --labels (the closed label set to score)")
-        if self.max_request_bytes < 1024:
-            raise VlmtuneError(f"--max_request_bytes {self.max_request_bytes} is too small (at least 1024)")
         if self.log_level not in LOG_LEVELS:
             raise VlmtuneError(f"--log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
 
@@ -65,8 +62,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def api_key_from_env() -> str | None:
+    """The key clients must send, or None (no key required); a key set but blank is refused: it would start the
+    server open while its operator believes it guarded."""
+    key = os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise VlmtuneError(f"{API_KEY_ENV} is set but empty: set it to the key clients must send, or unset it to "
+                           f"serve without one")
+    return key.strip() if key is not None else None  # as the header's token is compared: stripped
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    api_key = api_key_from_env()
     settings, labels = server_settings(args, PORT)
     api = build_options(ApiArgs, args)
     api.check(labels)
@@ -82,7 +90,6 @@ def main(argv: list[str]) -> int:
     from vlmtune.serve.common import ModelService, RequestError, check_port_free, is_loopback, model_label
 
     check_port_free(settings.host, settings.port)
-    api_key = os.environ.get(API_KEY_ENV) or None
     if not is_loopback(settings.host) and not api_key:
         print(f"warning: binding {settings.host} without {API_KEY_ENV}: anyone who can reach this address can use "
               f"the model", file=sys.stderr)
@@ -91,9 +98,8 @@ def main(argv: list[str]) -> int:
     except RequestError as exc:
         raise VlmtuneError(f"--labels: {exc}") from None
     name = api.served_model_name or model_label(service.engine)
-    policy = ImagePolicy(api.allow_local_images, api.allow_remote_images, api.max_request_bytes,
-                         limits.max_image_pixels)
-    app = create_app(service, name, api_key, api.max_request_bytes, policy, api.mode, limits)
+    policy = ImagePolicy(api.allow_local_images, api.allow_remote_images, limits)
+    app = create_app(service, name, api_key, policy, api.mode, limits)
     sources = "data: URLs" + (", local files" if api.allow_local_images else "") + \
         (", http(s)" if api.allow_remote_images else "")
     print(f"vlmtune api: http://{settings.host}:{settings.port}/v1 serving '{name}' "

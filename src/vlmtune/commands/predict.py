@@ -11,8 +11,8 @@ score`) whenever the answers form a small closed set or `--labels` is given: P(l
 `predict` = the most probable label, no invalid answers. `--mode generate` (or `--predict_with_generate`) writes
 the generated text instead. See `vlmtune/infer/predict.py` for the output and resuming after a crash.
 
-On a machine with several GPUs (and the transformers backend) this starts torchrun itself, one process per GPU,
-each predicting its share of the dataset.
+On a machine with several GPUs this starts torchrun itself, one process per GPU (vLLM: per tensor_parallel_size
+GPUs, one engine each), each predicting its share of the dataset.
 """
 
 from __future__ import annotations
@@ -84,9 +84,11 @@ def vllm_config(value: Any, origin: str) -> dict:
 
 def main(argv: list[str]) -> int:
     cfg, pargs, explicit = parse_args(argv)
-    if backend_of(cfg) == "transformers" and rank_and_world()[1] == 1:
-        processes = torchrun_processes(False, visible_gpus(), os.environ)
-        if processes is not None:  # several GPUs: one process per GPU, each its share of the dataset
+    if rank_and_world()[1] == 1:
+        # vLLM: one engine per tensor_parallel_size GPUs (infer/predict.py `rank_device`)
+        per_engine = int(pargs.vllm_config.get("tensor_parallel_size", 1)) if backend_of(cfg) == "vllm" else 1
+        processes = torchrun_processes(False, visible_gpus() // max(1, per_engine), os.environ)
+        if processes is not None:  # several GPUs: one process per GPU (or engine), each its share of the dataset
             relaunch_under_torchrun("predict", argv, processes)
     allocator.for_prediction()  # before torch allocates: see vlmtune/allocator.py
     predict(cfg, pargs, explicit)

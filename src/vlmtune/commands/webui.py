@@ -17,6 +17,8 @@ from vlmtune.commands.options import add_config_options, add_options, build_opti
 from vlmtune.commands.serving import add_server_options, server_settings
 from vlmtune.config import build_config
 from vlmtune.errors import VlmtuneError
+from vlmtune.serve.common import LIMIT_FLAGS, Limits
+from vlmtune.serve.webui import PAGE_LIMITS
 
 PORT = 7860
 PAGE_FLAGS = ("dataset", "dataset_dir")
@@ -35,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     page = parser.add_argument_group("page")
     add_config_options(page, PAGE_FLAGS)
     add_options(page, PageArgs)
+    bounds = parser.add_argument_group("request limits (as `vlmtune api`'s: a request above one gets an error before "
+                                       "the work it bounds)")
+    add_options(bounds, Limits, PAGE_LIMITS, flags={k: [f"--{v}"] for k, v in LIMIT_FLAGS.items()})
     return parser
 
 
@@ -42,6 +47,8 @@ def main(argv: list[str]) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
     settings, labels = server_settings(args, PORT)
+    limits = build_options(Limits, args, PAGE_LIMITS)
+    limits.check(settings.max_new_tokens)
     from vlmtune.serve.common import ModelService, RequestError, check_port_free
     from vlmtune.serve.webui import PageDefaults, dataset_defaults, launch_page
 
@@ -62,5 +69,5 @@ def main(argv: list[str]) -> int:
         service = ModelService.from_args(settings, labels)
     except RequestError as exc:
         raise VlmtuneError(f"--labels: {exc}") from None
-    launch_page(service, defaults, settings.host, settings.port)
+    launch_page(service, defaults, settings.host, settings.port, limits)
     return 0

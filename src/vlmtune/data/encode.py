@@ -13,11 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vlmtune.data.batch import IGNORE_INDEX, Batch, LabelGather
 from vlmtune.data.conversation import Conversation, Message
 from vlmtune.data.images import ImageError, image_grids, load_resized, resized_token_count, sequence_tokens, to_patches
 from vlmtune.data.processor import Processor
-
-IGNORE_INDEX = -100
 
 
 class EncodeError(Exception):
@@ -153,7 +152,7 @@ class Collator:
         self.padding_side = padding_side
         self.raw_images = raw_images
 
-    def __call__(self, samples: list[EncodedSample]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: list[EncodedSample]) -> Batch:
         longest = max(len(s) for s in samples)
         pad_id = self.processor.pad_token_id
         input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
@@ -168,22 +167,27 @@ class Collator:
         mm_token_type_ids = torch.zeros_like(input_ids)
         mm_token_type_ids[input_ids == self.processor.image_token_id] = 1
         mm_token_type_ids[attention_mask == 0] = 0
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                 "mm_token_type_ids": mm_token_type_ids}
+        batch = Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                      mm_token_type_ids=mm_token_type_ids, num_samples=len(samples),
+                      num_tokens=sum(len(s) for s in samples), gather=LabelGather.of(labels))
+        self.add_images(batch, samples)
+        return batch
+
+    def add_images(self, batch: Batch, samples: list[EncodedSample]) -> None:
+        """The samples' images into the batch, in the form they come in (see `data.batch.Batch`)."""
         if any(s.image_features is not None for s in samples):
             if not all(s.image_features is not None or not s.images for s in samples):
                 raise ValueError("a batch mixes cached image features and raw images")
             from vlmtune.data.features import encoder_outputs
 
             features = [f for s in samples if s.image_features for f in s.image_features]
-            batch["image_grid_thw"] = torch.cat([s.image_grid_thw for s in samples if s.image_features])
-            batch["mm_encoder_outputs"] = encoder_outputs(features, self.processor.family)
-            return batch
+            batch.image_grid_thw = torch.cat([s.image_grid_thw for s in samples if s.image_features])
+            batch.mm_encoder_outputs = encoder_outputs(features, self.processor.family)
+            return
         images = [im for s in samples for im in s.images]
         if images and self.raw_images:
             settings = self.processor.image_processor
-            batch["image_pixels"], batch["image_grid_thw"] = images, image_grids(images, settings)
-            batch["image_settings"] = settings
+            batch.image_pixels, batch.image_grid_thw = images, image_grids(images, settings)
+            batch.image_settings = settings
         elif images:
-            batch["pixel_values"], batch["image_grid_thw"] = to_patches(images, self.processor.image_processor)
-        return batch
+            batch.pixel_values, batch.image_grid_thw = to_patches(images, self.processor.image_processor)

@@ -107,9 +107,10 @@ def decode_rgb(image: Image.Image) -> Image.Image:
             image = ImageOps.exif_transpose(image)
         if image.mode in WIDE_MODES:
             image = _to_8bit(image)
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
+        if has_alpha(image):
+            rgba = image if image.mode == "RGBA" else image.convert("RGBA")
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+            del rgba  # not held while the RGB copy is made
         return image if image.mode == "RGB" else image.convert("RGB")
     except ImageError:
         raise
@@ -118,16 +119,56 @@ def decode_rgb(image: Image.Image) -> Image.Image:
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit (or 32-bit integer / float) greyscale → 8-bit L, by the range its type holds."""
-    values = np.asarray(image)
+    """16-bit (or 32-bit integer / float) greyscale → 8-bit L, by the range its type holds. Read a band of rows at
+    a time, so the working copies stay small (`decoded_bytes` counts on it)."""
+    high = max((float(band.max()) for _, band in _bands(image) if band.size), default=0.0)
     if image.mode == "F":
-        top = 1.0 if values.size and float(values.max()) <= 1.0 else 255.0  # floats in [0, 1] or [0, 255]
-    elif image.mode.startswith("I;16") or (values.size and int(values.max()) > 255):
+        top = 1.0 if high <= 1.0 else 255.0  # floats in [0, 1] or [0, 255]
+    elif image.mode.startswith("I;16") or high > 255:
         top = 65535.0
     else:
         top = 255.0
-    scaled = np.clip(values.astype(np.float64) * (255.0 / top), 0, 255)
-    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
+    out = np.empty((image.height, image.width), dtype=np.uint8)
+    for first_row, band in _bands(image):
+        scaled = np.clip(band.astype(np.float64) * (255.0 / top), 0, 255)
+        out[first_row:first_row + band.shape[0]] = np.rint(scaled).astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def _bands(image: Image.Image):
+    """(first row, pixels as an array) of consecutive bands of about PIXELS_PER_BAND pixels."""
+    rows = max(1, PIXELS_PER_BAND // max(1, image.width))
+    for first_row in range(0, image.height, rows):
+        yield first_row, np.asarray(image.crop((0, first_row, image.width, min(first_row + rows, image.height))))
+
+
+PIXELS_PER_BAND = 1 << 18  # ≈ 8 MB of working copies
+
+
+def has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def decoded_bytes(image: Image.Image) -> int:
+    """The most memory `decode_rgb` holds for this lazily opened image at once, read from its header: pixels ×
+    bytes a pixel takes through the decode. Pillow keeps a pixel in 1 byte ("1", "L", "P"), 2 (16-bit greyscale) or
+    4 (every other mode, RGB included); the decoded image stays while its copies are made — turned by its EXIF
+    orientation (one more of its size), 8-bit greyscale of a wide mode (1), the RGB result (4) — or, for a transparent
+    one, its RGBA copy (4, none for RGBA) with the white background and the composite (4 each; the RGB result is made
+    once the background is freed). That is 4 bytes a pixel for RGB, 5 for 8-bit greyscale or palette, 7 for 16-bit
+    greyscale, 9 for 32-bit, 12 for RGBA and up to 16 for other transparent modes (tests/data/test_images.py
+    measures each). The one rule every server applies before decoding an image (with its pixel count)."""
+    stored = 1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4
+    # Pillow decodes a whole PNG to look for EXIF after its pixel data: that rare turn is not counted.
+    turned = not (image.format == "PNG" and "exif" not in image.info) and orientation(image) != 1
+    per_pixel = stored * (2 if turned else 1)
+    if image.mode in WIDE_MODES:
+        per_pixel += 1
+    if has_alpha(image):
+        per_pixel += (0 if image.mode == "RGBA" else 4) + 8
+    elif image.mode != "RGB":
+        per_pixel += 4
+    return image.width * image.height * per_pixel
 
 
 def resized_size(width: int, height: int, settings: ImageSettings) -> tuple[int, int]:

@@ -132,8 +132,10 @@ def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None
                 bf16: bool = False, fp16: bool = False, attn_implementation: str = "auto",
                 device: str | torch.device | None = None, cache_dir: str | None = None,
                 revision: str = "main", merge_adapter: bool = False, template: str | None = None,
-                enable_thinking: bool | None = None, quantization=None, log=print) -> Engine:
-    """Load base model (+ adapter) and the processor with the adapter's pixel limits and chat template.
+                enable_thinking: bool | None = None, quantization=None, dtype: torch.dtype | None = None,
+                log=print) -> Engine:
+    """Load base model (+ adapter) and the processor with the adapter's pixel limits and chat template; in `dtype`
+    when given (export: the export's), else `inference_dtype`'s choice.
 
     `model_name_or_path` may be None when the adapter records its base model. The base is the full-precision
     one, also for a QLoRA adapter, unless `quantization` (a `model.quantize.Quantization`) asks for it quantized
@@ -155,7 +157,7 @@ def load_engine(model_name_or_path: str | None, adapter_name_or_path: str | None
     processor = load_processor(model_dir, max_pixels, min_pixels,
                                *resolve_template(adapter_dir, template, enable_thinking))
     device = pick_device(device)
-    dtype = inference_dtype(device, bf16, fp16)
+    dtype = dtype if dtype is not None else inference_dtype(device, bf16, fp16)
     model = load_model(model_dir, dtype=dtype, attn_implementation=attn_implementation, device=device,
                        quantization=quantization)
     model.eval()

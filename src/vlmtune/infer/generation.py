@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from vlmtune.data.conversation import Conversation
+from vlmtune.data.batch import Batch
 from vlmtune.data.encode import Collator, EncodedSample
 from vlmtune.data.processor import Processor
 from vlmtune.infer.scoring import encode_prompts, evaluating, to_model
@@ -60,21 +61,21 @@ def stopping_criteria(should_stop: Callable[[], bool] | None):
     return StoppingCriteriaList([AskEveryToken()] if should_stop is not None else [])
 
 
-def generate_batch(model: torch.nn.Module, processor: Processor, batch: dict, max_new_tokens: int = 32,
+def generate_batch(model: torch.nn.Module, processor: Processor, batch: Batch, max_new_tokens: int = 32,
                    temperature: float = 0.0, seed: int | None = None,
                    should_stop: Callable[[], bool] | None = None, **sampling) -> list[str]:
     """`generate_samples` for an already collated, LEFT-padded batch (`sampling`: top_p, top_k,
     repetition_penalty of `sampling_kwargs`)."""
     core = unwrap(model)
-    batch = to_model(batch, core)  # the images go through the vision tower here, once
+    inputs = to_model(batch, core)  # the images go through the vision tower here, once
     if seed is not None:
         torch.manual_seed(seed)
     stops = processor.stop_token_ids()
-    with image_inputs(core, batch) as inputs:
+    with image_inputs(core, inputs) as inputs:
         output = core.generate(**inputs, **sampling_kwargs(max_new_tokens, temperature, **sampling),
                                eos_token_id=stops, pad_token_id=processor.pad_token_id,
                                stopping_criteria=stopping_criteria(should_stop))
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
+    new_tokens = output[:, batch.input_ids.shape[1]:]
     texts = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     return [processor.template.answer_of(text) for text in texts]
 

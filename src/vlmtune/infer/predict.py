@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ DEFAULT_SAVE_NAME = "generated_predictions.jsonl"  # LLaMA-Factory's default
 # Seconds to pause after each batch: lets a person (or a test) watch rows arrive and kill the run.
 DELAY_ENV = "VLMTUNE_PREDICT_BATCH_DELAY"
 MODES = ("score", "generate")
+VLLM_BATCH_SIZE = 256  # vLLM batches hundreds of requests; 8 samples (16 label requests) per call leave it idle
+# A rank that finished its share waits for the slowest at the end: never under gloo's 30-minute default, whatever
+# the imbalance (mixed image sizes, long generated answers, mixed GPUs).
+RANK_WAIT = timedelta(days=7)
 
 
 @dataclass
@@ -41,7 +46,9 @@ class PredictArgs:
     """Settings of a prediction run besides the config's keys (the model, data and predict-section keys)."""
 
     save_name: str = field(default=DEFAULT_SAVE_NAME, metadata={"help": "Output JSONL path."})
-    batch_size: int = field(default=8, metadata={"help": "Samples per forward pass (vLLM: per request batch)."})
+    batch_size: int = field(default=8, metadata={
+        "help": f"Samples per forward pass. vLLM: samples per call to the engine, which schedules their requests "
+                f"itself; {VLLM_BATCH_SIZE} unless given."})
     workers: int = field(default=0, metadata={
         "help": "transformers backend, score mode: batches scored at once, each on its share of the torch "
                 "threads. 0 = auto: 2 on a CPU, 1 on a GPU."})
@@ -200,7 +207,8 @@ def make_predictor(cfg: Config, pargs: PredictArgs, explicit: set[str], conversa
                                   revision=cfg.model.model_revision,
                                   max_images=max((len(c.images) for c in conversations), default=1),
                                   seed=cfg.train.seed, conversations=conversations,
-                                  max_new_tokens=cfg.predict.max_new_tokens, log=log, **chat)
+                                  max_new_tokens=cfg.predict.max_new_tokens,
+                                  default_system=cfg.data.default_system, log=log, **chat)
     from vlmtune.infer.engine import load_engine
     from vlmtune.infer.runner import TransformersPredictor
 
@@ -245,14 +253,17 @@ def sampling_of(cfg: Config) -> dict[str, Any]:
     return {k: getattr(p, k) for k in keys if getattr(p, k) != getattr(default, k)}
 
 
+def batch_size_of(pargs: PredictArgs, cfg: Config, explicit: set[str] | frozenset[str]) -> int:
+    """The samples per batch: as given, else 8 (transformers) or VLLM_BATCH_SIZE (vLLM)."""
+    return VLLM_BATCH_SIZE if backend_of(cfg) == "vllm" and "batch_size" not in explicit else pargs.batch_size
+
+
 def predict(cfg: Config, pargs: PredictArgs, explicit: set[str] | frozenset[str] = frozenset(), log=print) -> Path:
     """Predict cfg's dataset into `pargs.save_name` (this process's share of it under torchrun); returns the path.
 
     `explicit`: the keys the user set (pixel limits and enable_thinking given explicitly win over the adapter's)."""
     rank, world = rank_and_world()
-    if world > 1 and backend_of(cfg) == "vllm":
-        raise VlmtuneError("--backend vllm runs in one process (spread a large model with vllm_config's "
-                           "tensor_parallel_size); start it without torchrun")
+    pargs = replace(pargs, batch_size=batch_size_of(pargs, cfg, explicit))
     log = log if rank == 0 else (lambda *_: None)
     conversations = load_test_data(cfg, log)
     refuse_overwriting_inputs(Path(pargs.save_name), cfg, conversations)
@@ -267,14 +278,7 @@ def predict(cfg: Config, pargs: PredictArgs, explicit: set[str] | frozenset[str]
         + (f"; {world} processes, each its share" if world > 1 else ""))
     for line in prediction_notes(cfg.predict, mode):
         log(f"note: {line}")
-    device = None
-    if world > 1:
-        import torch
-
-        if torch.cuda.is_available():
-            device = f"cuda:{local_rank_and_world()[0]}"
-        else:
-            share_cores_between_local_ranks()
+    device = rank_device(backend_of(cfg), pargs.vllm_config) if world > 1 else None
     predictor = make_predictor(cfg, pargs, explicit, conversations, log, device=device)
     if mode == "score":
         from vlmtune.infer.scoring import label_token_ids
@@ -283,9 +287,10 @@ def predict(cfg: Config, pargs: PredictArgs, explicit: set[str] | frozenset[str]
             label_token_ids(labels, predictor.processor)
         except ValueError as exc:
             raise VlmtuneError(f"labels {labels} cannot be scored: {exc}") from None
+    group = rank_group() if world > 1 else None  # after the engine: vLLM's may fork, without it
     started = time.perf_counter()
     save = Path(pargs.save_name)
-    done = predict_all(conversations, predictor, cfg, pargs, mode, labels, log)
+    done = predict_all(conversations, predictor, cfg, pargs, mode, labels, log, group)
     predictor.close()
     if rank == 0:
         print_summary(save, len(conversations) - done, done, time.perf_counter() - started, labels,
@@ -293,10 +298,11 @@ def predict(cfg: Config, pargs: PredictArgs, explicit: set[str] | frozenset[str]
     return save
 
 
-def predict_all(conversations, predictor, cfg: Config, pargs: PredictArgs, mode: str, labels, log) -> int:
+def predict_all(conversations, predictor, cfg: Config, pargs: PredictArgs, mode: str, labels, log, group=None) -> int:
     """Every row into save_name; returns how many an earlier run had written. With several processes each predicts
-    a contiguous block into its own part file (resumable on its own); when all are done, rank 0 joins the parts in
-    dataset order into save_name, and removes them."""
+    every world-th row (rank r: rows r, r + world, ...: an unbalanced dataset — small images first, large ones
+    last — is shared evenly) into its own part file (resumable on its own); when all are done, rank 0 joins the
+    parts in dataset order into save_name, and removes them. `group`: the ranks' process group (`rank_group`)."""
     from vlmtune.infer.output import PredictionFile
 
     rank, world = rank_and_world()
@@ -309,14 +315,13 @@ def predict_all(conversations, predictor, cfg: Config, pargs: PredictArgs, mode:
     if final.complete(ids) and not pargs.overwrite:
         log(f"{save}: already holds every row of this run")
         return len(conversations)
-    block = -(-len(conversations) // world)
-    mine = conversations[rank * block:(rank + 1) * block]
-    part = PredictionFile(part_path(save, rank, world), {**meta, "part": [rank, world]})
+    mine = conversations[rank::world]
+    part = PredictionFile(part_path(save, rank, world), {**meta, "part": [rank, world, "interleaved"]})
     predict_into(part, mine, [c.id for c in mine], predictor, cfg, pargs, mode, labels, log)
-    barrier()
+    barrier(group)
     if rank == 0:
         join_parts(final, [part_path(save, r, world) for r in range(world)], ids)
-    barrier()
+    barrier(group)
     return 0
 
 
@@ -324,30 +329,79 @@ def part_path(save: Path, rank: int, world: int) -> Path:
     return save.with_name(f"{save.name}.part-{rank}-of-{world}")
 
 
-def barrier() -> None:
-    """Wait for every prediction process (gloo: any device), setting up the process group on first use."""
+def rank_device(backend: str, vllm_config: dict) -> str | None:
+    """This rank's device under torchrun, set before anything starts CUDA. transformers: its GPU, made the current
+    device too (library calls that use the current one — is_bf16_supported, empty_cache — would all land on GPU 0);
+    vLLM: its engine sees only its own GPUs (`vllm_backend.rank_gpus`: one engine per rank). On a CPU the node's
+    cores are shared between its ranks."""
+    local_rank = local_rank_and_world()[0]
+    if backend == "vllm":
+        from vlmtune.infer.vllm_backend import rank_gpus
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = rank_gpus(os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank,
+                                                       int(vllm_config.get("tensor_parallel_size", 1)))
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    share_cores_between_local_ranks()
+    return None
+
+
+def rank_group():
+    """The prediction ranks' process group, set up by every rank together once its engine is loaded: gloo (any
+    device), waits up to RANK_WAIT. A run inside training's processes (do_predict) gets a gloo group of its own
+    beside training's."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
-    dist.barrier()
+        dist.init_process_group("gloo", timeout=RANK_WAIT)
+        return None  # the default group
+    if dist.get_world_size() != rank_and_world()[1]:  # e.g. vLLM's own, made in this process
+        raise VlmtuneError(f"a process group of {dist.get_world_size()} process(es) is already set up here, not "
+                           f"torchrun's {rank_and_world()[1]} (vLLM without VLLM_ENABLE_V1_MULTIPROCESSING?)")
+    return dist.new_group(backend="gloo", timeout=RANK_WAIT)
+
+
+def barrier(group=None) -> None:
+    """Wait for every prediction process (in `rank_group`'s group)."""
+    import torch.distributed as dist
+
+    dist.barrier(group=group)
 
 
 def join_parts(final, parts: list[Path], ids: list[str]) -> None:
-    """The parts' rows, in order, into the final file (written whole, then the parts removed)."""
+    """The parts' rows, interleaved back into dataset order (part r holds rows r, r + world, ...), into the final
+    file (written whole, then the parts removed)."""
     from vlmtune.infer.output import meta_path
 
     final.start(ids, overwrite=True)
+    missing = next((path for path in parts if not path.is_file()), None)
+    if missing is not None:  # another node's rank wrote it where this node cannot see
+        final.close()
+        raise VlmtuneError(f"{missing}: a rank's part is missing; with ranks on several nodes save_name must be on "
+                           f"a filesystem every node sees")
+    handles = [open(path, encoding="utf-8") for path in parts]
     written = []
-    for path in parts:
-        if not path.is_file():  # another node's rank wrote it where this node cannot see
-            final.close()
-            raise VlmtuneError(f"{path}: a rank's part is missing; with ranks on several nodes save_name must be on "
-                               f"a filesystem every node sees")
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-        written += [str(r["id"]) for r in rows]
+    try:
+        rows = []
+        for i in range(len(ids)):
+            line = handles[i % len(parts)].readline()
+            if not line:
+                break
+            rows.append(json.loads(line))
+            written.append(str(rows[-1]["id"]))
+            if len(rows) == 1024:
+                final.write(rows)
+                rows = []
         final.write(rows)
-    if written != ids:
+        extra = any(handle.readline() for handle in handles)
+    finally:
+        for handle in handles:
+            handle.close()
+    if written != ids or extra:
         final.close()
         raise VlmtuneError(f"{final.path}: the parts hold {len(written)} rows, not the dataset's {len(ids)} in order; "
                            f"rerun the same command to complete them")

@@ -25,6 +25,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
+from vlmtune.data.batch import Batch
 from vlmtune.data.conversation import Conversation
 from vlmtune.errors import VlmtuneError
 
@@ -132,7 +133,7 @@ class TransformersPredictor:
         self.dtype_name = str(engine.dtype).replace("torch.", "")
 
     def prepare(self, conversations: Sequence[Conversation], default_system: str | None = None,
-                mode: str = "score") -> dict:
+                mode: str = "score") -> Batch:
         """The model-ready batch: images decoded and resized once, prompts encoded, padded for `mode`
         (scoring: as the family allows, `Processor.score_padding`; generation: left), the resized images as they are."""
         from vlmtune.data.encode import Collator, EncodeError, encode_prompt, load_images, prompt_messages
@@ -150,14 +151,14 @@ class TransformersPredictor:
     def check(self, conversations, labels, mode, default_system=None) -> None:
         """Nothing to check: peft applies the adapter itself."""
 
-    def score(self, batch: dict, labels: list[str]) -> list[list[float]]:
+    def score(self, batch: Batch, labels: list[str]) -> list[list[float]]:
         from vlmtune.infer.scoring import evaluating, label_logprobs, label_token_ids
 
         with evaluating(self.engine.model):
             logp = label_logprobs(self.engine.model, batch, label_token_ids(labels, self.processor))
         return logp.softmax(-1).tolist()
 
-    def generate(self, batch: dict, max_new_tokens: int, temperature: float = 0.0,
+    def generate(self, batch: Batch, max_new_tokens: int, temperature: float = 0.0,
                  seed: int | None = None, **sampling) -> list[str]:
         """Generated answers; `sampling`: top_p, top_k, repetition_penalty (`generation.sampling_kwargs`)."""
         from vlmtune.infer.generation import generate_batch

@@ -34,6 +34,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from vlmtune.data.batch import Batch
 from vlmtune.data.conversation import Conversation
 from vlmtune.data.encode import Collator, EncodedSample, encode_prompt, load_images, prompt_messages
 from vlmtune.data.processor import Processor
@@ -104,29 +105,30 @@ def model_device(core: torch.nn.Module) -> torch.device:
     return next(core.parameters()).device
 
 
-def to_model(batch: dict, core: torch.nn.Module) -> dict:
-    """The batch on the model's device, the images already through the vision tower.
+def to_model(batch: Batch, core: torch.nn.Module) -> dict:
+    """The model's inputs on its device, the images already through the vision tower.
 
     Images (`pixel_values`, or the raw `image_pixels` of `Collator(..., raw_images=True)`) become
     `mm_encoder_outputs` computed by `model.vision.VisionEncoder` — the model's own vision tower and
     merger, run in fewer and larger ops — so the model's forward (and `generate`) skip the tower.
     """
     device = model_device(core)
-    out = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
-    raw, settings = out.pop("image_pixels", None), out.pop("image_settings", None)
+    moved = batch.to(device)
+    out = moved.model_inputs()
     pixels = out.pop("pixel_values", None)
-    if raw is not None or pixels is not None:
+    if batch.image_pixels is not None or pixels is not None:
         from vlmtune.data.features import encoder_outputs
         from vlmtune.model.vision import vision_encoder
 
         encoder = vision_encoder(parts_of(core).vision_tower)
         grid = out["image_grid_thw"]
-        features = encoder.still_images(raw, grid, settings) if raw is not None else encoder(pixels, grid)
+        features = (encoder.still_images(batch.image_pixels, grid, batch.image_settings)
+                    if batch.image_pixels is not None else encoder(pixels, grid))
         out["mm_encoder_outputs"] = encoder_outputs(encoder.split(features, grid), family_of_model(core))
     return out
 
 
-def prompt_positions(core: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def prompt_positions(core: torch.nn.Module, batch: dict) -> torch.Tensor:
     """3-D rope positions (3, B, S) of a padded prompt batch, as the model computes them itself.
 
     Text and still images: `infer.rope_positions` (whole-batch ops), checked against the model's
@@ -150,8 +152,7 @@ def prompt_positions(core: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
 # Scoring
 
 
-def label_logprobs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                   label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+def label_logprobs(model: torch.nn.Module, batch: Batch, label_ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """Summed log P(label tokens + <|im_end|> | prompt): (B, K) float32, for a padded prompt batch.
 
     `model` must already be in eval mode under no_grad (see :func:`evaluating`); `batch` comes from

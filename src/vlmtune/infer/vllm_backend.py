@@ -1,4 +1,5 @@
-"""The vLLM backend: base model + LoRA adapter on GPUs, tensor parallel, generate and score.
+"""The vLLM backend: base model + LoRA adapter on GPUs, tensor parallel, generate and score; under torchrun one
+engine per rank on its own GPUs (`rank_gpus`), each rank its share of the rows as with transformers.
 
 vllm is imported only here and only when `--backend vllm` is chosen, so the rest of vlmtune never
 needs it. The prompts are the same text the transformers engine renders (the processor's chat
@@ -8,8 +9,10 @@ so both backends see the same pixels.
 
 * generate: `SamplingParams(temperature=0, max_tokens=...)`, stop at `<|im_end|>`.
 * score: one request per (sample, label) whose prompt ends with the label's tokens and
-  `<|im_end|>`; `prompt_logprobs=0` returns the log-prob of every prompt token, and the sum over the
-  label's tokens is log P(label | prompt), exactly what `infer.scoring` computes.
+  `<|im_end|>`; `prompt_logprobs=0` returns the log-prob of the prompt's tokens from `prompt_logprob_start` on
+  (vLLM ≥ 0.34: the label's rows only, the prompt read from the prefix cache its first label request left;
+  `scoring_params`), and the sum over the label's tokens is log P(label | prompt), exactly what `infer.scoring`
+  computes.
 
 Adapters, as read in the vLLM 0.33.0 and 0.34.0 wheels: vLLM strips peft's `base_model.model.` and maps
 `model.language_model.` → `language_model.model.` (`hf_to_vllm_mapper` of the Qwen2.5-VL, Qwen3-VL and Qwen3.5
@@ -29,7 +32,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 from vlmtune.errors import VlmtuneError
 
@@ -48,6 +51,20 @@ def vllm_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA device (vLLM needs a GPU)"
     return True, ""
+
+
+def rank_gpus(visible: str | None, local_rank: int, per_rank: int = 1) -> str:
+    """CUDA_VISIBLE_DEVICES for one torchrun rank's own vLLM engine: its `per_rank` (tensor_parallel_size) GPUs
+    of the ones visible to the node (`visible`: CUDA_VISIBLE_DEVICES as launched, None for all)."""
+    start = local_rank * per_rank
+    if visible is None:
+        return ",".join(str(gpu) for gpu in range(start, start + per_rank))
+    gpus = [gpu.strip() for gpu in visible.split(",") if gpu.strip()]
+    if start + per_rank > len(gpus):
+        raise VlmtuneError(f"--backend vllm under torchrun: local rank {local_rank} needs GPUs {start}.."
+                           f"{start + per_rank - 1} of CUDA_VISIBLE_DEVICES={visible} (tensor_parallel_size "
+                           f"{per_rank} each); start fewer processes per node")
+    return ",".join(gpus[start:start + per_rank])
 
 
 def lora_rank_limit(rank: int) -> int:
@@ -110,19 +127,56 @@ def default_max_model_len(longest_sample: int, max_new_tokens: int) -> int:
     return -(-need // 256) * 256
 
 
+def data_max_model_len(conversations, processor, default_system: str | None, max_new_tokens: int) -> int:
+    """`default_max_model_len` of the data as it is sent: records without a system turn get `default_system`
+    (a rules list can be most of the prompt), so it is counted in."""
+    from vlmtune.data.checks import check_conversations
+
+    stats = check_conversations(list(conversations), processor, default_system=default_system).stats.values()
+    return default_max_model_len(max((s.total_tokens for s in stats), default=0), max_new_tokens)
+
+
+def engine_kwargs(model_dir: Path, processor, dtype: str, seed: int, max_images: int, max_model_len: int | None,
+                  lora_rank: int | None, vllm_config: dict[str, Any]) -> dict[str, Any]:
+    """vllm.LLM's arguments: images only (no video slots: vLLM reserves 999 per modality left unset), the data's
+    max_model_len, LoRA sized for the adapter, prefix caching (each prompt is sent once per label); the user's
+    vllm_config wins."""
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=True,
+        limit_mm_per_prompt={"image": max(1, max_images), "video": 0},
+        mm_processor_kwargs={"max_pixels": processor.max_pixels, "min_pixels": processor.min_pixels},
+        enable_prefix_caching=True,
+    )
+    if max_model_len is not None:
+        kwargs["max_model_len"] = max_model_len
+    if lora_rank is not None:
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_limit(lora_rank))
+    return {**kwargs, **vllm_config}  # the user's settings win (tensor_parallel_size, gpu_memory_utilization, ...)
+
+
 def vllm_prompt(template, messages, n_images: int, default_system: str | None, mode: str = "generate") -> str:
     """The prompt with one image pad per image, ending with the open assistant turn as `mode` (score or
     generate) needs it (`data.template.Template.render`)."""
     return template.render(messages, [1] * n_images, default_system, prompt=mode).text
 
 
-def pil_images(conversation, image_processor) -> list:
-    """The conversation's images, decoded and resized exactly as the transformers engine does."""
+class Prompt(NamedTuple):
+    """One sample as vLLM gets it: the prompt text (one image pad per image), its images resized, and its length in
+    tokens with every image's tokens counted — as vLLM expands the pads (the images are pre-resized)."""
+
+    text: str
+    images: list
+    tokens: int
+
+
+def pil_images(conversation, image_processor) -> tuple[list, list[int]]:
+    """The conversation's images, decoded and resized exactly as the transformers engine does, and each one's
+    image tokens."""
     from PIL import Image
 
-    from vlmtune.data.images import ImageError, load_resized
+    from vlmtune.data.images import ImageError, load_resized, resized_token_count
 
-    out = []
+    out, counts = [], []
     for i, path in enumerate(conversation.images):
         try:
             chw = load_resized(path, image_processor)
@@ -130,7 +184,24 @@ def pil_images(conversation, image_processor) -> list:
             raise VlmtuneError(f"{conversation.source}: record {conversation.index}: field 'images[{i}]': "
                                f"{exc}: {path}") from None
         out.append(Image.fromarray(chw.permute(1, 2, 0).numpy()))
-    return out
+        counts.append(resized_token_count(chw.shape[1], chw.shape[2], image_processor))
+    return out, counts
+
+
+def scoring_params(sampling_params, prompt_tokens: int):
+    """SamplingParams of a label request (the prompt, then the label and the turn end): the log-prob of each label
+    token from `prompt_logprobs`. vLLM ≥ 0.34 scores only the rows from `prompt_logprob_start` on — the prompt's
+    last row, which predicts the label's first token — and reads the shared prompt's cache before it (with
+    `skip_reading_prefix_cache=False`; without a start it reads none and scores every row). Older vLLM: without
+    the start, or the oldest without either."""
+    base = dict(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+    for extra in ({"prompt_logprob_start": max(0, prompt_tokens - 1), "skip_reading_prefix_cache": False},
+                  {"skip_reading_prefix_cache": False}):
+        try:
+            return sampling_params(**base, **extra)
+        except TypeError:  # an older vLLM without the field
+            continue
+    return sampling_params(**base)
 
 
 class VllmPredictor:
@@ -154,7 +225,7 @@ class VllmPredictor:
              vllm_config: dict[str, Any] | None = None, cache_dir: str | None = None, revision: str = "main",
              max_images: int = 1, max_model_len: int | None = None, seed: int = 0, template: str | None = None,
              enable_thinking: bool | None = None, conversations=(), max_new_tokens: int = 64,
-             log=print) -> "VllmPredictor":
+             default_system: str | None = None, log=print) -> "VllmPredictor":
         ok, why = vllm_available()
         if not ok:
             raise VlmtuneError(f"--backend vllm: {why}; use --backend transformers")
@@ -175,25 +246,13 @@ class VllmPredictor:
         processor = load_processor(model_dir, max_pixels, min_pixels,
                                    *resolve_template(adapter_dir, template, enable_thinking))
         dtype = "bfloat16" if bf16 else "float16" if fp16 else "auto"
-        kwargs: dict[str, Any] = dict(
-            model=str(model_dir), dtype=dtype, seed=seed, trust_remote_code=True,
-            limit_mm_per_prompt={"image": max(1, max_images)},
-            mm_processor_kwargs={"max_pixels": processor.max_pixels, "min_pixels": processor.min_pixels},
-        )
-        vllm_config = dict(vllm_config or {})
         if max_model_len is None and conversations:
-            from vlmtune.data.checks import check_conversations
-
-            stats = check_conversations(list(conversations), processor).stats.values()
-            max_model_len = default_max_model_len(max((s.total_tokens for s in stats), default=0), max_new_tokens)
-        if max_model_len is not None:
-            kwargs["max_model_len"] = max_model_len
+            max_model_len = data_max_model_len(conversations, processor, default_system, max_new_tokens)
+        vllm_config = dict(vllm_config or {})
         if adapter_dir is not None:
             check_adapter(adapter_dir, adapter.config, vllm_config)
-            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=lora_rank_limit(adapter.rank))
-        # Scoring sends each prompt once per label: the label requests of a sample share its prompt's cache.
-        kwargs["enable_prefix_caching"] = True
-        kwargs.update(vllm_config)  # the user's settings win (tensor_parallel_size, gpu_memory_utilization, ...)
+        kwargs = engine_kwargs(model_dir, processor, dtype, seed, max_images, max_model_len,
+                               adapter.rank if adapter_dir is not None else None, vllm_config)
         from vlmtune.files import read_json_object
 
         check_tensor_parallel(read_json_object(model_dir / "config.json"), int(kwargs.get("tensor_parallel_size", 1)),
@@ -209,43 +268,40 @@ class VllmPredictor:
         return cls(llm, processor, model_dir, adapter_dir, lora, dtype, log)
 
     # -- requests -----------------------------------------------------------------------------
-    def prepare(self, conversations, default_system=None, mode: str = "score") -> list[tuple[str, list]]:
-        """(prompt text, PIL images) per conversation: images decoded and resized here, once."""
+    def prepare(self, conversations, default_system=None, mode: str = "score") -> list[Prompt]:
+        """Each conversation's prompt: images decoded and resized here, once."""
         from vlmtune.data.encode import prompt_messages
+        from vlmtune.data.images import sequence_tokens
 
         prepared = []
         for conversation in conversations:
-            images = pil_images(conversation, self.processor.image_processor)
-            prepared.append((vllm_prompt(self.processor.template, prompt_messages(conversation), len(images),
-                                         default_system, mode), images))
+            images, counts = pil_images(conversation, self.processor.image_processor)
+            text = vllm_prompt(self.processor.template, prompt_messages(conversation), len(images), default_system,
+                               mode)
+            ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+            prepared.append(Prompt(text, images, sequence_tokens(len(ids), counts)))
         return prepared
 
     @staticmethod
-    def _request(prompt: str, images: list, suffix: str = "") -> dict:
-        request: dict[str, Any] = {"prompt": prompt + suffix}
-        if images:
-            request["multi_modal_data"] = {"image": images}
+    def _request(prompt: Prompt, suffix: str = "") -> dict:
+        request: dict[str, Any] = {"prompt": prompt.text + suffix}
+        if prompt.images:
+            request["multi_modal_data"] = {"image": prompt.images}
         return request
 
-    def _sequence_logprobs(self, prepared, continuations: Sequence[tuple[str, list[int]]], lora) -> list[list[float]]:
+    def _sequence_logprobs(self, prepared: list[Prompt], continuations: Sequence[tuple[str, list[int]]],
+                           lora) -> list[list[float]]:
         """log P(continuation | prompt) for every (sample, continuation) pair, from prompt_logprobs."""
         from vllm import SamplingParams
 
         turn_end = self.processor.template.turn_end
-        requests = [self._request(prompt, images, text + turn_end) for prompt, images in prepared
-                    for text, _ in continuations]
-        # prompt_logprobs makes vLLM skip reading the prefix cache (a cached position has no log-prob); only
-        # the label's own positions are read here, never cached for a new label suffix, so the K requests of a
-        # sample may share its prompt's cache. Without that setting (older vLLM) each runs the whole prompt.
-        base = dict(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
-        try:
-            params = SamplingParams(**base, skip_reading_prefix_cache=False)
-        except TypeError:
-            params = SamplingParams(**base)
+        requests = [self._request(prompt, text + turn_end) for prompt in prepared for text, _ in continuations]
+        params = [scoring_params(SamplingParams, prompt.tokens) for prompt in prepared for _ in continuations]
         results = self.llm.generate(requests, params, lora_request=lora, use_tqdm=False)
         if any(None in (r.prompt_logprobs or [None])[-len(ids):]
-               for r, (_, ids) in zip(results, continuations * len(prepared))):  # a label position came cached
-            results = self.llm.generate(requests, SamplingParams(**base), lora_request=lora, use_tqdm=False)
+               for r, (_, ids) in zip(results, continuations * len(prepared))):  # a label row came cached or unscored
+            plain = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+            results = self.llm.generate(requests, plain, lora_request=lora, use_tqdm=False)
         outputs = iter(results)
         out = []
         for _ in prepared:
@@ -307,7 +363,7 @@ class VllmPredictor:
             dict(temperature=0.0)
         params = SamplingParams(**sampling, repetition_penalty=repetition_penalty, max_tokens=max_new_tokens,
                                 stop_token_ids=self.processor.stop_token_ids(), skip_special_tokens=True)
-        requests = [self._request(prompt, images) for prompt, images in prepared]
+        requests = [self._request(prompt) for prompt in prepared]
         outputs = self.llm.generate(requests, params, lora_request=self.lora_request, use_tqdm=False)
         return [self.processor.template.answer_of(result.outputs[0].text) for result in outputs]
 

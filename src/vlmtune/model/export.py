@@ -93,6 +93,24 @@ def remove_stale_weights(export_dir: Path) -> None:
                 path.unlink()
 
 
+def merge_device(device: str) -> str | None:
+    """`--export_device` checked: cpu, cuda (or cuda:N) where there is such a GPU, or auto (None: a GPU when
+    there is one)."""
+    if device == "auto":
+        return None
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise VlmtuneError(f"--export_device must be cpu, cuda (cuda:N) or auto, got {device!r}")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise VlmtuneError(f"--export_device {device}: there is no such CUDA device here; use cpu or auto")
+    return device
+
+
 def merge_adapter(model):
     """peft model → plain transformers model with every LoRA layer folded in (and none left)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -130,6 +148,7 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
     adapter_dir = Path(adapter_name_or_path).expanduser()
     # Refuse a busy export_dir in a second, before torch is even imported.
     check_export_dir(export_dir, overwrite, adapter_dir, Path(model_name_or_path) if model_name_or_path else None)
+    device = merge_device(device)
 
     import torch
 
@@ -149,8 +168,9 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
     start = time.perf_counter()
     with warnings.catch_warnings():  # peft calls transformers APIs that 5.x deprecates: not the user's concern
         warnings.filterwarnings("ignore", category=FutureWarning)
-        engine = load_engine(str(model_dir), str(adapter_dir), bf16=dtype_name == "bfloat16",
-                             fp16=dtype_name == "float16", device=None if device == "auto" else device, log=log)
+        # In the export's dtype wherever it runs (a GPU would otherwise pick bf16 and add float32 deltas in bf16).
+        engine = load_engine(str(model_dir), str(adapter_dir), dtype=getattr(torch, dtype_name), device=device,
+                             log=log)
         merged = merge_adapter(engine.model)
     merged = merged.to(getattr(torch, dtype_name))
     merged.config.use_cache = True

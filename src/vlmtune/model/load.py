@@ -53,21 +53,48 @@ def compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
     return torch.float32
 
 
-def pick_attention(requested: str) -> str:
-    """flash_attention_2 only on a GPU with flash-attn installed; sdpa otherwise. Asked for where it cannot run
-    (LLaMA-Factory YAMLs say `flash_attn: fa2` whatever the machine), sdpa it is, said in one line — as
-    LLaMA-Factory does."""
-    import importlib.util
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # what flash-attention computes in (it refuses float32)
 
-    usable = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-    if requested == "flash_attention_2" and not usable:
-        why = "flash-attn is not installed" if torch.cuda.is_available() else "there is no CUDA device"
-        print(f"note: attn_implementation flash_attention_2 (flash_attn: fa2): {why}; using sdpa", file=sys.stderr,
+
+def flash_attention_problem() -> str | None:
+    """Why flash_attention_2 cannot run here (no CUDA device, a flash-attn transformers does not accept — missing
+    or older than 2.3.3 —, a GPU older than Ampere, a wheel that does not import), or None."""
+    if not torch.cuda.is_available():
+        return "there is no CUDA device"
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        return "flash-attn is not installed (or older than 2.3.3, which transformers refuses)"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the GPU (compute capability {major}.{minor}) is older than Ampere, which flash-attn needs"
+    try:
+        import flash_attn  # noqa: F401  (a wheel built for another torch fails here: undefined symbol)
+    except Exception as exc:  # noqa: BLE001
+        return f"flash-attn does not import ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+    return None
+
+
+def pick_attention(requested: str, dtype: torch.dtype = torch.float32) -> str:
+    """The attention for a model computing in `dtype`. auto: flash_attention_2 where it runs (a GPU from Ampere on,
+    with a flash-attn transformers accepts) and the dtype is fp16 or bf16, sdpa otherwise. flash_attention_2 asked
+    for where it cannot run (LLaMA-Factory YAMLs say `flash_attn: fa2` whatever the machine) becomes sdpa, said in
+    one line, as LLaMA-Factory does; asked for with float32 where it would run, it is refused (flash-attention
+    refuses float32 at the first forward)."""
+    if requested not in ("auto", "flash_attention_2"):
+        return requested
+    problem = flash_attention_problem()
+    if requested == "auto":
+        return "flash_attention_2" if problem is None and dtype in HALF_DTYPES else "sdpa"
+    if problem is not None:
+        print(f"note: attn_implementation flash_attention_2 (flash_attn: fa2): {problem}; using sdpa", file=sys.stderr,
               flush=True)
         return "sdpa"
-    if requested != "auto":
-        return requested
-    return "flash_attention_2" if usable else "sdpa"
+    if dtype not in HALF_DTYPES:
+        raise VlmtuneError(f"attn_implementation flash_attention_2 (flash_attn: fa2) computes in bf16 or fp16 only, "
+                           f"and this model runs in {str(dtype).replace('torch.', '')}: set bf16: true (or fp16: "
+                           f"true), or attn_implementation: sdpa")
+    return "flash_attention_2"
 
 
 def read_model_config(model_dir: Path):
@@ -101,7 +128,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_impleme
         placement = {"quantization_config": bnb_config(quantization, dtype, family.layout),
                      "device_map": {"": torch.device(device if device is not None else "cpu")}}
     model = AutoModelForImageTextToText.from_pretrained(
-        str(model_dir), dtype=dtype, attn_implementation=pick_attention(attn_implementation), **placement)
+        str(model_dir), dtype=dtype, attn_implementation=pick_attention(attn_implementation, dtype), **placement)
     if device is not None and quantization is None:
         model.to(device)
     if quantization is not None:

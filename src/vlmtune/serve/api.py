@@ -12,7 +12,11 @@ Endpoints (OpenAI's shapes, so the official clients work unchanged):
   has image parts (the dataset's own prompt) — where the placeholders are. Honoured parameters:
   `temperature` (default 0: greedy), `max_tokens` / `max_completion_tokens`, `seed`, `stop`, `stream`
   (SSE chunks ending with `data: [DONE]`; sent once the answer is complete — answers are a few
-  tokens), `stream_options.include_usage`. `n` must be 1; other OpenAI parameters are accepted and ignored.
+  tokens), `stream_options.include_usage`, and in score mode `logprobs` / `top_logprobs` (the answer label as
+  the token, with each label's log-probability: `label_logprobs`). `n` must be 1. Parameters this server
+  cannot honour — tools and functions, a response_format other than text, top_p, penalties, logit_bias — are a
+  400 naming the field (`refuse_unsupported`); their neutral values are accepted, as are other OpenAI fields that
+  change nothing in an answer (`user`, `metadata`, ...).
 - `GET /v1/models`: the one served model.
 
 vlmtune's additions to a request (`extra_body=` in the OpenAI Python client):
@@ -35,14 +39,15 @@ request needs `Authorization: Bearer <key>` (401 otherwise); bodies over `--max_
 get 413; images come only from `data:` URLs unless `--allow_local_images` (`file://` URLs and
 absolute paths) or `--allow_remote_images` (http/https) is given. Every error is a JSON body in
 OpenAI's shape `{"error": {"message", "type", "param", "code"}}` with a 4xx status — a 500 only for
-a bug, without a traceback — and the server keeps serving. The model is loaded once; one lock
-serialises model calls.
+a bug, without a traceback — and the server keeps serving; a number of thousands of digits or text with a lone
+surrogate is a 400 naming its field. `VLMTUNE_API_KEY` set but empty is refused at start (`commands/api.py`).
+The model is loaded once; one lock serialises model calls.
 
-What one request may cost is bounded before the work (`Limits`; a 400 that names the flag): labels
-(`--max_labels`, `--max_label_chars`), images (`--max_images`, `--max_image_pixels` read from each
-header, `--max_request_pixels` for all together, checked before any image is decoded; images are then
-decoded one at a time and freed once resized), prompt tokens (`--max_prompt_tokens`) and max_tokens
-(`--max_tokens_limit`, and the model's context). A client that disconnects abandons its request: dropped
+What one request may cost is bounded before the work (`serve.common.Limits`; a 400 naming the flag): labels
+(`--max_labels`, `--max_label_chars`), images (`--max_images`, `--max_image_pixels` and `--max_image_bytes` —
+what decoding holds — read from each header, `--max_request_pixels` for all together, checked before any image is
+decoded; images are then decoded one at a time and freed once resized), prompt tokens (`--max_prompt_tokens`) and
+max_tokens (`--max_tokens_limit`, and the model's context). A client that disconnects abandons its request: dropped
 if it is still queued, generation stopped at the next token.
 """
 
@@ -53,6 +58,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import math
 import threading
 import time
 import urllib.error
@@ -63,93 +69,15 @@ from typing import Annotated, Literal, Union
 
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Message
 from vlmtune.errors import VlmtuneError
-from vlmtune.serve.common import (MAX_IMAGE_PIXELS, Answer, Cancelled, ModelService, RequestError,
-                                  decode_data_url, open_image_bytes)
+from vlmtune.serve.common import (Answer, Cancelled, Limits, ModelService, OutOfMemory, RequestError, decode_data_url,
+                                  open_image)
 
 API_KEY_ENV = "VLMTUNE_API_KEY"
-DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
 MAX_DRAIN_BYTES = 64 * 1024 * 1024  # read (and drop) at most this much of an oversize body before answering 413
 REMOTE_TIMEOUT_S = 15
 DISCONNECT_POLL_S = 0.2  # how often a request in progress checks that its client is still there
 SEED_RANGE = (-(2**63), 2**63 - 1)  # torch's generator seed is a 64-bit integer
-TOKENS_PER_MESSAGE = 4  # <|im_start|>, the role, a newline, <|im_end|>: the least a message costs in a prompt
 log = logging.getLogger("vlmtune.api")
-
-
-def _limit(default: int, text: str):
-    return dataclasses.field(default=default, metadata={"help": text})
-
-
-# Limits fields whose flag has another name (`--max_tokens_limit`: `--max_new_tokens` is a request's default).
-LIMIT_FLAGS = {"max_tokens": "max_tokens_limit"}
-
-
-@dataclasses.dataclass
-class Limits:
-    """What one request may cost, each bound checked before the work it bounds (a 400 above it).
-
-    The defaults suit a 7B model on one GPU, answering short label-like answers: 16 labels of at most
-    128 characters (label scoring runs every label's tokens through the model, and its attention mask is
-    label length squared), 8 images and 128 M decoded pixels per request (each image is decoded on the CPU
-    at full size, 3 bytes per pixel, before it is resized to image_max_pixels), 64 M pixels per image,
-    16,384 prompt tokens (text + image tokens; ≈1 GB of KV cache on a 7B model in bf16) and max_tokens
-    up to 512 (one request holds the model while it generates; answers here are a few tokens).
-    """
-
-    max_labels: int = _limit(16, "Most candidate labels in vlmtune_labels.")
-    max_label_chars: int = _limit(128, "Longest candidate label, in characters.")
-    max_images: int = _limit(8, "Most images per request.")
-    max_image_pixels: int = _limit(MAX_IMAGE_PIXELS, "Most pixels of one image (read from its header before "
-                                                     "decoding).")
-    max_request_pixels: int = _limit(128_000_000, "Most pixels of all images of a request together.")
-    max_prompt_tokens: int = _limit(16384, "Longest prompt in tokens, image tokens included.")
-    # `--max_tokens_limit` on the command line: `--max_new_tokens` is the default a request gets.
-    max_tokens: int = _limit(512, "Largest max_tokens / max_completion_tokens a request may ask for.")
-    # Text longer than this many characters per allowed prompt token is refused without tokenising it:
-    # no real prompt averages 16 characters per token.
-    chars_per_token: int = _limit(16, "Characters of text per allowed prompt token above which a prompt is refused "
-                                      "without tokenising it.")
-
-    def check(self, max_new_tokens: int) -> None:
-        """Each limit must be ≥ 1, the per-image pixels within the per-request ones, and the default max_new_tokens
-        within max_tokens (one-line errors naming the flags)."""
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 1:
-                raise VlmtuneError(f"--{LIMIT_FLAGS.get(f.name, f.name)} must be ≥ 1, got {getattr(self, f.name)}")
-        if max_new_tokens < 1 or max_new_tokens > self.max_tokens:
-            raise VlmtuneError(f"--max_new_tokens {max_new_tokens} must be between 1 and --max_tokens_limit "
-                               f"{self.max_tokens}")
-        if self.max_image_pixels > self.max_request_pixels:
-            raise VlmtuneError(f"--max_image_pixels {self.max_image_pixels:,} is larger than --max_request_pixels "
-                               f"{self.max_request_pixels:,}")
-
-    def check_labels(self, labels: list[str] | None) -> None:
-        if labels is None:
-            return
-        if len(labels) > self.max_labels:
-            raise RequestError(f"vlmtune_labels: {len(labels)} labels, more than this server scores ({self.max_labels}; "
-                               f"--max_labels)")
-        for i, label in enumerate(labels):
-            if len(label) > self.max_label_chars:
-                raise RequestError(f"vlmtune_labels[{i}]: {len(label)} characters, more than this server scores "
-                                   f"({self.max_label_chars}; --max_label_chars)")
-
-    def check_max_tokens(self, value: int | None, name: str) -> None:
-        if value is not None and value > self.max_tokens:
-            raise RequestError(f"{name}: {value} is more than this server generates ({self.max_tokens}; "
-                               f"--max_tokens_limit)")
-
-    def check_text(self, messages) -> None:
-        if len(messages) * TOKENS_PER_MESSAGE > self.max_prompt_tokens:
-            raise RequestError(f"messages: {len(messages):,} messages, more than a prompt of {self.max_prompt_tokens} "
-                               f"tokens can hold (--max_prompt_tokens)")
-        chars = 0
-        for message in messages:
-            content = message.content or ""
-            chars += len(content) if isinstance(content, str) else sum(len(p.text) for p in content if p.type == "text")
-        if chars > self.max_prompt_tokens * self.chars_per_token:
-            raise RequestError(f"messages: {chars:,} characters of text, more than a prompt of "
-                               f"{self.max_prompt_tokens} tokens can hold (--max_prompt_tokens)")
 
 
 class ApiError(Exception):
@@ -215,8 +143,87 @@ def _schema():
         vlmtune_mode: Literal["score", "generate"] | None = None
         vlmtune_labels: list[str] | None = Field(default=None, min_length=2)
         vlmtune_scores: bool = True
+        # OpenAI parameters read only to refuse what cannot be honoured (`refuse_unsupported`), or, for logprobs,
+        # honoured in score mode (`label_logprobs`).
+        logprobs: bool | None = None
+        top_logprobs: int | None = Field(default=None, ge=0, le=20)
+        tools: list | None = None
+        functions: list | None = None
+        tool_choice: Union[str, dict, None] = None
+        function_call: Union[str, dict, None] = None
+        response_format: dict | None = None
+        top_p: float | None = Field(default=None, ge=0, le=1)
+        presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+        frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+        logit_bias: dict[str, float] | None = None
 
     return ChatRequest
+
+
+# An integer longer than this in a request body is kept as a HugeNumber: no field takes one (a seed has at most 20
+# digits), and Python refuses to convert one of more than 4,300 digits.
+MAX_NUMBER_DIGITS = 64
+
+
+class HugeNumber:
+    """An integer of more than MAX_NUMBER_DIGITS digits in a request body: validation then names its field."""
+
+    def __init__(self, text: str):
+        self.digits = len(text.lstrip("-"))
+
+
+def parse_int(text: str):
+    """json.loads' parse_int: an int, or a HugeNumber for one too long to convert."""
+    return int(text) if len(text) <= MAX_NUMBER_DIGITS else HugeNumber(text)
+
+
+def find_unencodable(value) -> str | None:
+    """Where (`messages[0].content`) the first string — a value or a key — is not Unicode text UTF-8 can encode (a
+    lone surrogate such as `\\ud800`, which JSON's escapes allow); None when every string is."""
+    stack = [("", value)]
+    while stack:
+        where, value = stack.pop()
+        items = []
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return where or "request body"
+        elif isinstance(value, dict):
+            items = [(f"{where}.{key}" if where else str(key), item) for key, item in value.items()]
+            items += [(f"{where}.{key}" if where else "key", key) for key in value if isinstance(key, str)]
+        elif isinstance(value, list):
+            items = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+        stack.extend(reversed(items))
+    return None
+
+
+NOT_A_TOOL_SERVER = "this server calls no tools or functions: it answers with text (a label in score mode)"
+
+
+def refuse_unsupported(req, mode: str) -> None:
+    """OpenAI parameters this server cannot honour get a 400 naming the field, never silently ignored; their neutral
+    values (null, [], "none", 0, {"type": "text"}) are accepted. logprobs is honoured in score mode."""
+    response_type = (req.response_format or {}).get("type", "text")
+    problems = [
+        ("tools", bool(req.tools), NOT_A_TOOL_SERVER),
+        ("functions", bool(req.functions), NOT_A_TOOL_SERVER),
+        ("tool_choice", req.tool_choice not in (None, "none", "auto"), NOT_A_TOOL_SERVER),
+        ("function_call", req.function_call not in (None, "none", "auto"), NOT_A_TOOL_SERVER),
+        ("response_format", response_type != "text",
+         f"{response_type!r} is not supported: answers are plain text (in score mode exactly one of the labels)"),
+        ("top_p", req.top_p not in (None, 1), "not supported (only 1): sampling is by temperature alone"),
+        ("presence_penalty", bool(req.presence_penalty), "not supported (only 0): answers are a few tokens"),
+        ("frequency_penalty", bool(req.frequency_penalty), "not supported (only 0): answers are a few tokens"),
+        ("logit_bias", bool(req.logit_bias), "not supported (only {})"),
+        ("logprobs", bool(req.logprobs) and mode != "score",
+         "given in score mode only (\"vlmtune_mode\": \"score\"): the answer label and every label's log-probability"),
+        ("top_logprobs", bool(req.top_logprobs) and not req.logprobs, "needs \"logprobs\": true"),
+    ]
+    for name, refused, why in problems:
+        if refused:
+            raise ApiError(400, f"{name}: {why}", code="unsupported_parameter", param=name)
 
 
 def describe_validation_error(exc) -> tuple[str, str]:
@@ -236,6 +243,8 @@ def describe_validation_error(exc) -> tuple[str, str]:
         else:
             where += f".{part}" if where else str(part)
         previous = part
+    if isinstance(best.get("input"), HugeNumber):
+        return where, f"a number of {best['input'].digits:,} digits is not accepted"
     return where, str(best.get("msg", "invalid value"))
 
 
@@ -250,16 +259,15 @@ BRANCH_NAMES = {"str", "int", "float", "bool", "none", "list", "dict", "TextPart
 class ImagePolicy:
     """Where images may come from: data: URLs always; local files and http(s) only when allowed."""
 
-    def __init__(self, allow_local: bool = False, allow_remote: bool = False, max_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 max_pixels: int = MAX_IMAGE_PIXELS):
-        self.allow_local, self.allow_remote, self.max_bytes = allow_local, allow_remote, max_bytes
-        self.max_pixels = max_pixels
+    def __init__(self, allow_local: bool = False, allow_remote: bool = False, limits: Limits | None = None):
+        self.allow_local, self.allow_remote, self.limits = allow_local, allow_remote, limits or Limits()
+        self.max_bytes = self.limits.max_request_bytes
 
     def open(self, url: str, where: str):
         """The image at `url`, opened lazily (header read and size checked, pixels not decoded)."""
         url = url.strip()
         if url.startswith("data:"):
-            return decode_data_url(url, where, self.max_pixels)
+            return decode_data_url(url, where, self.limits)
         lowered = url.lower()
         if lowered.startswith(("http://", "https://")):
             if not self.allow_remote:
@@ -275,7 +283,7 @@ class ImagePolicy:
                 raw = path.read_bytes()
             except (OSError, ValueError) as exc:
                 raise RequestError(f"{where}: cannot read {path} ({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
-            return open_image_bytes(raw, where, self.max_pixels)
+            return open_image(raw, where, self.limits)
         raise RequestError(f"{where}: unsupported image URL (expected a data: URL such as data:image/png;base64,...)")
 
     def _fetch(self, url: str, where: str):
@@ -287,7 +295,7 @@ class ImagePolicy:
             raise RequestError(f"{where}: cannot fetch the image ({getattr(exc, 'reason', exc)})") from None
         if len(raw) > self.max_bytes:
             raise RequestError(f"{where}: the image is larger than {self.max_bytes} bytes")
-        return open_image_bytes(raw, where, self.max_pixels)
+        return open_image(raw, where, self.limits)
 
 
 @dataclasses.dataclass
@@ -369,10 +377,22 @@ def apply_stop(text: str, stop) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def completion_body(answer: Answer, text: str, finish: str, model: str, request_id: str, created: int) -> dict:
+def label_logprobs(answer: Answer, top: int | None) -> dict:
+    """OpenAI's `logprobs` of a scored answer: one entry, the answer label as its token, with log P(label); in its
+    `top_logprobs` the `top` most probable labels (P as in `vlmtune.scores`, summing to 1 over the labels)."""
+    def entry(label: str, p: float) -> dict:
+        return {"token": label, "logprob": math.log(p) if p > 0 else -9999.0, "bytes": list(label.encode())}
+
+    ranked = sorted(answer.scores.items(), key=lambda item: -item[1])
+    return {"content": [{**entry(answer.text, answer.scores[answer.text]),
+                         "top_logprobs": [entry(label, p) for label, p in ranked[:top or 0]]}], "refusal": None}
+
+
+def completion_body(answer: Answer, text: str, finish: str, model: str, request_id: str, created: int,
+                    logprobs: dict | None = None) -> dict:
     return {
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                      "finish_reason": finish}],
         "usage": usage(answer),
         "vlmtune": {"mode": answer.mode, "scores": answer.scores},
@@ -385,16 +405,17 @@ def usage(answer: Answer) -> dict:
 
 
 def stream_events(answer: Answer, text: str, finish: str, model: str, request_id: str, created: int,
-                  include_usage: bool):
-    """SSE lines: role, content, finish (+ vlmtune scores), optional usage chunk, [DONE]."""
-    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+                  include_usage: bool, logprobs: dict | None = None):
+    """SSE lines: role, content (+ logprobs), finish (+ vlmtune scores), optional usage chunk, [DONE]."""
+    def chunk(delta: dict, finish_reason=None, logprobs=None, **extra) -> str:
         body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
+                **extra}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     yield chunk({"role": "assistant", "content": ""})
     if text:
-        yield chunk({"content": text})
+        yield chunk({"content": text}, logprobs=logprobs)
     yield chunk({}, finish, vlmtune={"mode": answer.mode, "scores": answer.scores})
     if include_usage:
         body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
@@ -416,8 +437,7 @@ async def watch_disconnect(request, cancelled: threading.Event) -> None:
         await asyncio.sleep(DISCONNECT_POLL_S)
 
 
-def create_app(service: ModelService, model_name: str, api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, policy: ImagePolicy | None = None,
+def create_app(service: ModelService, model_name: str, api_key: str | None = None, policy: ImagePolicy | None = None,
                default_mode: str = "generate", limits: Limits | None = None):
     """The FastAPI app around a loaded ModelService (tests build it in-process too)."""
     from fastapi import FastAPI, Request
@@ -429,7 +449,8 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
 
     ChatRequest = _schema()
     limits = limits or Limits()
-    policy = policy or ImagePolicy(max_bytes=max_request_bytes, max_pixels=limits.max_image_pixels)
+    policy = policy or ImagePolicy(limits=limits)
+    max_request_bytes = limits.max_request_bytes
     # Images are decoded one request at a time: with the server's thread pool, concurrent requests would
     # otherwise each hold their full-size images at once.
     decoding = threading.Lock()
@@ -509,7 +530,7 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
         authorize(request)
         raw = await read_body(request)
         try:
-            payload = json.loads(raw)
+            payload = json.loads(raw, parse_int=parse_int)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"request body is not valid JSON ({exc})", code="invalid_json") from None
         except RecursionError:
@@ -524,6 +545,12 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
                            param=where or None) from None
         except RecursionError:
             raise ApiError(400, "request body is nested too deeply", code="invalid_request") from None
+        where = find_unencodable(req.model_dump(exclude_none=True))
+        if where:
+            raise ApiError(400, f"{where}: text with a lone surrogate (\\ud800-\\udfff), which is not valid Unicode",
+                           code="invalid_request", param=where)
+        mode = req.vlmtune_mode or default_mode
+        refuse_unsupported(req, mode)
         cancelled = threading.Event()
 
         def work():
@@ -539,7 +566,7 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
                     if cancelled.is_set():
                         raise Cancelled("the client disconnected")
                     images.append(service.prepare_image(image.image, image.where))
-            return service.answer(messages, images, mode=req.vlmtune_mode or default_mode, labels=req.vlmtune_labels,
+            return service.answer(messages, images, mode=mode, labels=req.vlmtune_labels,
                                   max_new_tokens=req.max_completion_tokens or req.max_tokens,
                                   temperature=req.temperature or 0.0, seed=req.seed,
                                   with_scores=req.vlmtune_scores, max_prompt_tokens=limits.max_prompt_tokens,
@@ -551,6 +578,8 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
         except Cancelled as exc:
             log.info("abandoned a request: %s", exc)
             raise ApiError(499, str(exc), code="client_closed_request") from None
+        except OutOfMemory as exc:
+            raise ApiError(503, str(exc), "server_error", code="out_of_memory") from None
         except RequestError as exc:
             raise ApiError(400, str(exc), code="invalid_request") from None
         finally:
@@ -559,11 +588,13 @@ def create_app(service: ModelService, model_name: str, api_key: str | None = Non
         finish = "stop" if stopped else answer.finish_reason
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        logprobs = label_logprobs(answer, req.top_logprobs) if req.logprobs else None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(stream_events(answer, text, finish, model_name, request_id, created, include_usage),
+            return StreamingResponse(stream_events(answer, text, finish, model_name, request_id, created, include_usage,
+                                                   logprobs),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return completion_body(answer, text, finish, model_name, request_id, created)
+        return completion_body(answer, text, finish, model_name, request_id, created, logprobs)
 
     return app
 

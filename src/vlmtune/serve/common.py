@@ -1,4 +1,4 @@
-"""What the web UI and the API share: the model loaded once behind a lock, images from uploads, answers.
+"""What the web UI and the API share: the model loaded once behind a lock, what a request may cost, images, answers.
 
 An answer comes one of two ways:
 
@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import dataclasses
 import io
 import socket
 import threading
@@ -44,8 +46,13 @@ if TYPE_CHECKING:
 
     from vlmtune.infer.engine import Engine
 
-# Decoding a huge image costs memory before any resize: refuse above this many pixels (≈ 8k × 8k).
+# Decoding a huge image costs memory before any resize: refuse above this many pixels (≈ 8k × 8k) and above this
+# many bytes held while decoding (`data.images.decoded_bytes`: an 8-bit greyscale or palette image at the pixel
+# limit, 5 bytes a pixel; RGB takes 4).
 MAX_IMAGE_PIXELS = 64_000_000
+MAX_IMAGE_BYTES = 5 * MAX_IMAGE_PIXELS
+DEFAULT_MAX_REQUEST_BYTES = 20 * 1024 * 1024
+TOKENS_PER_MESSAGE = 4  # <|im_start|>, the role, a newline, <|im_end|>: the least a message costs in a prompt
 MODES = ("score", "generate")
 
 
@@ -55,6 +62,138 @@ class RequestError(ValueError):
 
 class Cancelled(RequestError):
     """The client went away before its answer was ready: the work was abandoned."""
+
+
+class OutOfMemory(RequestError):
+    """The device ran out of memory on this request; its cache was emptied and the server goes on (the API answers
+    503, the page shows the message)."""
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error():
+    """Model work whose device out-of-memory error becomes OutOfMemory, after the allocator's cache is emptied —
+    outside the except block, once the failed call's tensors are released — so the next request starts clean."""
+    import torch
+
+    try:
+        yield
+        return
+    except torch.OutOfMemoryError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise OutOfMemory("the model ran out of GPU memory on this request; send fewer or smaller images or ask for "
+                      "fewer tokens, or retry when the server is less busy")
+
+
+# ---------------------------------------------------------------------------------------------
+# What one request may cost: the API's and the web page's bounds, defined once
+
+
+def _limit(default: int, text: str):
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+# Limits fields whose flag has another name (`--max_tokens_limit`: `--max_new_tokens` is a request's default).
+LIMIT_FLAGS = {"max_tokens": "max_tokens_limit"}
+
+
+@dataclasses.dataclass
+class Limits:
+    """What one request may cost, each bound checked before the work it bounds (a 400 above it; on the web page, an
+    error in the page). `vlmtune api` takes every field as a flag but chars_per_token, `vlmtune webui` those that
+    apply to one uploaded image and a prompt (`serve/webui.py`).
+
+    The defaults suit a 7B model on one GPU, answering short label-like answers: 16 labels of at most
+    128 characters (label scoring runs every label's tokens through the model, and its attention mask is
+    label length squared), 8 images and 128 M decoded pixels per request (each image is decoded on the CPU
+    at full size, then resized to image_max_pixels), 64 M pixels and 320 MB held while decoding per image,
+    16,384 prompt tokens (text + image tokens; ≈1 GB of KV cache on a 7B model in bf16) and max_tokens
+    up to 512 (one request holds the model while it generates; answers here are a few tokens).
+    """
+
+    max_request_bytes: int = _limit(DEFAULT_MAX_REQUEST_BYTES, "Largest request body accepted (413 above); on the "
+                                                               "web page, the largest uploaded file.")
+    max_labels: int = _limit(16, "Most candidate labels in vlmtune_labels.")
+    max_label_chars: int = _limit(128, "Longest candidate label, in characters.")
+    max_images: int = _limit(8, "Most images per request.")
+    max_image_pixels: int = _limit(MAX_IMAGE_PIXELS, "Most pixels of one image (read from its header before "
+                                                     "decoding).")
+    max_image_bytes: int = _limit(MAX_IMAGE_BYTES, "Most memory one image may take while it is decoded, in bytes, "
+                                                   "read from its header before decoding: pixels × 4 for RGB, 5 for "
+                                                   "8-bit greyscale, 7 for 16-bit, 9 for 32-bit, 12-16 with "
+                                                   "transparency.")
+    max_request_pixels: int = _limit(128_000_000, "Most pixels of all images of a request together.")
+    max_prompt_tokens: int = _limit(16384, "Longest prompt in tokens, image tokens included.")
+    # `--max_tokens_limit` on the command line: `--max_new_tokens` is the default a request gets.
+    max_tokens: int = _limit(512, "Largest max_tokens / max_completion_tokens a request may ask for.")
+    # Text longer than this many characters per allowed prompt token is refused without tokenising it (tokenising
+    # 200,000 characters takes 100 MB): no real prompt averages 8 characters per token (English ≈ 4, Chinese ≈ 1.5).
+    chars_per_token: int = _limit(8, "Characters of text per allowed prompt token above which a prompt is refused "
+                                      "without tokenising it.")
+
+    def check(self, max_new_tokens: int) -> None:
+        """Each limit must be ≥ 1 (the body at least 1024 bytes), the per-image pixels within the per-request ones,
+        and the default max_new_tokens within max_tokens (one-line errors naming the flags)."""
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 1:
+                raise VlmtuneError(f"--{LIMIT_FLAGS.get(f.name, f.name)} must be ≥ 1, got {getattr(self, f.name)}")
+        if self.max_request_bytes < 1024:
+            raise VlmtuneError(f"--max_request_bytes {self.max_request_bytes} is too small (at least 1024)")
+        if max_new_tokens < 1 or max_new_tokens > self.max_tokens:
+            raise VlmtuneError(f"--max_new_tokens {max_new_tokens} must be between 1 and --max_tokens_limit "
+                               f"{self.max_tokens}")
+        if self.max_image_pixels > self.max_request_pixels:
+            raise VlmtuneError(f"--max_image_pixels {self.max_image_pixels:,} is larger than --max_request_pixels "
+                               f"{self.max_request_pixels:,}")
+
+    def check_labels(self, labels: list[str] | None) -> None:
+        if labels is None:
+            return
+        if len(labels) > self.max_labels:
+            raise RequestError(f"vlmtune_labels: {len(labels)} labels, more than this server scores ({self.max_labels}; "
+                               f"--max_labels)")
+        for i, label in enumerate(labels):
+            if len(label) > self.max_label_chars:
+                raise RequestError(f"vlmtune_labels[{i}]: {len(label)} characters, more than this server scores "
+                                   f"({self.max_label_chars}; --max_label_chars)")
+
+    def check_max_tokens(self, value: int | None, name: str) -> None:
+        if value is not None and value > self.max_tokens:
+            raise RequestError(f"{name}: {value} is more than this server generates ({self.max_tokens}; "
+                               f"--max_tokens_limit)")
+
+    def check_text(self, messages) -> None:
+        """The messages' count and characters against max_prompt_tokens, before anything is tokenised (OpenAI
+        messages, whose content may be a list of parts, or vlmtune Messages)."""
+        if len(messages) * TOKENS_PER_MESSAGE > self.max_prompt_tokens:
+            raise RequestError(f"messages: {len(messages):,} messages, more than a prompt of {self.max_prompt_tokens} "
+                               f"tokens can hold (--max_prompt_tokens)")
+        chars = 0
+        for message in messages:
+            content = message.content or ""
+            chars += len(content) if isinstance(content, str) else sum(len(p.text) for p in content if p.type == "text")
+        if chars > self.max_prompt_tokens * self.chars_per_token:
+            raise RequestError(f"messages: {chars:,} characters of text, more than a prompt of "
+                               f"{self.max_prompt_tokens} tokens can hold (--max_prompt_tokens)")
+
+    def check_image(self, image: Image.Image, what: str) -> None:
+        """The pixel rule, for every server and every image source: a lazily opened image's pixels and the bytes its
+        decode holds (`data.images.decoded_bytes`), both from its header, within the limits — else it is closed and
+        refused."""
+        from vlmtune.data.images import decoded_bytes
+
+        pixels, held = image.width * image.height, decoded_bytes(image)
+        problem = None
+        if pixels > self.max_image_pixels:
+            problem = (f"{image.width}×{image.height} pixels is more than this server decodes per image "
+                       f"({self.max_image_pixels:,}; --max_image_pixels)")
+        elif held > self.max_image_bytes:
+            problem = (f"{image.width}×{image.height} pixels of mode {image.mode} take {held:,} bytes to decode, more "
+                       f"than this server decodes per image ({self.max_image_bytes:,}; --max_image_bytes)")
+        if problem:
+            image.close()
+            raise RequestError(f"{what}: {problem}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,27 +225,24 @@ def is_loopback(host: str) -> bool:
 # Images
 
 
-def open_image_bytes(raw: bytes, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Image bytes (any format Pillow reads) → a PIL image opened lazily: its header read and its size
-    checked against `max_pixels`, its pixels not decoded yet (`resize_image` does, one image at a time, so
+def open_image(source, what: str = "image", limits: Limits | None = None) -> Image.Image:
+    """Image bytes (any format Pillow reads) or an image file → a PIL image opened lazily: its header read and
+    checked by `Limits.check_image`, its pixels not decoded yet (`resize_image` does, one image at a time, so
     a request's images are never all decoded at once). RequestError if it is not an image or too large."""
     from vlmtune.data.images import ImageError, open_header
 
-    if not raw:
+    if isinstance(source, bytes) and not source:
         raise RequestError(f"{what}: empty image data")
     try:
-        image = open_header(io.BytesIO(raw))
+        image = open_header(io.BytesIO(source) if isinstance(source, bytes) else source)
     except ImageError as exc:
         raise RequestError(f"{what}: {str(exc).replace('unreadable image', 'not a readable image')}") from None
-    if image.width * image.height > max_pixels:
-        image.close()
-        raise RequestError(f"{what}: {image.width}×{image.height} pixels is more than this server decodes per "
-                           f"image ({max_pixels:,}; --max_image_pixels)")
+    (limits or Limits()).check_image(image, what)
     return image
 
 
-def decode_data_url(url: str, what: str = "image", max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """`data:image/png;base64,....` → PIL image, opened lazily (`open_image_bytes`). Only base64 data URLs
+def decode_data_url(url: str, what: str = "image", limits: Limits | None = None) -> Image.Image:
+    """`data:image/png;base64,....` → PIL image, opened lazily (`open_image`). Only base64 data URLs
     carry binary images sensibly."""
     if not url.startswith("data:"):
         raise RequestError(f"{what}: not a data: URL")
@@ -123,7 +259,7 @@ def decode_data_url(url: str, what: str = "image", max_pixels: int = MAX_IMAGE_P
         raw = base64.b64decode("".join(data.split()), validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(f"{what}: data: URL is not valid base64") from None
-    return open_image_bytes(raw, what, max_pixels)
+    return open_image(raw, what, limits)
 
 
 def resize_image(image: Image.Image, settings, what: str = "image") -> "torch.Tensor":
@@ -206,16 +342,11 @@ class ModelService:
                 return value
         return None
 
-    def prepare_file(self, path: str | Path) -> "torch.Tensor":
-        """An image file, read exactly as training reads dataset images."""
-        from vlmtune.data.images import ImageError, load_resized
-
-        try:
-            return load_resized(path, self.processor.image_processor)
-        except ImageError as exc:
-            raise RequestError(f"{Path(path).name}: {exc}") from None
-        except ValueError as exc:  # smart_resize: extreme aspect ratio
-            raise RequestError(f"{Path(path).name}: cannot be used ({exc})") from None
+    def prepare_file(self, path: str | Path, limits: Limits | None = None) -> "torch.Tensor":
+        """An image file, checked by `Limits.check_image` from its header, then read exactly as training reads dataset
+        images (`data.images.load_resized`'s decode and resize)."""
+        what = Path(path).name
+        return self.prepare_image(open_image(str(path), what, limits), what)
 
     def answer(self, messages: Sequence[Message], images: Sequence["torch.Tensor"], mode: str | None = None,
                labels: Sequence[str] | None = None, max_new_tokens: int | None = None, temperature: float = 0.0,
@@ -264,7 +395,7 @@ class ModelService:
         stop_now = cancelled.is_set if cancelled is not None else None
 
         def run() -> tuple[str, dict[str, float] | None]:
-            with self.lock:
+            with self.lock, out_of_memory_as_error():
                 if stop_now is not None and stop_now():  # the client left while this request queued
                     raise Cancelled("the client disconnected before the model started")
                 scores = None

@@ -11,7 +11,11 @@ probable label by label scoring and a bar shows P(label) for every label; "gener
 text instead (greedy unless a temperature is set), still showing the probabilities.
 
 The model is loaded once at start-up; requests queue on one lock. The page binds 127.0.0.1 unless
-`--host` says otherwise, never opens a public share link, and sends no analytics.
+`--host` says otherwise, never opens a public share link, and sends no analytics. It has the API's bounds
+(`serve.common.Limits`, the fields in PAGE_LIMITS): an uploaded file's size (Gradio's upload route refuses a larger
+one), an image's pixels and the bytes its decode holds (from its header, before decoding), the prompt's tokens
+(its characters first, untokenised) and max new tokens; uploads are deleted an hour after they arrive and all at
+shutdown (UPLOAD_CLEANUP).
 """
 
 from __future__ import annotations
@@ -22,13 +26,17 @@ from pathlib import Path
 
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Message
 from vlmtune.errors import VlmtuneError
-from vlmtune.serve.common import MODES, ModelService, RequestError, is_loopback, model_label
+from vlmtune.serve.common import MODES, Answer, Limits, ModelService, RequestError, is_loopback, model_label
 
 # Fonts the browser has; the default theme would ask Google Fonts, which offline machines cannot reach.
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Noto Sans CJK SC",
                 "WenQuanYi Micro Hei", "PingFang SC", "Microsoft YaHei", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
 MAX_EXAMPLES = 4
+# The Limits fields that bound the page's requests (one image, one prompt): `vlmtune webui` takes them as flags.
+PAGE_LIMITS = ("max_request_bytes", "max_image_pixels", "max_image_bytes", "max_prompt_tokens", "max_tokens")
+# Gradio's delete_cache: every 5 minutes, uploaded files older than an hour are deleted (and all at shutdown).
+UPLOAD_CLEANUP = (300, 3600)
 
 
 @dataclass
@@ -79,25 +87,36 @@ def build_messages(prompt: str, system: str, has_image: bool) -> list[Message]:
     return messages + [Message("user", prompt)]
 
 
-def build_app(service: ModelService, defaults: PageDefaults, title: str):
+def answer_page(service: ModelService, limits: Limits, image: str | None, prompt: str, system: str, mode: str,
+                max_new_tokens: float, temperature: float) -> Answer:
+    """What the page's button does, each bound checked before the work it bounds (RequestError above one): max new
+    tokens, the prompt's characters, the image's pixels and decoded bytes from its header, the prompt's tokens."""
+    limits.check_max_tokens(int(max_new_tokens), "max new tokens")
+    messages = build_messages(prompt, system, image is not None)
+    limits.check_text(messages)
+    images = [service.prepare_file(image, limits)] if image is not None else []
+    return service.answer(messages, images, mode=mode, max_new_tokens=int(max_new_tokens),
+                          temperature=float(temperature), seed=0 if temperature else None,
+                          max_prompt_tokens=limits.max_prompt_tokens)
+
+
+def build_app(service: ModelService, defaults: PageDefaults, title: str, limits: Limits | None = None):
     """The Gradio Blocks page (not launched)."""
     import gradio as gr
 
     labels = service.labels
+    limits = limits or Limits()
 
     def judge(image, prompt, system, mode, max_new_tokens, temperature):
         try:
-            messages = build_messages(prompt, system, image is not None)
-            images = [service.prepare_file(image)] if image is not None else []
-            answer = service.answer(messages, images, mode=mode, max_new_tokens=int(max_new_tokens),
-                                    temperature=float(temperature), seed=0 if temperature else None)
+            answer = answer_page(service, limits, image, prompt, system, mode, max_new_tokens, temperature)
         except RequestError as exc:
             raise gr.Error(str(exc)) from None
         info = (f"{answer.mode} mode · {answer.seconds:.2f} s · {answer.prompt_tokens} prompt tokens"
                 + (f" ({sum(answer.image_tokens)} image tokens)" if answer.image_tokens else ""))
         return answer.text, answer.scores, info
 
-    with gr.Blocks(title="vlmtune", analytics_enabled=False) as app:
+    with gr.Blocks(title="vlmtune", analytics_enabled=False, delete_cache=UPLOAD_CLEANUP) as app:
         gr.Markdown(f"## vlmtune · {title}")
         with gr.Row():
             with gr.Column(scale=3):
@@ -115,7 +134,7 @@ def build_app(service: ModelService, defaults: PageDefaults, title: str):
                                     value="score" if labels else "generate", label="Answer by",
                                     info="score: the most probable label (label scoring); generate: decoded text",
                                     elem_id="vlmtune-mode")
-                    max_new_tokens = gr.Slider(1, 1024, value=service.max_new_tokens, step=1,
+                    max_new_tokens = gr.Slider(1, limits.max_tokens, value=service.max_new_tokens, step=1,
                                                label="Max new tokens (generate)")
                     temperature = gr.Slider(0.0, 1.5, value=0.0, step=0.05,
                                             label="Temperature (generate; 0 = greedy)")
@@ -135,17 +154,24 @@ def build_app(service: ModelService, defaults: PageDefaults, title: str):
     return app
 
 
-def launch_page(service: ModelService, defaults: PageDefaults, host: str, port: int) -> None:
-    """Build the page for the loaded model and serve it until interrupted (no share link, no analytics)."""
+def launch_options(defaults: PageDefaults, limits: Limits, host: str, port: int) -> dict:
+    """Gradio's launch() settings: no share link, no browser, the dataset's example folders readable, uploads
+    refused above max_request_bytes."""
     import gradio as gr
 
-    app = build_app(service, defaults, model_label(service.engine))
+    allowed = sorted({str(Path(path).resolve().parent) for path, _, _ in defaults.examples})
+    return dict(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False,
+                theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS), allowed_paths=allowed or None,
+                footer_links=[], show_error=True, max_file_size=limits.max_request_bytes)
+
+
+def launch_page(service: ModelService, defaults: PageDefaults, host: str, port: int, limits: Limits) -> None:
+    """Build the page for the loaded model and serve it until interrupted (no share link, no analytics)."""
+    app = build_app(service, defaults, model_label(service.engine), limits)
     if not is_loopback(host):
         print(f"warning: binding {host}: anyone who can reach this address can use the model", file=sys.stderr)
-    allowed = sorted({str(Path(path).resolve().parent) for path, _, _ in defaults.examples})
-    theme = gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS)
     labels = service.labels
-    print(f"vlmtune webui: http://{host}:{port}  (labels: {', '.join(labels) if labels else 'none'})", flush=True)
-    app.queue(default_concurrency_limit=1).launch(server_name=host, server_port=port, share=False,
-                                                  ssr_mode=False, inbrowser=False, theme=theme,
-                                                  allowed_paths=allowed or None, footer_links=[], show_error=True)
+    print(f"vlmtune webui: http://{host}:{port}  (labels: {', '.join(labels) if labels else 'none'}; per request at "
+          f"most a {limits.max_request_bytes:,}-byte upload of {limits.max_image_pixels:,} pixels, "
+          f"{limits.max_prompt_tokens:,} prompt tokens)", flush=True)
+    app.queue(default_concurrency_limit=1).launch(**launch_options(defaults, limits, host, port))

@@ -9,7 +9,11 @@ what makes a 2-rank run match a 1-rank run with doubled accumulation.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import queue
+import threading
+from typing import Iterator
 
 import torch
 
@@ -51,3 +55,52 @@ class EpochBatches:
         windows = [batches[i:i + self.grad_accum] for i in range(0, len(batches), self.grad_accum)]
         assert skip_micro_batches % self.grad_accum == 0 or skip_micro_batches == len(batches)
         return windows[skip_micro_batches // self.grad_accum:]
+
+
+@contextlib.contextmanager
+def read_ahead(items: Iterator, depth: int) -> Iterator[Iterator]:
+    """`items`, read by a thread up to `depth` items ahead of the consumer (0: read when asked, in this thread).
+
+    Reading the store's samples and the cached image features is file reads and copies (the GIL released), so a
+    thread keeps the next micro-batches ready while the model works. The reader stops when the consumer leaves."""
+    if depth <= 0:
+        yield items
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    leaving = threading.Event()
+    end = object()
+
+    def read() -> None:
+        try:
+            for item in items:
+                while not leaving.is_set():
+                    try:
+                        ready.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if leaving.is_set():
+                    return
+            ready.put((end, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            ready.put((end, exc))
+
+    def consume() -> Iterator:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+
+    reader = threading.Thread(target=read, name="vlmtune-read-ahead", daemon=True)
+    reader.start()
+    try:
+        yield consume()
+    finally:
+        leaving.set()
+        while reader.is_alive():  # let a blocked put see `leaving`
+            with contextlib.suppress(queue.Empty):
+                ready.get_nowait()
+            reader.join(timeout=0.05)

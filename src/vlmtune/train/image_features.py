@@ -5,7 +5,8 @@ output for an image is the same in epoch 1 and epoch 30. The first time a traini
 image features are computed (no grad) and written to `<output_dir>/.image-features/<run>/<position>.safetensors`
 (a small file per sample, written atomically; the local ranks share the directory, so a sample another
 rank has met is not computed again); afterwards they are read back with the batch and the model receives
-them as `mm_encoder_outputs`, skipping the vision tower. The process's memory does not grow with the
+them as `mm_encoder_outputs`, skipping the vision tower. The files are written by a thread, off the training
+thread (safetensors' write and the rename release the GIL): the step does not wait for the disk. The process's memory does not grow with the
 number of cached images: a batch's features are read, used and freed. Size on disk per image: image
 tokens × hidden size in the compute dtype (64 × 128 × 4 B = 32 KB on the tiny model, 334 × 3584 × 2 B =
 2.4 MB on Qwen2.5-VL-7B at 262,144 pixels). Qwen3-VL's tower also gives deepstack features, one more
@@ -16,6 +17,7 @@ layers: they are cached with the features. The directory is removed when trainin
 import functools
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,6 +39,8 @@ class ImageFeatureCache:
         self.model, self.processor, self.accelerator = model, processor, accelerator
         self.enabled = enabled
         self.directory = directory
+        self._writer: ThreadPoolExecutor | None = None
+        self._writing: dict[Path, Future] = {}
         if enabled and directory is not None:
             directory.mkdir(parents=True, exist_ok=True)
 
@@ -52,6 +56,10 @@ class ImageFeatureCache:
         """Attach features to the samples: read where a rank has written them, computed (and written) where not."""
         if not self.enabled:
             return samples
+        for sample in samples:  # a file this process is still writing: wait for it (it is small)
+            pending = self._writing.pop(self.path(sample), None)
+            if pending is not None:
+                pending.result()
         todo = [s for s in read_cached(self.directory, samples) if s.image_features is None and s.images]
         if todo:
             self._compute(todo)
@@ -73,11 +81,27 @@ class ImageFeatureCache:
             own, own_grids, grids = [next(features) for _ in range(n)], grids[:n], grids[n:]
             path = self.path(sample)
             if path is not None:
-                write_features(path, own, own_grids)
+                self._write(path, own, own_grids)
             attach(sample, own, own_grids)
+
+    def _write(self, path: Path, features: list, grids: torch.Tensor) -> None:
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmtune-features")
+        done = [p for p, f in self._writing.items() if f.done()]
+        for p in done:
+            self._writing.pop(p).result()  # a failed write (a full disk) is said here
+        self._writing[path] = self._writer.submit(write_features, path, features, grids)
+
+    def flush(self) -> None:
+        """Wait for the files still being written (a write error is raised here)."""
+        for path in list(self._writing):
+            self._writing.pop(path).result()
 
     def close(self) -> None:
         """Remove the run's features (the main process, once every rank is done with them)."""
+        self.flush()
+        if self._writer is not None:
+            self._writer.shutdown()
         if self.directory is not None and self.accelerator.is_main_process:
             shutil.rmtree(self.directory, ignore_errors=True)
 

@@ -1,17 +1,17 @@
-"""The training loop, top to bottom: set-up → data → model → optimiser → (resume) → steps → results.
+"""The training run, LitGPT's shape: `setup` (accelerator, data and model side by side, optimiser, schedule,
+resume) → `fit` (the steps, with logging, evaluation and checkpoints) → `finish` (last evaluation, final adapter,
+results). The step itself — forwards, backwards, optimiser — is `train.step.optimisation_step`, visible in `fit`.
 
 Features and their trade-offs:
 - accelerate places the model, wraps it in DDP when launched by torchrun (gloo on CPU, NCCL on GPU)
   and runs bf16/fp16 autocast; transformers supplies the schedulers, peft the LoRA layers.
-- Loss is normalised by the label tokens of the whole optimisation step (all micro-batches, all
-  ranks), so gradient accumulation and data parallelism give the gradient of one big batch. A plain
-  mean per micro-batch would weight a 2-token answer like a 20-token one.
-- Logits are computed only at the positions that predict a label token (`logits_to_keep`, a 1-D index):
-  with Qwen's 152k vocabulary the full logits of an 880-token sample would be ~270 MB.
+- The loss of a step is normalised by its label tokens over all micro-batches and ranks (`train.step`), and is
+  read from the device only on logging steps (`Window`); a non-finite one stops the run before anything is saved.
 - Data order is a pure function of (seed, epoch) (batches.py); a checkpoint stores how far into the
-  epoch the run got, so resuming replays no sample and skips none.
+  epoch the run got, so resuming replays no sample and skips none. A thread reads micro-batches ahead.
+- `packing` / `neat_packing`: each micro-batch's samples in one row without padding (`data.packing`).
 - DeepSpeed (ZeRO-2/3) when `deepspeed:` names a JSON config: accelerate's DeepSpeedPlugin, and the
-  engine owns the optimiser step (`backward`). Needs CUDA and the `deepspeed` extra.
+  engine owns the optimiser step (`train.step.backward`).
 - Start-up: the model loads in a thread while the data is checked and encoded (`Background`).
 - Evaluation: eval_loss on the validation split, and — when answers form a closed label set — the
   task metrics from label scoring (accuracy, precision, recall, F1, AUC), which also pick the best
@@ -20,21 +20,23 @@ Features and their trade-offs:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import resource
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from vlmtune.config import Config, inert_settings
-from vlmtune.data.encode import IGNORE_INDEX, Collator, EncodedSample
+from vlmtune.data.batch import IGNORE_INDEX, Batch
+from vlmtune.data.encode import Collator, EncodedSample
+from vlmtune.data.packing import packing_problem
 from vlmtune.data.processor import load_processor
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import ensure_writable_dir, write_atomic
@@ -42,7 +44,7 @@ from vlmtune.model.adapters import apply_finetuning, parameter_summary
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 from vlmtune.model.quantize import quantization_of, save_record
 from vlmtune.launch import local_rank_and_world, share_cores_between_local_ranks
-from vlmtune.train.batches import EpochBatches
+from vlmtune.train.batches import EpochBatches, read_ahead
 from vlmtune.train.checkpoint import (WRITE_ERRORS, checkpoint_dirs, describe_write_error, latest_checkpoint,
                                       load_checkpoint, model_state_dict, read_state, remove_stale_temporaries,
                                       rotate_checkpoints, save_checkpoint, uses_deepspeed)
@@ -50,25 +52,8 @@ from vlmtune.train.image_features import FEATURES_DIR, ImageFeatureCache, can_ca
 from vlmtune.train.logs import TrainLogger, plot_curves, truncate_log
 from vlmtune.train.trackers import chosen_trackers, run_config, start_trackers
 from vlmtune.train.prepare import Background, describe_example, prepare_data
+from vlmtune.train.step import StepResult, optimisation_step, token_loss_sum
 from vlmtune.train.state import TrainerState
-
-
-def token_loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the label tokens of a batch, and how many there are."""
-    from vlmtune.model.compat import image_inputs, unwrap
-
-    labels = batch["labels"]
-    # Position t predicts token t+1: only positions whose next token is labelled need logits. The model
-    # computes them at the columns where any row has one (a 1-D `logits_to_keep`, which every supported
-    # transformers version takes), and each row's own are picked from those.
-    predicts_label = torch.zeros_like(labels, dtype=torch.bool)
-    predicts_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-    columns = predicts_label.any(0).nonzero().flatten()
-    with image_inputs(unwrap(model), {k: v for k, v in batch.items() if k != "labels"}) as inputs:
-        logits = model(**inputs, use_cache=False, logits_to_keep=columns).logits
-    logits = logits[predicts_label[:, columns]]  # (label tokens, vocabulary)
-    targets = labels[:, columns + 1][predicts_label[:, columns]]
-    return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
 
 
 def make_accelerator(cfg: Config):
@@ -183,19 +168,6 @@ def mark_zero3_leaves(model, log) -> int:
     return len(marked)
 
 
-def backward(accelerator, loss: torch.Tensor, last_micro_batch: bool, accum: int) -> None:
-    """Backward of one micro-batch whose loss is already normalised for the whole step.
-
-    Under DeepSpeed the engine divides the loss by its gradient_accumulation_steps (undone here) and runs
-    the optimiser step itself at the boundary we mark; elsewhere optimizer.step() follows the window.
-    """
-    if uses_deepspeed(accelerator):
-        accelerator.gradient_state._set_sync_gradients(last_micro_batch)  # the engine's accumulation boundary
-        accelerator.backward(loss * accum)
-    else:
-        accelerator.backward(loss)
-
-
 def check_output_dir(cfg: Config) -> Path | None:
     """The checkpoint to resume from, if any; refuses to write into a non-empty output_dir otherwise, and an
     output_dir that cannot be written (a file in the way, a read-only file system) before any work."""
@@ -261,11 +233,6 @@ def remove_previous_run(output_dir: Path, log) -> None:
             f"({', '.join(p.name for p in old)})")
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Tensors to the device; cached image features stay where they are (the model moves them)."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -286,39 +253,320 @@ def enable_checkpointing(model: torch.nn.Module, reentrant: bool) -> None:
     model.config.use_cache = False  # training never reads the cache; scoring asks for it explicitly
 
 
+@dataclass
+class Run:
+    """Everything set up for a run (`setup`), and what the loop (`fit`) keeps between steps."""
+
+    cfg: Config
+    accelerator: object
+    log: Callable[[str], None]
+    output_dir: Path
+    processor: object
+    data: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    trainable: list[torch.Tensor]
+    batches: EpochBatches
+    total_steps: int
+    state: TrainerState
+    metric_name: str
+    greater_is_better: bool
+    logger: TrainLogger
+    evaluator: Evaluator
+    feature_cache: ImageFeatureCache
+    collate: Callable[[list[EncodedSample]], Batch]  # the training micro-batches' (padded, or packed)
+    best_weights: dict[str, torch.Tensor] | None = None
+    last_eval_step: int = -1
+    stop: bool = False
+    train_runtime: float = 0.0
+    steps_at_start: int = 0
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(cfg: Config) -> dict:
-    # ---- set-up ---------------------------------------------------------------------------------
+    """A whole run, LitGPT's shape: set up, fit (the steps, with evaluation and checkpoints), validate and save."""
+    run = setup(cfg)
+    fit(run)
+    return finish(run)
+
+
+def fit(run: Run) -> None:
+    """The steps until the schedule ends or early stopping says so; the step itself is `train.step`."""
+    cfg, state, model = run.cfg, run.state, run.model
+    progress = run.logger.start_progress(enabled=not cfg.train.disable_tqdm)
+    window = Window()
+    start, run.steps_at_start = time.time(), state.global_step
+    model.train()
+    while not run.stop and state.global_step < run.total_steps:
+        for micro in micro_batches(run, state.epoch, state.micro_batches_done):
+            result = optimisation_step(model, run.optimizer, run.scheduler, run.accelerator, micro, run.trainable,
+                                       cfg.train.max_grad_norm, cfg.train.gradient_accumulation_steps)
+            state.global_step += 1
+            state.micro_batches_done += len(micro)
+            state.samples_seen += result.samples * run.world
+            window.add(result)
+            progress.update(1)
+            after_step(run, window, progress)
+            if run.stop:
+                break
+    window.settle(run, state)
+    progress.close()
+    run.train_runtime = time.time() - start
+
+
+def after_step(run: Run, window: Window, progress) -> None:
+    """What follows a step when it is due: a log row, an evaluation (best model, early stopping), a checkpoint."""
+    cfg, state = run.cfg, run.state
+    step = state.global_step
+    if step % cfg.train.logging_steps == 0 or (cfg.train.logging_first_step and step == 1):
+        row = window.read(run, state)  # the one place the step's loss leaves the device
+        progress.set_postfix(loss=f"{row['loss']:.4f}")
+        run.logger.log(step, {**row, "lr": run.scheduler.get_last_lr()[0], "peak_memory_mb": peak_memory_mb(),
+                              "epoch": epoch_progress(run)}, prefix="train")
+    epoch_ends = state.micro_batches_done >= run.batches.micro_batches_per_epoch
+    if run.evaluator.due(step, epoch_ends):
+        evaluate(run)
+    if epoch_ends:
+        state.epoch += 1
+        state.micro_batches_done = 0
+    if save_due(cfg, step, epoch_ends) or (run.stop and cfg.train.save_strategy != "no"):
+        window.settle(run, state)
+        check_finite(run)
+        save_checkpoint(run.accelerator, run.model, run.processor, run.optimizer, run.scheduler, state,
+                        run.output_dir, cfg.train.save_only_model)
+        if run.is_main:
+            best_dir = run.output_dir / f"checkpoint-{state.best_step}" if state.best_step else None
+            rotate_checkpoints(run.output_dir, cfg.train.save_total_limit, best_dir)
+    if step >= run.total_steps:
+        run.stop = True
+
+
+class Window:
+    """The steps since the last log row, their losses still on the device: read (one host sync) on logging steps,
+    and added to the run's train_loss before anything is saved."""
+
+    def __init__(self):
+        self.loss_sum: torch.Tensor | float = 0.0  # since the last log row
+        self.unsettled: torch.Tensor | float = 0.0  # not yet in state.train_loss_sum
+        self.steps = self.samples = self.tokens = 0
+        self.grad_norm = None
+        self.start = time.time()
+
+    def add(self, result: StepResult) -> None:
+        self.loss_sum = self.loss_sum + result.loss
+        self.unsettled = self.unsettled + result.loss
+        self.steps += 1
+        self.samples += result.samples
+        self.tokens += result.tokens
+        self.grad_norm = result.grad_norm
+
+    def settle(self, run: Run, state: TrainerState) -> None:
+        """The losses since the last settling into `state.train_loss_sum`; a non-finite one stops the run."""
+        value = float(self.unsettled)
+        self.unsettled = 0.0
+        if not math.isfinite(value):
+            raise VlmtuneError(non_finite_message(run, state.global_step))
+        state.train_loss_sum += value
+
+    def read(self, run: Run, state: TrainerState) -> dict:
+        """The log row of the window, and a new window."""
+        loss = float(self.loss_sum) / max(self.steps, 1)
+        self.settle(run, state)
+        elapsed = max(time.time() - self.start, 1e-9)
+        norm = self.grad_norm
+        row = {"loss": loss, "grad_norm": float("nan") if norm is None else float(norm),
+               "samples_per_second": self.samples * run.world / elapsed,
+               "tokens_per_second": self.tokens * run.world / elapsed}
+        self.__init__()
+        return row
+
+
+def non_finite_message(run: Run, step: int) -> str:
+    """A loss that is no number any more: the run stops before writing anything from it."""
+    found = checkpoint_dirs(run.output_dir)
+    kept = (f"the last checkpoint written before it, {found[-1].name}, is finite" if found
+            else "no checkpoint or adapter was written")
+    return (f"{run.output_dir}: the training loss became non-finite (nan/inf) by step {step}; stopped without "
+            f"saving: {kept}; lower learning_rate (now {run.cfg.train.learning_rate:g}) or keep max_grad_norm > 0")
+
+
+def check_finite(run: Run) -> None:
+    """Before anything is written: every trainable weight a number (one look at the device, at save time only).
+    Under DeepSpeed each rank holds a part of them: the loss check (`Window.settle`) stands for it there."""
+    if uses_deepspeed(run.accelerator):
+        return
+    if not all(bool(torch.isfinite(p).all()) for p in run.trainable):
+        raise VlmtuneError(non_finite_message(run, run.state.global_step))
+
+
+def evaluate(run: Run) -> None:
+    """An evaluation: its row in the log, the best weights kept, early stopping decided."""
+    cfg, state = run.cfg, run.state
+    metrics = run.evaluator.run(run.model)
+    run.last_eval_step = state.global_step
+    run.logger.log(state.global_step, metrics, prefix="eval")
+    if record_metric(state, metrics, run.metric_name, run.greater_is_better):
+        run.best_weights = trainable_state(run.accelerator.unwrap_model(run.model))
+        run.log(f"new best {run.metric_name}={state.best_metric:.4f} at step {state.global_step}")
+    elif cfg.train.early_stopping_patience and state.evals_without_improvement >= cfg.train.early_stopping_patience:
+        run.log(f"early stopping: {run.metric_name} did not improve for {state.evals_without_improvement} "
+                f"evaluations (best {state.best_metric:.4f} at step {state.best_step})")
+        run.stop = True
+
+
+def epoch_progress(run: Run) -> float:
+    return round(run.state.epoch + run.state.micro_batches_done / run.batches.micro_batches_per_epoch, 4)
+
+
+def micro_batches(run: Run, epoch: int, done: int) -> Iterator[list[Batch]]:
+    """The epoch's remaining steps, each as its micro-batches (CPU `Batch`es, their features filled in).
+
+    Each micro-batch's samples (and the image features already cached) are read from disk when the loader gets to
+    them — on GPUs by `dataloader_num_workers` processes, batches ahead; here by a thread, a few micro-batches
+    ahead —: nothing of the epoch is held in memory. Features not cached yet are computed here, by the model's
+    process."""
+    windows = run.batches.windows(epoch, done)
+    workers = loader_workers(run.cfg, run.accelerator.device)
+    loader = torch.utils.data.DataLoader(
+        MicroBatches(run.data.train, [batch for window in windows for batch in window]), batch_size=None,
+        collate_fn=run.feature_cache.reader(), num_workers=workers)
+    with read_ahead(iter(loader), depth=0 if workers else 2 * len(windows[0]) if windows else 0) as samples:
+        for window in windows:
+            yield [run.collate(run.feature_cache.fill(next(samples))) for _ in window]
+
+
+def finish(run: Run) -> dict:
+    """The last evaluation, the final (or best) adapter and the results files."""
+    cfg, state, log = run.cfg, run.state, run.log
+    eval_metrics: dict = {}
+    if run.data.val and cfg.train.do_eval:
+        if run.last_eval_step != state.global_step:
+            eval_metrics = run.evaluator.run(run.model)
+            run.logger.log(state.global_step, eval_metrics, prefix="eval")
+            if record_metric(state, eval_metrics, run.metric_name, run.greater_is_better):
+                run.best_weights = trainable_state(run.accelerator.unwrap_model(run.model))
+        else:
+            eval_metrics = {k: v for k, v in state.log_history[-1].items() if k.startswith("eval_")}
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    if cfg.train.load_best_model_at_end and state.best_step is not None:
+        restore_best(unwrapped, run.best_weights, run.output_dir / f"checkpoint-{state.best_step}")
+        log(f"final adapter = best by {run.metric_name}: step {state.best_step} "
+            f"({run.metric_name}={state.best_metric:.4f})")
+    train_metrics = train_results(run)
+    check_finite(run)
+    run.accelerator.wait_for_everyone()
+    final_weights = model_state_dict(run.accelerator, run.model)
+    if run.is_main:
+        save_final(unwrapped, run.processor, state, run.output_dir, final_weights)
+        write_results(run, train_metrics, eval_metrics)
+    run.accelerator.wait_for_everyone()
+    run.feature_cache.close()
+    run.accelerator.end_training()  # the trackers finish here
+    return {**train_metrics, **eval_metrics}
+
+
+def train_results(run: Run) -> dict:
+    state, runtime = run.state, max(run.train_runtime, 1e-9)
+    steps_run = state.global_step - run.steps_at_start
+    per_step = run.cfg.train.per_device_train_batch_size * run.cfg.train.gradient_accumulation_steps * run.world
+    return {"epoch": epoch_progress(run), "train_loss": state.train_loss_sum / max(state.global_step, 1),
+            "train_runtime": round(runtime, 4), "train_samples_per_second": round(steps_run * per_step / runtime, 3),
+            "train_steps_per_second": round(steps_run / runtime, 3)}
+
+
+def write_results(run: Run, train_metrics: dict, eval_metrics: dict) -> None:
+    """train_results.json, eval_results.json, all_results.json, the plots, and the metrics on the console."""
+    state, output_dir, log, name = run.state, run.output_dir, run.log, run.metric_name
+    write_json(output_dir / "train_results.json", train_metrics)
+    if eval_metrics:
+        write_json(output_dir / "eval_results.json", eval_metrics)
+    best = {"best_step": state.best_step, f"best_{name}": state.best_metric} if state.best_step else {}
+    write_json(output_dir / "all_results.json", {**train_metrics, **eval_metrics, **best})
+    if run.cfg.finetune.plot_loss:
+        for path in plot_curves(output_dir):
+            log(f"plot: {path}")
+    for title, metrics in (("train", train_metrics), ("eval", eval_metrics)):
+        if metrics:
+            log(f"***** {title} metrics *****")
+            for key, value in metrics.items():
+                log(f"  {key} = {value}")
+    log(f"adapter and processor saved to {output_dir}")
+
+
+def setup(cfg: Config) -> Run:
+    """The accelerator, the data and the model (loaded side by side), the optimiser and schedule, a resume."""
     accelerator = make_accelerator(cfg)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    is_main = accelerator.is_main_process
     if accelerator.device.type == "cpu":
         share_cores_between_local_ranks()
     if zero_stage(accelerator) == 3 and cfg.train.load_best_model_at_end:
         raise VlmtuneError("load_best_model_at_end does not work with ZeRO-3 (the weights are partitioned over the "
                            "ranks); drop it and take the best checkpoint-N named in the log")
     dtype = compute_dtype(cfg.train.bf16, cfg.train.fp16 and torch.cuda.is_available())
-    print(f"Process rank: {rank}, world size: {world}, device: {accelerator.device}, "
-          f"distributed training: {world > 1}, compute dtype: {dtype}", flush=True)
+    print(f"Process rank: {accelerator.process_index}, world size: {accelerator.num_processes}, device: "
+          f"{accelerator.device}, distributed training: {accelerator.num_processes > 1}, compute dtype: {dtype}",
+          flush=True)
     resume_from = check_output_dir(cfg)
     output_dir = Path(cfg.train.output_dir)
-    if is_main:
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output_dir)
     accelerator.wait_for_everyone()
-    log = print if is_main else (lambda *_: None)
-    for note in inert_settings(cfg, world, torch.cuda.is_available()):
+    log = print if accelerator.is_main_process else (lambda *_: None)
+    for note in inert_settings(cfg, accelerator.num_processes, torch.cuda.is_available()):
         log(f"note: {note}")
-    # ---- data and model, side by side ----------------------------------------------------------
-    # Loading the model is mostly importing transformers' modelling code (seconds) and reading weights;
-    # it runs in a thread while this one reads, checks and encodes the data, each image decoded once
-    # (PIL and tokenizers release the GIL). Data errors still stop the run before any training. The
-    # processor comes first: transformers' lazy imports are not safe to run from two threads at once.
+    model_dir, processor, data, model = setup_data_and_model(cfg, accelerator, dtype, log)
+    model, optimizer, trainable = setup_training(cfg, accelerator, model, log)
+    batches = EpochBatches(len(data.train), cfg.train.per_device_train_batch_size,
+                           cfg.train.gradient_accumulation_steps, cfg.train.seed, accelerator.process_index,
+                           accelerator.num_processes)
+    total_steps = cfg.train.max_steps if cfg.train.max_steps > 0 else \
+        max(1, math.ceil(cfg.train.num_train_epochs * batches.steps_per_epoch))
+    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps > 0 else math.ceil(cfg.train.warmup_ratio * total_steps)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                              num_training_steps=total_steps)
+    state = resume(cfg, accelerator, model, optimizer, scheduler, resume_from, total_steps, len(data.train), log)
+    metric_name, greater_is_better = best_metric_rule(cfg, data.label_set)
+    collate = Collator(processor)  # evaluation's batches are padded (scoring reads each row's last prompt token)
+    # Not under ZeRO-3: every rank would have to run the vision tower together, cached or not.
+    feature_cache = ImageFeatureCache(model, processor, accelerator,
+                                      enabled=can_cache(cfg) and zero_stage(accelerator) < 3,
+                                      directory=output_dir / FEATURES_DIR / features_name(data.train, model_dir))
+    run = Run(cfg=cfg, accelerator=accelerator, log=log, output_dir=output_dir, processor=processor, data=data,
+              model=model, optimizer=optimizer, scheduler=scheduler, trainable=trainable, batches=batches,
+              total_steps=total_steps, state=state, metric_name=metric_name, greater_is_better=greater_is_better,
+              logger=TrainLogger(output_dir, accelerator.is_main_process, accelerator, total_steps, state.global_step),
+              evaluator=Evaluator(cfg, data, processor, collate, accelerator), feature_cache=feature_cache,
+              collate=packed(collate, model, accelerator, log) if packs(cfg) else collate)
+    announce(run)
+    return run
+
+
+def setup_data_and_model(cfg: Config, accelerator, dtype: torch.dtype, log):
+    """The processor, then the model loading in a thread while this one reads, checks and encodes the data.
+
+    Loading is mostly importing transformers' modelling code (seconds) and reading weights; PIL and tokenizers
+    release the GIL. Data errors still stop the run before any training. The processor comes first:
+    transformers' lazy imports are not safe to run from two threads at once. ZeRO-3 partitions the weights while
+    they load, with collectives: that stays on this thread. A QLoRA model loads straight onto this rank's device
+    (bitsandbytes quantizes on arrival there)."""
     model_dir = resolve_model_dir(cfg.model.model_name_or_path, cfg.model.cache_dir, cfg.model.model_revision)
     processor = load_processor(model_dir, cfg.model.image_max_pixels, cfg.model.image_min_pixels, cfg.data.template,
                                cfg.data.enable_thinking)
     log(f"template: {processor.template.label} ({processor.family.name})")
-    # (ZeRO-3 partitions the weights while they load, with collectives: that stays on this thread.)
-    # QLoRA: a quantized model loads straight onto this rank's device (bitsandbytes quantizes on arrival there).
+    if packs(cfg):
+        problem = packing_problem(processor.family, accelerator.device, packing_setting(cfg))
+        if problem is not None:
+            raise VlmtuneError(problem)
     quantization = quantization_of(cfg.model)
     if quantization is not None:
         log(f"QLoRA: the language model's linear layers load {quantization.label}; the vision tower, projector "
@@ -329,11 +577,40 @@ def train(cfg: Config) -> dict:
     data = prepare_data(cfg, processor, log, *local_rank_and_world(), barrier=accelerator.wait_for_everyone)
     log(describe_example(data.train[0], processor))
     model = model_loading.result()
+    return model_dir, processor, data, model
+
+
+def packs(cfg: Config) -> bool:
+    return cfg.data.packing or cfg.data.neat_packing
+
+
+def packing_setting(cfg: Config) -> str:
+    return "neat_packing" if cfg.data.neat_packing else "packing"
+
+
+def packed(collate: Collator, model, accelerator, log) -> Callable[[list[EncodedSample]], Batch]:
+    """The training micro-batches as one packed row each (`data.packing`): the same samples as the padded batch,
+    so the same loss and gradients, without the padding."""
+    from vlmtune.data.packing import pack, rope_positions, sample_lengths, varlen_kwargs
+    from vlmtune.model.compat import unwrap
+
+    core = unwrap(accelerator.unwrap_model(model))
+    positions, recurrent = rope_positions(core), collate.processor.family.recurrent_state
+    log("packing: each micro-batch's samples in one row, no padding, no attention across samples")
+
+    def pack_micro_batch(samples: list[EncodedSample]) -> Batch:
+        batch = pack(collate(samples), positions)
+        if recurrent:
+            batch.varlen = varlen_kwargs(sample_lengths(batch))
+        return batch
+    return pack_micro_batch
+
+
+def setup_training(cfg: Config, accelerator, model, log):
+    """Gradient checkpointing, the adapter (or what trains), AdamW, and accelerate's wrapping."""
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # the adapter's initialisation starts from the seed, whatever ran before
-
-    # ---- model ----------------------------------------------------------------------------------
     if cfg.train.gradient_checkpointing:
         enable_checkpointing(model, cfg.train.use_reentrant_gc)
         log(f"gradient checkpointing: on ({'reentrant' if cfg.train.use_reentrant_gc else 'non-reentrant'}; "
@@ -348,22 +625,14 @@ def train(cfg: Config) -> dict:
     if zero_stage(accelerator) == 3:
         mark_zero3_leaves(model, log)
     model, optimizer = accelerator.prepare(model, optimizer)
-    collate = Collator(processor)
+    return model, optimizer, trainable
 
-    # ---- schedule -------------------------------------------------------------------------------
-    batch_size, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
-    batches = EpochBatches(len(data.train), batch_size, accum, cfg.train.seed, rank, world)
-    if cfg.train.max_steps > 0:
-        total_steps = cfg.train.max_steps
-    else:
-        total_steps = max(1, math.ceil(cfg.train.num_train_epochs * batches.steps_per_epoch))
-    n_epochs = math.ceil(total_steps / batches.steps_per_epoch)
-    warmup = cfg.train.warmup_steps if cfg.train.warmup_steps > 0 else math.ceil(cfg.train.warmup_ratio * total_steps)
-    from transformers import get_scheduler
 
-    scheduler = get_scheduler(cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
-    shape = run_shape(cfg, world, len(data.train))
+def resume(cfg: Config, accelerator, model, optimizer, scheduler, resume_from: Path | None, total_steps: int,
+           n_examples: int, log) -> TrainerState:
+    """The state to start from: a checkpoint's (after checking it belongs to this run), or a fresh one."""
+    output_dir = Path(cfg.train.output_dir)
+    shape = run_shape(cfg, accelerator.num_processes, n_examples)
     state = TrainerState(total_steps=total_steps, run=shape)
     if resume_from is not None:
         state = read_state(resume_from)
@@ -372,167 +641,31 @@ def train(cfg: Config) -> dict:
         state.run = shape
         log(f"Resumed from {resume_from} at step {state.global_step} (epoch {state.epoch}, "
             f"{state.micro_batches_done} micro-batches into it)")
-    elif cfg.train.overwrite_output_dir and is_main:
+    elif cfg.train.overwrite_output_dir and accelerator.is_main_process:
         remove_previous_run(output_dir, log)
-    if is_main:
+    if accelerator.is_main_process:
         truncate_log(output_dir, state.global_step)  # a fresh run into an overwritten dir starts a new log
-    metric_name, greater_is_better = best_metric_rule(cfg, data.label_set)
+    return state
+
+
+def announce(run: Run) -> None:
+    """The run's numbers, as transformers' Trainer prints them; the trackers started."""
+    cfg, log, batches = run.cfg, run.log, run.batches
+    batch_size, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
     log("***** Running training *****")
-    log(f"  Num examples = {len(data.train):,}")
-    log(f"  Num Epochs = {n_epochs}")
+    log(f"  Num examples = {len(run.data.train):,}")
+    log(f"  Num Epochs = {math.ceil(run.total_steps / batches.steps_per_epoch)}")
     log(f"  Instantaneous batch size per device = {batch_size}")
-    log(f"  Total train batch size (w. parallel, distributed & accumulation) = {batch_size * world * accum}")
+    log(f"  Total train batch size (w. parallel, distributed & accumulation) = {batch_size * run.world * accum}")
     log(f"  Gradient Accumulation steps = {accum}")
-    log(f"  Total optimization steps = {total_steps:,}")
-    log(f"  Number of trainable parameters = {sum(p.numel() for p in trainable):,}")
-    if data.label_set and data.val:
-        log(f"  Task metrics at each evaluation on labels {data.label_set}; best checkpoint by {metric_name}")
-    if accelerator.log_with:
-        start_trackers(accelerator, cfg.train.run_name or output_dir.name, run_config(cfg.to_flat_dict()))
-    logger = TrainLogger(output_dir, is_main, accelerator, total_steps, state.global_step)
-    evaluator = Evaluator(cfg, data, processor, collate, accelerator)
-    # Not under ZeRO-3: every rank would have to run the vision tower together, cached or not.
-    feature_cache = ImageFeatureCache(model, processor, accelerator,
-                                      enabled=can_cache(cfg) and zero_stage(accelerator) < 3,
-                                      directory=output_dir / FEATURES_DIR / features_name(data.train, model_dir))
-    if feature_cache.enabled:
+    log(f"  Total optimization steps = {run.total_steps:,}")
+    log(f"  Number of trainable parameters = {sum(p.numel() for p in run.trainable):,}")
+    if run.data.label_set and run.data.val:
+        log(f"  Task metrics at each evaluation on labels {run.data.label_set}; best checkpoint by {run.metric_name}")
+    if run.accelerator.log_with:
+        start_trackers(run.accelerator, cfg.train.run_name or run.output_dir.name, run_config(cfg.to_flat_dict()))
+    if run.feature_cache.enabled:
         log("  Vision tower frozen: each image's features are computed once and reused every epoch")
-
-    # ---- the loop -------------------------------------------------------------------------------
-    progress = logger.start_progress(enabled=not cfg.train.disable_tqdm)
-    best_weights: dict[str, torch.Tensor] | None = None
-    window_stats = {"loss": [], "samples": 0, "tokens": 0, "start": time.time()}
-    train_start, steps_at_start = time.time(), state.global_step
-    last_eval_step = last_save_step = -1
-    stop = False
-    model.train()
-    while state.epoch < n_epochs and not stop and state.global_step < total_steps:
-        windows = batches.windows(state.epoch, state.micro_batches_done)
-        # Each micro-batch's samples (and the image features already cached) are read from disk when the loader
-        # gets to them — on GPUs by `dataloader_num_workers` processes, batches ahead —: nothing of the epoch is
-        # held in memory. Features not cached yet are computed here, by the model's process.
-        loader = torch.utils.data.DataLoader(
-            MicroBatches(data.train, [batch for window in windows for batch in window]), batch_size=None,
-            collate_fn=feature_cache.reader(), num_workers=loader_workers(cfg, accelerator.device))
-        micro_batches = iter(loader)
-        for window in windows:
-            micro = [collate(feature_cache.fill(next(micro_batches))) for _ in window]
-            # Label tokens of the whole step across all ranks: the loss denominator.
-            n_tokens = torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                                    device=accelerator.device)
-            n_tokens_all = accelerator.reduce(n_tokens, reduction="sum").item()
-            step_loss = torch.zeros((), device=accelerator.device)
-            for k, batch in enumerate(micro):
-                batch = to_device(batch, accelerator.device)
-                last = k == len(micro) - 1
-                # DDP averages gradients over ranks, hence × world: the sum over ranks is what we want.
-                with (contextlib.nullcontext() if last else accelerator.no_sync(model)), accelerator.autocast():
-                    loss_sum, _ = token_loss_sum(model, batch)
-                    backward(accelerator, loss_sum * world / max(n_tokens_all, 1), last, accum)
-                step_loss += loss_sum.detach()
-                window_stats["samples"] += batch["input_ids"].shape[0]
-                window_stats["tokens"] += int(batch["attention_mask"].sum())
-            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
-            grad_norm = accelerator.clip_grad_norm_(trainable, max_norm)  # under DeepSpeed: the engine's norm
-            optimizer.step()  # a no-op under DeepSpeed, whose engine stepped in backward
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.global_step += 1
-            state.micro_batches_done += len(window)
-            loss_value = accelerator.reduce(step_loss, reduction="sum").item() / max(n_tokens_all, 1)
-            state.train_loss_sum += loss_value
-            state.samples_seen += sum(len(b) for b in window) * world
-            window_stats["loss"].append(loss_value)
-            progress.update(1, loss=f"{loss_value:.4f}")
-            step = state.global_step
-            if step % cfg.train.logging_steps == 0 or (cfg.train.logging_first_step and step == 1):
-                elapsed = max(time.time() - window_stats["start"], 1e-9)
-                logger.log(step, {
-                    "loss": sum(window_stats["loss"]) / len(window_stats["loss"]),
-                    "lr": scheduler.get_last_lr()[0], "grad_norm": float("nan" if grad_norm is None else grad_norm),
-                    "epoch": round(state.epoch + state.micro_batches_done / batches.micro_batches_per_epoch, 4),
-                    "samples_per_second": window_stats["samples"] * world / elapsed,
-                    "tokens_per_second": window_stats["tokens"] * world / elapsed,
-                    "peak_memory_mb": peak_memory_mb(),
-                }, prefix="train")
-                window_stats = {"loss": [], "samples": 0, "tokens": 0, "start": time.time()}
-            epoch_ends = state.micro_batches_done >= batches.micro_batches_per_epoch
-            if evaluator.due(step, epoch_ends):
-                metrics = evaluator.run(model)
-                last_eval_step = step
-                logger.log(step, metrics, prefix="eval")
-                improved = record_metric(state, metrics, metric_name, greater_is_better)
-                if improved:
-                    best_weights = trainable_state(accelerator.unwrap_model(model))
-                    log(f"new best {metric_name}={state.best_metric:.4f} at step {step}")
-                elif cfg.train.early_stopping_patience and \
-                        state.evals_without_improvement >= cfg.train.early_stopping_patience:
-                    log(f"early stopping: {metric_name} did not improve for {state.evals_without_improvement} "
-                        f"evaluations (best {state.best_metric:.4f} at step {state.best_step})")
-                    stop = True
-            if epoch_ends:
-                state.epoch += 1
-                state.micro_batches_done = 0
-            if save_due(cfg, step, epoch_ends) or (stop and cfg.train.save_strategy != "no"):
-                save_checkpoint(accelerator, model, processor, optimizer, scheduler, state, output_dir,
-                                cfg.train.save_only_model)
-                last_save_step = step
-                if is_main:
-                    best_dir = output_dir / f"checkpoint-{state.best_step}" if state.best_step else None
-                    rotate_checkpoints(output_dir, cfg.train.save_total_limit, best_dir)
-            if stop or step >= total_steps:
-                stop = True
-                break
-    progress.close()
-    train_runtime = time.time() - train_start
-
-    # ---- results --------------------------------------------------------------------------------
-    eval_metrics: dict = {}
-    if data.val and cfg.train.do_eval:
-        if last_eval_step != state.global_step:
-            eval_metrics = evaluator.run(model)
-            logger.log(state.global_step, eval_metrics, prefix="eval")
-            if record_metric(state, eval_metrics, metric_name, greater_is_better):
-                best_weights = trainable_state(accelerator.unwrap_model(model))
-        else:
-            eval_metrics = {k: v for k, v in state.log_history[-1].items() if k.startswith("eval_")}
-    unwrapped = accelerator.unwrap_model(model)
-    if cfg.train.load_best_model_at_end and state.best_step is not None:
-        restore_best(unwrapped, best_weights, output_dir / f"checkpoint-{state.best_step}")
-        log(f"final adapter = best by {metric_name}: step {state.best_step} ({metric_name}={state.best_metric:.4f})")
-    steps_run = state.global_step - steps_at_start
-    train_metrics = {
-        "epoch": round(state.epoch + state.micro_batches_done / batches.micro_batches_per_epoch, 4),
-        "train_loss": state.train_loss_sum / max(state.global_step, 1),
-        "train_runtime": round(train_runtime, 4),
-        "train_samples_per_second": round(steps_run * batch_size * accum * world / train_runtime, 3),
-        "train_steps_per_second": round(steps_run / train_runtime, 3),
-    }
-    accelerator.wait_for_everyone()
-    final_weights = model_state_dict(accelerator, model)
-    if is_main:
-        save_final(unwrapped, processor, state, output_dir, final_weights)
-        write_json(output_dir / "train_results.json", train_metrics)
-        if eval_metrics:
-            write_json(output_dir / "eval_results.json", eval_metrics)
-        write_json(output_dir / "all_results.json", {**train_metrics, **eval_metrics,
-                                                      **({"best_step": state.best_step, f"best_{metric_name}":
-                                                          state.best_metric} if state.best_step else {})})
-        if cfg.finetune.plot_loss:
-            for path in plot_curves(output_dir):
-                log(f"plot: {path}")
-        log("***** train metrics *****")
-        for key, value in train_metrics.items():
-            log(f"  {key} = {value}")
-        if eval_metrics:
-            log("***** eval metrics *****")
-            for key, value in eval_metrics.items():
-                log(f"  {key} = {value}")
-        log(f"adapter and processor saved to {output_dir}")
-    accelerator.wait_for_everyone()
-    feature_cache.close()
-    accelerator.end_training()  # the trackers finish here
-    return {**train_metrics, **eval_metrics}
 
 
 def save_final(model, processor, state: TrainerState, output_dir: Path, weights) -> None:
@@ -596,11 +729,10 @@ class Evaluator:
         loss_sum = torch.zeros((), device=accelerator.device)
         tokens = torch.zeros((), device=accelerator.device)
         for i in range(0, len(self.positions), size):
-            batch = to_device(self.collate(self.samples(i, i + size)), accelerator.device)
+            batch = self.collate(self.samples(i, i + size))
             with accelerator.autocast():
-                batch_loss, n = token_loss_sum(model, batch)
-            loss_sum += batch_loss
-            tokens += n
+                loss_sum += token_loss_sum(model, batch.to(accelerator.device))
+            tokens += batch.num_label_tokens
         loss_sum = accelerator.reduce(loss_sum, reduction="sum")
         tokens = accelerator.reduce(tokens, reduction="sum")
         metrics = {"eval_loss": (loss_sum / tokens.clamp(min=1)).item()}
@@ -678,7 +810,7 @@ def record_metric(state: TrainerState, metrics: dict, name: str, greater_is_bett
     """Add an evaluation to the history; True when it is the best so far."""
     state.log_history.append({"step": state.global_step, **metrics})
     value = metrics.get(name)
-    if value is None:
+    if value is None or not math.isfinite(value):  # a nan evaluation is never the best one
         return False
     better = state.best_metric is None or (value > state.best_metric if greater_is_better else value < state.best_metric)
     if better:
