@@ -1,12 +1,17 @@
 """The one label-set rule (`vlmtune.labels`): parsed, validated and inferred the same for every command."""
 
+import unicodedata
+
 import pytest
 
 from vlmtune.errors import VlmtuneError
+from vlmtune import labels as label_rules
 from vlmtune.labels import (answers_outside, infer_label_set, parse_labels, positive_first, resolve_label_set,
                             seen_label_set)
 
 POS, NEG = "满足要求", "不满足要求"
+FIT = "적합"  # Hangul, NFC: two code points; in NFD (as macOS and some IMEs write it) five
+FIT_NFD = unicodedata.normalize("NFD", FIT)
 
 
 def test_parse_labels_accepts_strings_lists_and_full_width_commas():
@@ -42,3 +47,32 @@ def test_resolve_puts_the_positive_label_first_only_when_inferred():
 
 def test_seen_label_set_of_predictions_already_made():
     assert seen_label_set([NEG, " 其他 ", NEG], POS) == [POS, NEG, "其他"]  # the positive label even when unseen
+
+
+def test_labels_typed_on_another_system_are_the_same_label():
+    """NFC vs NFD and surrounding (full-width) spaces: one label everywhere labels and answers are compared."""
+    assert FIT != FIT_NFD
+    assert parse_labels(f"{FIT_NFD},부적합") == [FIT, "부적합"]
+    with pytest.raises(VlmtuneError, match="the same label twice"):
+        parse_labels([FIT, FIT_NFD])
+    assert infer_label_set([FIT, FIT_NFD, "부적합", "부적합\u3000", FIT]) == [FIT, "부적합"]
+    assert answers_outside([FIT_NFD, "부적합"], [FIT, " 부적합 "]) == []
+    assert seen_label_set([FIT_NFD, "부적합"], FIT) == [FIT, "부적합"]
+    assert positive_first(["부적합", FIT], FIT_NFD) == [FIT, "부적합"]
+
+
+def test_near_duplicate_answers_are_named_by_position():
+    answers = [FIT, FIT, f"{FIT}。", "부적합", "부적합", "Yes", "yes."]
+    assert label_rules.near_duplicates(answers) == [(2, f"{FIT}。", FIT), (6, "yes.", "Yes")]
+    captions = [f"caption {i}." for i in range(20)] + ["caption 1"]
+    assert label_rules.near_duplicates(captions) == []  # more forms than a label set: free text, left alone
+
+
+def test_label_set_notes_say_what_the_metrics_would_hide():
+    names = [f"rules.json: record {i}" for i in range(62)]
+    assert "no negatives" in label_rules.label_set_notes([POS] * 6)[0]
+    assert "9 distinct answers" in label_rules.label_set_notes([str(i % 9) for i in range(40)])[0]
+    [rare] = label_rules.label_set_notes([POS] * 30 + [NEG] * 30 + ["其他"] * 2, names=names)
+    assert "'其他'" in rare and "2 of 62" in rare and "rules.json: record 60; rules.json: record 61" in rare
+    assert label_rules.label_set_notes([POS] * 30 + [NEG] * 30) == []
+    assert label_rules.label_set_notes([f"caption {i}" for i in range(20)]) == []

@@ -116,7 +116,8 @@ class DataConfig:
     cutoff_len: int = _help(
         "Longest sample in tokens (prompt + image tokens + answer). vlmtune never cuts image tokens or the "
         "answer: a longer sample is reported by the data checks (and refused, or skipped with "
-        "skip_bad_records). Prediction never truncates.", 2048)
+        "skip_bad_records). Prediction never truncates: a prompt longer than the model's context is refused, naming "
+        "the record.", 2048)
     max_samples: int | None = _help("Use at most this many records from each dataset (the first ones).")
     packing: bool = _help(
         "Padding-free training: the per_device_train_batch_size samples of each micro-batch go into one row "
@@ -146,8 +147,8 @@ class DataConfig:
         "refusing to start.", False)
     labels: list[str] | None = _help(
         "The closed set of answers (e.g. [满足要求, 不满足要求]) for label scoring and task metrics. When "
-        "empty, it is inferred when the dataset's answers form a small set (≤ 8 distinct answers). On a command "
-        "line: a,b.")
+        "empty, it is inferred when the dataset's answers form a small set (≤ 8 distinct answers). In training, "
+        "an answer that is none of them is refused at start-up, naming its record. On a command line: a,b.")
     positive_label: str = _help("The positive class for precision / recall / F1.", "满足要求")
     default_system: str | None = _help(
         "System prompt used for records without one (Qwen's template default: \"You are a helpful "
@@ -191,7 +192,10 @@ class FinetuneConfig:
 class TrainConfig:
     """How training runs: optimisation, evaluation, checkpoints, logging, hardware."""
 
-    output_dir: str = _help("Where adapters, checkpoints, logs and plots are written.", "output")
+    output_dir: str = _help(
+        "Where adapters, checkpoints, logs and plots are written. A training run holds a lock on it (the file "
+        ".vlmtune.lock, released when the run's process ends, however it ends): a second `vlmtune train` into it "
+        "meanwhile is refused, naming the first one's pid.", "output")
     do_train: bool | None = _help(
         "Train. Default: true, unless do_predict is true — LLaMA-Factory's predict YAML sets no do_train and "
         "only predicts. false without do_predict still trains (a start-up line says so).")
@@ -205,7 +209,9 @@ class TrainConfig:
         "Allow writing into a non-empty output_dir. The earlier run's checkpoint-N directories are then removed "
         "when training starts (the log lists them), so a later resume cannot pick one of them up. Without it, a "
         "non-empty output_dir is refused unless the run resumes.", False)
-    per_device_train_batch_size: int = _help("Samples per device per micro-batch.", 1)
+    per_device_train_batch_size: int = _help(
+        "Samples per device per micro-batch; at most the training records ÷ the ranks (more is refused at "
+        "start-up: every micro-batch would repeat records).", 1)
     per_device_eval_batch_size: int = _help("Samples per device per evaluation batch.", 1)
     gradient_accumulation_steps: int = _help("Micro-batches per optimisation step.", 1)
     learning_rate: float = _help("Peak learning rate of AdamW.", 5e-5)
@@ -250,7 +256,8 @@ class TrainConfig:
         "Continue a run: a checkpoint directory, or true for the latest complete checkpoint in output_dir. A "
         "checkpoint that does not fit this run is refused with the reason: a step beyond its schedule, another "
         "batch size, gradient accumulation, world size, number of examples, seed or adapter (lora_rank, "
-        "lora_target), or damaged files.")
+        "lora_target), other data (any record's messages or image paths and sizes, wherever the dataset now "
+        "lies), or damaged files.")
     report_to: str | list[str] = _help(
         "Where metrics go besides trainer_log.jsonl, through accelerate's trackers: tensorboard, wandb, mlflow, "
         "swanlab, all (every installed one) or none; a comma list or YAML list. Each but TensorBoard is an extra "
@@ -263,12 +270,16 @@ class TrainConfig:
     run_name: str | None = _help("The run's name in the trackers (default: output_dir's name).")
     metric_for_best_model: str | None = _help(
         "Metric that picks the best checkpoint: f1, accuracy, precision, recall, auc or eval_loss (default f1 "
-        "when the answers form a closed label set, else eval_loss).")
+        "when the answers form a closed label set, else eval_loss). A metric of label scoring needs a closed "
+        "label set and, except accuracy, a validation split that holds more than one label: otherwise the run "
+        "is refused at start-up.")
     greater_is_better: bool | None = _help("Direction of metric_for_best_model (default: false for losses).")
     load_best_model_at_end: bool = _help(
-        "Make the final adapter in output_dir the best one by metric_for_best_model.", False)
+        "Make the final adapter in output_dir the best one by metric_for_best_model. Needs a validation split "
+        "(val_size or eval_dataset) and eval_strategy steps or epoch; refused at start-up without them.", False)
     early_stopping_patience: int | None = _help(
-        "Stop after this many evaluations without improvement of metric_for_best_model.")
+        "Stop after this many evaluations without improvement of metric_for_best_model. Needs a validation split "
+        "and eval_strategy steps or epoch; refused at start-up without them.")
     early_stopping_steps: int | None = _help("LLaMA-Factory's name for early_stopping_patience.")
     use_swanlab: bool = _help("LLaMA-Factory's switch for report_to: swanlab.", False)
     dataloader_num_workers: int = _help(

@@ -138,3 +138,62 @@ def describe_write_error(exc: BaseException) -> str:
         return f"{Path(exc.filename).name}: {exc.strerror}" if exc.filename else exc.strerror
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else exc.__class__.__name__
+
+
+class DirectoryLock:
+    """An exclusive lock on a directory (named by `setting` in the refusal) for this process's lifetime or until
+    `release`: `fcntl.flock` on `directory/NAME`, a file that holds the holder's pid and host. The kernel drops
+    the lock when the holder's process ends, however it ends (kill -9 included), so no stale lock is ever left
+    behind; the file itself stays (removing it would let two processes lock two different files)."""
+
+    NAME = ".vlmtune.lock"
+
+    def __init__(self, directory: str | Path, what: str, setting: str):
+        import errno
+        import fcntl
+        import socket
+
+        self.path = Path(directory) / self.NAME
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise VlmtuneError(f"{self.path}: cannot create the lock file ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+                return  # a file system without locks (some network mounts): the run goes on unguarded
+            holder = self._holder()
+            os.close(self._fd)
+            raise VlmtuneError(f"{setting} {directory}: {what} ({holder}) is writing into it; wait for it to end, or "
+                               f"use another {setting}") from None
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the lock holds all the same, a refused run then names no pid
+            pass
+
+    def _holder(self) -> str:
+        """'pid N' (on host H when another host wrote it), read from the lock file; the holder writes it just
+        after taking the lock, so an empty file is read again for a moment."""
+        import socket
+        import time
+
+        for _ in range(50):
+            fields = os.pread(self._fd, 200, 0).decode(errors="replace").split()
+            if len(fields) == 2 and fields[0].isdigit():
+                here = fields[1] == socket.gethostname()
+                return f"pid {fields[0]}" + ("" if here else f" on {fields[1]}")
+            time.sleep(0.02)
+        return "pid unknown"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()

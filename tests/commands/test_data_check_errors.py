@@ -117,6 +117,13 @@ CASES = {
                                  ["val_size 11", "leaves 1 training record"]),
     "val_size negative": (lambda d: None, lambda d: ["val_size=-0.1"], "error", ["'val_size'", "-0.1"]),
     "labels: one label": (lambda d: None, lambda d: ["labels=满足要求"], "error", ["'labels'", "at least two"]),
+    "an answer with a trailing full-width period": (
+        lambda d: with_record(d, record("images/img_0.png", "满足要求。")), None, "problem",
+        ["my_dataset.json: record 2", "field 'messages[2].content'", "'满足要求。'", "'满足要求'"]),
+    "an answer in capitals with a full stop": (
+        lambda d: write_dataset(d, "my_dataset", [record(f"images/img_{i}.png", "yes" if i % 3 else "no")
+                                                 for i in range(11)] + [record("images/img_0.png", "YES.")]),
+        None, "problem", ["record 11", "'YES.'", "'yes'"]),
 }
 
 
@@ -154,3 +161,44 @@ def test_a_bom_is_read_and_every_image_is_decoded(tmp_path, capsys):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "records: 6 read, 0 with problems" in result.stdout
     assert "every image decoded in full" in result.stdout
+
+
+def test_answers_as_people_type_them(tmp_path, capsys):
+    """NFD and spaces around an answer: one label, counted once. A third answer in a few records, and a dataset of
+    one answer (no negatives), are each said in one line at the start."""
+    import unicodedata
+
+    data = tmp_path / "data"
+    make_dataset(data, n=24)
+    fit, unfit = "적합", "부적합"
+    answers = [fit if i % 2 else unicodedata.normalize("NFD", unfit) + " " for i in range(23)] + ["보류"]
+    write_dataset(data, "my_dataset", [record(f"images/img_{i}.png", a) for i, a in enumerate(answers)])
+    before = checksums(tmp_path)
+    result = run_inline(capsys, "data", "check", "--dataset", "my_dataset", "--dataset_dir", data)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"answers (train): {unfit} 12 (50.0%), {fit} 11 (45.8%), 보류 1 (4.2%)" in result.stdout
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "'보류'" in notes[0] and "record 23" in notes[0], notes
+    assert checksums(tmp_path) == before
+    write_dataset(data, "my_dataset", [record(f"images/img_{i}.png", fit) for i in range(24)])
+    result = run_inline(capsys, "data", "check", "--dataset", "my_dataset", "--dataset_dir", data)
+    notes = [line for line in result.stdout.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "no negatives" in notes[0], result.stdout
+
+
+def test_a_1_mb_record_is_refused_without_tokenising_it(tmp_path, capsys, tiny_model_dir):
+    """Issue 25 item 0: with a model, a record whose text cannot fit cutoff_len is one problem line naming it,
+    found from its length before the tokenizer runs."""
+    data = make_dataset(tmp_path / "data", n=12)
+    with_record(data, record("images/img_0.png", "满足要求") | {"messages": [
+        {"role": "user", "content": "<image>" + "x" * 1_000_000}, {"role": "assistant", "content": "满足要求"}]})
+    before = checksums(tmp_path)
+    result = run_inline(capsys, "data", "check", "--dataset", "my_dataset", "--dataset_dir", data,
+                        "--model_name_or_path", tiny_model_dir)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    problems = [line.strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert len(problems) == 1, problems
+    for fragment in ("my_dataset.json: record 2", "field 'messages'", "1,000,011 characters", "cutoff_len of 2,048",
+                     "without tokenising"):
+        assert fragment in problems[0], (fragment, problems[0])
+    assert checksums(tmp_path) == before

@@ -41,6 +41,20 @@ def set_record(data: Path, index: int, value) -> None:
     rules_file(data).write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
 
 
+def set_answers(data: Path, answer_of) -> None:
+    """Record i's answer becomes answer_of(i, its answer)."""
+    records = json.loads(rules_file(data).read_text(encoding="utf-8"))
+    for i, rec in enumerate(records):
+        rec["messages"][-1]["content"] = answer_of(i, rec["messages"][-1]["content"])
+    rules_file(data).write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+
+
+def long_prompt(data: Path, index: int, text: str) -> None:
+    records = json.loads(rules_file(data).read_text(encoding="utf-8"))
+    records[index]["messages"][1]["content"] += text
+    rules_file(data).write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+
+
 def earlier_predictions(save: Path, meta) -> None:
     save.write_text('{"id": "rules-0", "predict": "满足要求", "label": "满足要求"}\n', encoding="utf-8")
     Path(f"{save}.meta.json").write_text(json.dumps(meta), encoding="utf-8")
@@ -99,6 +113,15 @@ CASES = {
                              ["rules.json: record 2", "field 'images[0]'", "too many pixels"]),
     "a truncated image": (then(lambda a, d, t: truncate(d / "images" / "r3.png", 0.6)),
                           ["rules.json: record 3", "field 'images[0]'", "unreadable image"]),
+    # issue 25 item 0: no prompt-length bound grew predict to 24 GB on one 1 MB record
+    "a 1 MB record": (then(lambda a, d, t: long_prompt(d, 3, "x" * 1_000_000)),
+                      ["rules.json: record 3", "field 'messages'", "1,000,", "characters", "context of 32,768"]),
+    "a record over the context in tokens": (then(lambda a, d, t: long_prompt(d, 5, "满足 " * 40_000)),
+                                            ["rules.json: record 5", "field 'messages'", "tokens",
+                                             "exceed the model's context of 32,768"]),
+    "an answer with a trailing full-width period": (
+        then(lambda a, d, t: set_answers(d, lambda i, answer: answer + "。" if i == 4 else answer)),
+        ["rules.json: record 4", "field 'messages[2].content'", "'满足要求。'", "'满足要求'"]),
 }
 
 
@@ -146,3 +169,19 @@ def test_adapter_of_another_base(tmp_path, capsys, tiny_model_dir, adapter, data
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and f"trained on {tiny_model_dir}" in warnings[0] and "copy-of-base" in warnings[0]
+
+
+def test_labels_in_nfd_score_the_answers_in_nfc(tmp_path, capsys, tiny_model_dir, adapter, data):
+    """Hangul typed in NFD on the command line (macOS) and answers in NFC (or the other way round) are one label
+    set: rows scored, metrics counted, every label written in NFC."""
+    import unicodedata
+
+    fit, unfit = "적합", "부적합"
+    set_answers(data, lambda i, answer: fit if answer == "满足要求" else unicodedata.normalize("NFD", unfit) + " ")
+    nfd = ",".join(unicodedata.normalize("NFD", label) for label in (fit, unfit))
+    save = tmp_path / "p.jsonl"
+    result = run_inline(capsys, *predict(tiny_model_dir, adapter, data, save, "--labels", nfd))
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in save.read_text(encoding="utf-8").splitlines()]
+    assert {row["label"] for row in rows} == {fit, unfit} and all(list(row["scores"]) == [fit, unfit] for row in rows)
+    assert "no metrics" not in result.stdout and "accuracy" in result.stdout.lower(), result.stdout

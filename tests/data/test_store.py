@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ONE_PER_FAMILY, make_dataset, run_cli, run_inline, write_config
+import numpy as np
+
+from helpers import ONE_PER_FAMILY, make_dataset, run_cli, run_inline, truncate, write_config
 from vlmtune.data.encode import encode
 from vlmtune.data.loader import load_datasets
 from vlmtune.data.processor import load_processor
 from vlmtune.data.store import CACHE_ENV, StoredSamples, cache_root, open_or_build
+from vlmtune.launch import Ranks
 
 
 @pytest.mark.parametrize("arch", ONE_PER_FAMILY)
@@ -26,7 +29,7 @@ def test_stored_samples_equal_direct_encoding(tiny_models, tmp_path, monkeypatch
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     processor = load_processor(tiny_models(arch), max_pixels=200 * 200)
     convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=5)), None).conversations
-    store, reused = open_or_build(convs, processor, 4096, None, 0, 1, lambda: None, workers=2)
+    store, reused = open_or_build(convs, processor, 4096, None, Ranks(), workers=2)
     assert not reused and (store.directory / "meta.json").is_file()
     samples = StoredSamples(store, convs[::-1])  # any order: found by (file, record)
     for position, conv in enumerate(convs[::-1]):
@@ -34,9 +37,9 @@ def test_stored_samples_equal_direct_encoding(tiny_models, tmp_path, monkeypatch
         assert got.position == position and got.conversation is conv
         assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels)
         assert len(got.images) == len(want.images) and all(torch.equal(a, b) for a, b in zip(got.images, want.images))
-    again, reused = open_or_build(list(reversed(convs)), processor, 4096, None, 0, 1, lambda: None, workers=1)
+    again, reused = open_or_build(list(reversed(convs)), processor, 4096, None, Ranks(), workers=1)
     assert reused and again.directory == store.directory  # the order of the records does not matter
-    _, reused = open_or_build(convs, processor, 2048, None, 0, 1, lambda: None, workers=1)
+    _, reused = open_or_build(convs, processor, 2048, None, Ranks(), workers=1)
     assert not reused  # another cutoff_len is another store
 
 
@@ -101,46 +104,128 @@ def test_a_cache_that_cannot_be_written_is_one_line(tiny_model_dir, tmp_path, mo
     processor = load_processor(tiny_model_dir)
     convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=2)), None).conversations
     with pytest.raises(VlmtuneError, match="writing the encoded-data store failed") as info:
-        open_or_build(convs, processor, 4096, None, 0, 1, lambda: None, workers=1)
+        open_or_build(convs, processor, 4096, None, Ranks(), workers=1)
     assert "\n" not in str(info.value) and str(cache_root()) in str(info.value) and CACHE_ENV in str(info.value)
 
 
 def build(convs, processor, rebuild=False):
-    return open_or_build(convs, processor, 4096, None, 0, 1, lambda: None, workers=1, rebuild=rebuild)
+    return open_or_build(convs, processor, 4096, None, Ranks(), workers=1, rebuild=rebuild)
 
 
-def test_a_rebuild_does_not_pull_the_store_from_under_a_running_job(tiny_model_dir, tmp_path, monkeypatch):
-    """overwrite_cache: true in a second job (the seed YAML has it) while a first one trains on the same store."""
+def test_a_rebuild_never_changes_the_files_a_running_job_reads(tiny_model_dir, tmp_path, monkeypatch):
+    """overwrite_cache: true in a second job (the seed YAML has it) while a first one trains on the same store: the
+    rebuild goes to a directory of its own; the first job's files stay as they are (on NFS too: no ESTALE) until no
+    run has used them for a while."""
+    from vlmtune.data.store import SUPERSEDED_AFTER_S
+
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
     convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=4)), None).conversations
     running, _ = build(convs, processor)
-    samples = StoredSamples(running, convs)
-    before = [samples[i] for i in range(len(convs))]
+    files = {p: (p.stat().st_ino, p.read_bytes()) for p in running.directory.rglob("*") if p.is_file()}
     rebuilt, reused = build(convs, processor, rebuild=True)
-    assert not reused and rebuilt.directory == running.directory
-    assert not list(cache_root().glob(".*"))  # the old store and the build directory are gone from the cache
-    for i, want in enumerate(before):  # the running job still reads every sample, unchanged
-        got = samples[i]
-        assert torch.equal(got.input_ids, want.input_ids) and all(torch.equal(a, b) for a, b in zip(got.images, want.images))
+    assert not reused and rebuilt.directory != running.directory
+    assert {p: (p.stat().st_ino, p.read_bytes()) for p in running.directory.rglob("*") if p.is_file()} == files
+    os.utime(running.directory, (time.time() - SUPERSEDED_AFTER_S - 60,) * 2)  # no run has used it since
+    again, reused = build(convs, processor, rebuild=True)
+    assert not running.directory.exists() and rebuilt.directory.exists()  # a newer one replaced it, unused: gone
+    assert sorted(p.name for p in cache_root().iterdir()) == sorted([rebuilt.directory.name, again.directory.name])
 
 
-def test_a_store_another_builder_finished_first_is_kept(tiny_model_dir, tmp_path, monkeypatch):
-    """Two builders of one store at once (two jobs, or the nodes of a job on a shared cache): the first complete
-    store stays unless it is older than the rebuild asked for."""
-    from vlmtune.data.store import install
+def test_spawned_workers_read_the_files_their_job_opened(tiny_model_dir, tmp_path, monkeypatch):
+    """DataLoader workers started by spawn (forkserver: Python 3.14's default) read the store's files the job
+    opened, even once the store is gone from the cache (`data cache --clear`, a rebuild) — never a path again."""
+    import shutil
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
     convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=2)), None).conversations
     store, _ = build(convs, processor)
-    first = json.loads((store.directory / "meta.json").read_text())["built_at"]
-    late = cache_root() / ".late-build"
-    late.mkdir()
-    install(late, store.directory, rebuilt_since=first - 10)  # the other builder finished after this one started
-    assert not late.exists() and json.loads((store.directory / "meta.json").read_text())["built_at"] == first
-    newer, _ = build(convs, processor, rebuild=True)  # a rebuild started after that store was built replaces it
-    assert json.loads((newer.directory / "meta.json").read_text())["built_at"] > first
+    samples = StoredSamples(store, convs)
+    want = [samples[i] for i in range(len(convs))]
+    shutil.rmtree(store.directory)
+    loader = torch.utils.data.DataLoader(samples, batch_size=None, num_workers=1, multiprocessing_context="spawn")
+    got = list(loader)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+        assert all(torch.equal(x, y) for x, y in zip(a.images, b.images))
+
+
+def _flip_a_label(store):
+    path = store / "shard-0" / "labels.bin"
+    labels = np.frombuffer(path.read_bytes(), dtype=np.int32).copy()
+    labels[int(np.flatnonzero(labels != -100)[0])] += 1
+    path.write_bytes(labels.tobytes())
+
+
+def _zero(path):
+    path.write_bytes(bytes(path.stat().st_size))
+
+
+DAMAGE = {  # what can happen to a store between two runs
+    "images truncated": lambda store: truncate(store / "shard-0" / "images.bin"),
+    "images zeroed": lambda store: _zero(store / "shard-0" / "images.bin"),
+    "a label flipped": _flip_a_label,
+    "garbage records": lambda store: (store / "shard-0" / "records.npy").write_bytes(
+        os.urandom((store / "shard-0" / "records.npy").stat().st_size)),
+    "a missing file": lambda store: (store / "shard-0" / "ids.bin").unlink(),
+    "garbage meta.json": lambda store: (store / "meta.json").write_text('{"version": 3, "where": '),
+}
+
+
+def test_a_damaged_store_is_built_again_with_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
+    convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=3)), None).conversations
+    store, _ = build(convs, processor)
+    for damage, harm in DAMAGE.items():
+        harm(store.directory)
+        lines = []
+        again, reused = open_or_build(convs, processor, 4096, None, Ranks(), 1, log=lines.append)
+        assert not reused and len(lines) == 1 and str(store.directory) in lines[0], (damage, lines)
+        assert "\n" not in lines[0] and "encoding the data again" in lines[0], (damage, lines)
+        for conv in convs:  # never the damaged data
+            got, want = again.sample(conv), encode(conv, processor, 4096)
+            assert torch.equal(got.input_ids, want.input_ids) and torch.equal(got.labels, want.labels), damage
+            assert all(torch.equal(a, b) for a, b in zip(got.images, want.images)), damage
+        store = again
+
+
+def test_an_image_replaced_by_one_of_the_same_size_and_mtime_rebuilds(tiny_model_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
+    convs = load_datasets("my_dataset", str(make_dataset(tmp_path / "data", n=2)), None).conversations
+    image = Path(convs[0].images[0])
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image, compress_level=0)
+    store, _ = build(convs, processor)
+    before = image.stat()
+    Image.fromarray(noise[::-1].copy()).save(image, compress_level=0)  # other pixels, the same (stored) size
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (image.stat().st_size, image.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    again, reused = build(convs, processor)
+    assert not reused and again.directory != store.directory
+    assert torch.equal(again.sample(convs[0]).images[0], encode(convs[0], processor, 4096).images[0])
+
+
+def test_builds_without_a_builder_are_removed_a_day_later(tmp_path, monkeypatch):
+    """One-rank builds of a launcher whose local world size went unread (DeepSpeed's LOCAL_SIZE) recorded no builder:
+    `data cache --clear` (and the next build) removes them once nothing was written in them for a day."""
+    from vlmtune.data.store import ABANDONED_AFTER_S, remove_stores
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    builds = {}
+    for name, age in (("old", ABANDONED_AFTER_S + 60), ("new", 0)):
+        builds[name] = cache_root() / f".{name}.building-otherhost-123"
+        (builds[name] / "shard-1").mkdir(parents=True)
+        (builds[name] / "shard-1" / "ids.bin").write_bytes(bytes(64))
+        for path in (builds[name] / "shard-1" / "ids.bin", builds[name] / "shard-1", builds[name]):
+            os.utime(path, (time.time() - age,) * 2)
+    remove_stores()
+    assert not builds["old"].exists() and builds["new"].exists()
 
 
 def test_the_directories_of_dead_builds_are_removed(tiny_model_dir, tmp_path, monkeypatch):

@@ -277,3 +277,15 @@ def test_metrics_of_file_label_set_includes_score_keys(tmp_path):
     path = write(tmp_path, [row(predict=NEG, scores={POS: 0.4, NEG: 0.6}), row(scores={POS: 0.8, NEG: 0.2})])
     m = metrics_of_file(load_predictions(path), path)
     assert m["labels"] == [POS, NEG] and m["n_invalid"] == 0 and m["fn"] == 1
+
+
+def test_labels_in_nfd_and_nfc_are_one_label():
+    """Issue 25 item 4: a reference label typed in NFD (macOS) is the answer the model gives in NFC."""
+    import unicodedata
+
+    from vlmtune.evaluate.metrics import compute_metrics
+
+    fit, unfit = "적합", "부적합"
+    nfd = [unicodedata.normalize("NFD", label) for label in (fit, unfit, fit)]
+    metrics = compute_metrics(nfd, [fit, unfit, fit + " "], positive=unicodedata.normalize("NFD", fit))
+    assert metrics["accuracy"] == 1.0 and metrics["n_invalid"] == 0

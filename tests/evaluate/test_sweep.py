@@ -28,9 +28,8 @@ def tiny_model_dir(request, tiny_models):
     return tiny_models(request.param)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """A training output_dir: real (random, distinct) LoRA adapters in checkpoint-N and a final one."""
+def write_checkpoints(model_dir: Path, run: Path, steps=STEPS) -> Path:
+    """checkpoint-N for each step: real (random, distinct) LoRA adapters with their processor files."""
     import torch
     from peft import LoraConfig, get_peft_model
 
@@ -38,17 +37,23 @@ def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
     from vlmtune.model.adapters import lora_target_regex
     from vlmtune.model.load import load_model
 
-    run = tmp_path_factory.mktemp("sweep") / "my_task"
-    processor = load_processor(tiny_model_dir, max_pixels=MAX_PIXELS)
-    for step in STEPS:
+    processor = load_processor(model_dir, max_pixels=MAX_PIXELS)
+    for step in steps:
         torch.manual_seed(step)
-        model = load_model(tiny_model_dir)
+        model = load_model(model_dir)
         regex, _ = lora_target_regex(model, "all")
         peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=regex,
                                                       init_lora_weights=False))
         out = run / f"checkpoint-{step}"
         peft_model.save_pretrained(out)
         processor.save_pretrained(out)
+    return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A training output_dir: real (random, distinct) LoRA adapters in checkpoint-N and a final one."""
+    run = write_checkpoints(tiny_model_dir, tmp_path_factory.mktemp("sweep") / "my_task")
     (run / "checkpoint-8").mkdir()  # an incomplete checkpoint (no adapter): not a sweep point
     (run / "checkpoint-8" / "optimizer.pt").write_bytes(b"")
     for item in (run / "checkpoint-4").iterdir():  # the final adapter is the step-4 one (load_best_model_at_end)
@@ -101,6 +106,24 @@ def test_sweep_evaluates_every_point_and_names_the_best(run_dir, tmp_path, capsy
     # The final adapter is the step-4 checkpoint: same numbers.
     assert {k: v for k, v in rows[4].items() if k not in ("name", "adapter", "seconds")} == \
         {k: v for k, v in rows[2].items() if k not in ("name", "adapter", "seconds")}
+
+
+def test_sweep_evaluates_the_complete_checkpoints_and_names_the_incomplete(tiny_models, tmp_path, capsys):
+    """Issue 25 item 10: a checkpoint whose removal or write did not finish (files missing) is left out with one
+    line naming it and what it lacks; the complete ones are still evaluated (today the sweep refused the run, or
+    evaluated one without its processor record at other pixel limits)."""
+    run = write_checkpoints(tiny_models("qwen2_5_vl"), tmp_path / "run", steps=(2, 4, 6))
+    (run / "checkpoint-4" / "adapter_model.safetensors").unlink()  # half removed: the weights went first
+    (run / "checkpoint-6" / "preprocessor_config.json").unlink()  # half removed: its pixel limits went
+    data = make_dataset(tmp_path / "data", n=4)
+    result = run_inline(capsys, "sweep", run, "--dataset", "my_dataset", "--dataset_dir", data, "--batch_size", "4")
+    assert result.returncode == 0, result.stderr
+    with open(run / "sweep.csv", encoding="utf-8") as fh:
+        assert [r["name"] for r in csv.DictReader(fh)] == ["base", "checkpoint-2"]
+    lines = [line for line in result.stdout.splitlines() if "incomplete" in line]
+    assert len(lines) == 1 and "left out 2 incomplete checkpoint(s)" in lines[0], result.stdout
+    assert "checkpoint-4 (no adapter_model.safetensors" in lines[0] and \
+        "checkpoint-6 (no preprocessor_config.json)" in lines[0], lines[0]
 
 
 def test_sweep_errors(tmp_path, capsys):

@@ -369,3 +369,24 @@ def test_engine_is_sized_for_the_prompts_as_sent(tiny_model_dir, tmp_path, monke
                                                            default_system=rules).stats.values())
     assert built[0]["max_model_len"] >= sent + 64
     assert built[0]["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+
+
+def test_a_record_longer_than_the_context_is_refused_before_vllm_starts(tiny_model_dir, rules_dir):
+    """Issue 25 item 0: a 1 MB record (refused from its length, before the tokenizer runs) or one over the context
+    in tokens is one line naming the record, not a max_model_len of millions."""
+    from vlmtune.data.loader import load_datasets
+    from vlmtune.data.processor import load_processor
+    from vlmtune.errors import VlmtuneError
+    from vlmtune.infer.vllm_backend import data_max_model_len
+
+    processor = load_processor(tiny_model_dir)
+    convs = load_datasets("rules", str(rules_dir), None).conversations
+    convs[3].messages[1].content += "x" * 1_000_000
+    with pytest.raises(VlmtuneError, match=r"rules.json: record 3: field 'messages': 1,000,.* characters of text, "
+                                           r"far more than the model's context of 32,768 tokens"):
+        data_max_model_len(convs, processor, None, 64, 32768)
+    convs[3].messages[1].content = convs[3].messages[1].content[:-1_000_000]
+    with pytest.raises(VlmtuneError, match=r"rules.json: record 0: field 'messages': \d+ tokens .* exceed the "
+                                           r"model's context of 50 tokens"):
+        data_max_model_len(convs, processor, None, 64, 50)
+    assert data_max_model_len(convs, processor, None, 64, 32768) <= 1024

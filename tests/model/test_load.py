@@ -56,3 +56,56 @@ def test_without_a_gpu_or_flash_attn_it_is_sdpa(monkeypatch, capsys):
     monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda *_, **__: False)
     assert pick_attention("flash_attention_2", torch.bfloat16) == "sdpa"
     assert "flash-attn is not installed" in capsys.readouterr().err
+
+
+def test_the_fp16_guard_clamps_only_with_an_inf_and_never_asks_the_host():
+    from vlmtune.model.load import clamp_fp16_overflow
+
+    limit = torch.finfo(torch.float16).max - 1000
+    big = torch.tensor([65000.0, -1.0, 3.0], dtype=torch.float16)
+    assert torch.equal(clamp_fp16_overflow(big), big)  # no inf: untouched, even above the clamp limit
+    overflow = torch.tensor([float("inf"), 65000.0, -float("inf"), 3.0], dtype=torch.float16)
+    want = torch.tensor([limit, limit, -limit, 3.0], dtype=torch.float16)
+    assert torch.equal(clamp_fp16_overflow(overflow), want)
+    assert clamp_fp16_overflow(torch.ones(2)).dtype == torch.float32  # other dtypes pass through
+    # On the meta device a tensor has no values: a guard that read one on the host (a GPU sync per block) raises.
+    assert clamp_fp16_overflow(torch.empty(4, dtype=torch.float16, device="meta")).device.type == "meta"
+
+
+def test_a_model_for_a_gpu_loads_straight_onto_it(tiny_model_dir, monkeypatch):
+    """`load_model(device=cuda:N)` hands transformers a device map for that device (no host copy first); the
+    weights here land on the CPU standing in for it."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmtune.model.load import load_model
+
+    asked = []
+    original = AutoModelForImageTextToText.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        asked.append(kwargs.get("device_map"))
+        kwargs["device_map"] = {"": torch.device("cpu")}
+        return original(cls, *args, **kwargs)
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", classmethod(spy))
+    model = load_model(tiny_model_dir, device=torch.device("cuda:1"), attn_implementation="sdpa")
+    assert asked == [{"": torch.device("cuda:1")}]
+    assert next(model.parameters()).device.type == "cpu"
+    load_model(tiny_model_dir, device=torch.device("cpu"))
+    assert asked[-1] is None  # on a CPU: loaded in place, as before
+
+
+def test_training_loads_onto_the_ranks_gpu_except_under_zero3(monkeypatch):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from vlmtune.train import loop
+
+    AcceleratorState._reset_state(True)
+    accelerator = Accelerator(cpu=True)
+    assert loop.load_device(accelerator, None) is None
+    assert loop.load_device(accelerator, quantization=object()) == torch.device("cpu")
+    monkeypatch.setattr(type(accelerator), "device", property(lambda self: torch.device("cuda", 3)))
+    assert loop.load_device(accelerator, None) == torch.device("cuda", 3)
+    monkeypatch.setattr(loop, "zero_stage", lambda _: 3)
+    assert loop.load_device(accelerator, None) is None
+    AcceleratorState._reset_state(True)

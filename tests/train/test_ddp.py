@@ -69,3 +69,54 @@ def test_one_validation_record_on_two_ranks_finishes_with_one_ranks_metrics(trai
     for x, y in zip(a, b):
         assert x.keys() == y.keys()
         assert all(abs(x[k] - y[k]) < 1e-4 for k in x if x[k] == x[k]), (x, y)  # NaN-free keys compared
+
+
+RANKS_SCRIPT = """
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from accelerate import Accelerator
+
+from vlmtune.errors import VlmtuneError
+from vlmtune.train.loop import check_every_rank_sees, decide_output_dir
+
+accelerator = Accelerator(cpu=True)
+rank, tmp = accelerator.process_index, Path(sys.argv[1])
+said = open(tmp / f"rank-{rank}.txt", "w")  # one file a rank: two ranks' prints into one pipe interleave
+# Rank 1's output_dir holds a file (another rank's probe, seen at the wrong moment): only rank 0 decides, so both go on.
+(tmp / "busy").mkdir(exist_ok=True)
+(tmp / "busy" / "probe").write_text("")
+train = dict(output_dir=str(tmp / ("empty" if rank == 0 else "busy")), resume_from_checkpoint=None,
+             overwrite_output_dir=False)
+print("decided", rank, decide_output_dir(SimpleNamespace(train=SimpleNamespace(**train)), accelerator), file=said,
+      flush=True)
+shared = tmp / "shared"
+shared.mkdir(exist_ok=True)
+check_every_rank_sees(shared, accelerator)
+print("shared seen", rank, file=said, flush=True)
+local = tmp / f"node-local-{rank}"  # the same path on two nodes, two disks
+local.mkdir(exist_ok=True)
+try:
+    check_every_rank_sees(local, accelerator, wait_s=1)
+except VlmtuneError as exc:
+    print("refused", rank, exc, file=said, flush=True)
+"""
+
+
+def test_rank_zero_decides_on_output_dir_and_every_rank_must_see_it(tmp_path):
+    """gpu_review #13 and #7 on 2 gloo ranks: rank 0 alone checks output_dir (a rank seeing another's probe file does
+    not refuse alone), and an output_dir that is not one shared directory stops every rank in one line."""
+    from vlmtune.launch import free_port
+
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(free_port()), str(script), str(tmp_path)], capture_output=True, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for rank in (0, 1) for line in (tmp_path / f"rank-{rank}.txt").read_text().splitlines()]
+    assert {"decided 0 None", "decided 1 None", "shared seen 0", "shared seen 1"} <= set(lines), lines
+    refused = [line for line in lines if line.startswith("refused")]
+    assert len(refused) == 2 and all("rank(s) 1 do not see" in line and "all nodes share" in line for line in refused)
+    assert not list((tmp_path / "shared").glob(".vlmtune-shared-*"))  # the token is gone again

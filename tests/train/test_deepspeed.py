@@ -99,7 +99,7 @@ def losses(out):
 def torchrun(cfg, *overrides, port):
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), "-m", "vlmtune", "train", str(cfg), *overrides], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
 
 
 def zero_and_ddp(train_config, tmp_path, stage: int, common: dict) -> subprocess.CompletedProcess:
@@ -125,8 +125,16 @@ def zero_and_ddp(train_config, tmp_path, stage: int, common: dict) -> subprocess
 @needs_deepspeed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_on_two_cpu_ranks_equals_ddp_and_resumes(train_config, tmp_path, stage):
+    """With a text-only record among the data: under ZeRO-3 a rank whose micro-batch has no image runs the vision
+    tower on a placeholder (its forward gathers weights from every rank: skipping it hangs the run, which the
+    torchrun timeout turns into a failure), and the losses stay DDP's."""
     from vlmtune.launch import free_port
 
+    data = tmp_path / "data" / "my_dataset.json"
+    records = json.loads(data.read_text(encoding="utf-8"))
+    records.append({"messages": [{"role": "user", "content": "规则: 只允许立方体。是否满足?"},
+                                 {"role": "assistant", "content": "满足要求"}]})
+    data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     common = dict(max_steps=4, logging_steps=1, save_steps=2, val_size=0, plot_loss=False, report_to="none",
                   disable_tqdm=True, learning_rate=5e-3, gradient_accumulation_steps=2, per_device_train_batch_size=1)
     result = zero_and_ddp(train_config, tmp_path, stage, common)

@@ -18,7 +18,7 @@ from vlmtune.data.loader import load_datasets
 from vlmtune.data.processor import load_processor
 from vlmtune.model.adapters import apply_finetuning
 from vlmtune.model.load import load_model
-from vlmtune.train.step import optimisation_step
+from vlmtune.train.step import optimisation_step, token_loss_sum
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +143,76 @@ def test_packing_a_linear_attention_family_without_its_kernels_is_refused(arch, 
     result = run_inline(capsys, "train", config)
     assert_one_line_error(result, "neat_packing:", "linear-attention", "neat_packing: false")
     assert "Running training" not in result.stdout
+
+
+def text_only(processor, n: int):
+    from vlmtune.data.conversation import Conversation, Message
+
+    conversations = [Conversation(messages=[Message("user", f"第{i}条规则: 只允许立方体。"),
+                                            Message("assistant", "满足要求" if i % 2 else "不满足要求")], images=[],
+                                 source="text.json", index=i)
+                     for i in range(n)]
+    return [encode(c, processor, 4096) for c in conversations]
+
+
+def test_a_batch_without_images_still_runs_the_vision_tower(tiny_model_dir):
+    """`vision_every_batch` (ZeRO-3, or a trained vision path on several ranks): a text-only batch gets the
+    placeholder row; the tower runs and its trained weights get gradients, and the loss and the language model's
+    gradients are the batch's without it."""
+    from vlmtune.families import parts_of
+
+    processor = load_processor(tiny_model_dir, max_pixels=262144)
+    torch.manual_seed(0)
+    model = apply_finetuning(load_model(tiny_model_dir), FinetuneConfig(freeze_multi_modal_projector=False),
+                             log=lambda _: None)
+    samples = text_only(processor, 3)
+    parts = parts_of(model.get_base_model())
+    tower_runs = []
+    parts.vision_tower.register_forward_hook(lambda *_: tower_runs.append(1))
+    projector = [p for p in parts.projector.parameters() if p.requires_grad]
+    language = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    results = []
+    for every in (False, True):
+        model.zero_grad()
+        batch = Collator(processor, vision_every_batch=every)(samples)
+        assert (batch.num_samples, batch.input_ids.shape[0]) == (3, 3 + every)
+        loss = token_loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in language], [p.grad for p in projector]))
+    (plain_loss, plain_grads, none), (loss, grads, projector_grads) = results
+    assert tower_runs == [1] and all(g is None for g in none) and all(g is not None for g in projector_grads)
+    assert torch.allclose(plain_loss, loss, atol=1e-6)
+    for a, b in zip(plain_grads, grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_frozen_vision_tower_is_not_backpropagated_with_checkpointing(tiny_model_dir, tmp_path):
+    """Checkpointing + LoRA: transformers and peft mark every sub-model's input embeddings as needing gradients,
+    the frozen tower's patch embedding included; `keep_frozen_vision_out_of_backward` takes those off the tower,
+    and the adapter's gradients stay the same."""
+    from vlmtune.families import parts_of
+    from vlmtune.train.loop import enable_checkpointing, keep_frozen_vision_out_of_backward
+
+    processor = load_processor(tiny_model_dir, max_pixels=262144)
+    samples = [encode(c, processor, 4096)
+               for c in load_datasets("my_dataset", str(make_dataset(tmp_path, n=2)), None).conversations]
+    batch = Collator(processor)(samples)
+    assert batch.pixel_values is not None
+    grads = []
+    for fix in (False, True):
+        torch.manual_seed(0)
+        model = load_model(tiny_model_dir)
+        enable_checkpointing(model, reentrant=False)
+        model = apply_finetuning(model, FinetuneConfig(), log=lambda _: None)
+        tower = parts_of(model.get_base_model()).vision_tower
+        if fix:
+            assert keep_frozen_vision_out_of_backward(model) >= 1
+        outputs = []
+        tower.register_forward_hook(lambda _m, _i, out: outputs.append(out))
+        model.train()
+        token_loss_sum(model, batch).backward()
+        tower_output = outputs[0] if isinstance(outputs[0], torch.Tensor) else outputs[0][0]
+        assert tower_output.requires_grad is not fix  # without the fix the frozen tower is in the backward
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)

@@ -61,7 +61,31 @@ CASES = {
                                          ["1 data problem(s) in 1 record(s)", "skip_bad_records"]),
     "a truncated image in the data": (lambda tmp, cfg: truncate(tmp / "data" / "images" / "img_5.png", 2 / 3),
                                       ["1 record(s) could not be encoded", "skip_bad_records"]),
+    # issue 25: refused before the encoding, not a traceback after it (item 10) or inert after training (item 6)
+    "batch size far beyond the data": (dict(per_device_train_batch_size=10**8),
+                                       ["per_device_train_batch_size: 100000000", "12 training records", "at most 12"]),
+    "load_best_model_at_end without a validation split": (
+        dict(load_best_model_at_end=True, eval_strategy="steps"),
+        ["load_best_model_at_end", "no validation split", "val_size 0", "eval_dataset"]),
+    "early stopping with eval_strategy no": (dict(early_stopping_patience=2, val_size=4),
+                                             ["early_stopping_patience", "eval_strategy is no"]),
+    "roc_auc on a one-class validation split": (
+        dict(metric_for_best_model="roc_auc", val_size=1, eval_strategy="steps"),
+        ["metric_for_best_model: roc_auc", "every one of the 1 validation answers", "eval_roc_auc", "both labels"]),
+    "labels that match none of the answers": (
+        dict(labels=["yes", "no"], val_size=4, eval_strategy="steps"),
+        ["my_dataset.json: record", "is not one of labels ['yes', 'no']", "none of the answers"]),
+    # issue 25 item 4: a label typed two ways is refused at the start, not a traceback after the last step
+    "an answer with a trailing full-width period": (lambda tmp, cfg: period_after_answer(tmp / "data"),
+                                                    ["1 data problem(s) in 1 record(s)", "skip_bad_records"]),
 }
+
+
+def period_after_answer(data: Path, index: int = 3) -> None:
+    path = data / "my_dataset.json"
+    records = json.loads(path.read_text(encoding="utf-8"))
+    records[index]["messages"][-1]["content"] += "。"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -121,8 +145,19 @@ def without_run_shape(checkpoint: Path) -> None:
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
 
+def change_answers(dataset: Path, n: int) -> None:
+    """Flip the answers of the first n records (the images and prompts unchanged): other data of the same size."""
+    records = json.loads(dataset.read_text(encoding="utf-8"))
+    flip = {"满足要求": "不满足要求", "不满足要求": "满足要求"}
+    for record in records[:n]:
+        record["messages"][-1]["content"] = flip[record["messages"][-1]["content"]]
+    dataset.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+
+
 # case → (damage the run in out, the overrides of the resume, fragments of the one error line)
 RESUMES = {
+    "answers of 5 of the 12 records changed": (lambda out: change_answers(out.parent / "data" / "my_dataset.json", 5),
+                                               [], ["checkpoint-4", "trained on other data", "data digest"]),
     "step beyond the schedule": (None, ["max_steps=3"], ["checkpoint-4", "step 4", "beyond", "3 optimisation steps"]),
     "other gradient accumulation": (None, ["gradient_accumulation_steps=2"],
                                     ["checkpoint-4", "gradient_accumulation_steps was 1", "2 now"]),
@@ -227,3 +262,74 @@ def test_a_runaway_learning_rate_stops_before_writing_non_finite_weights(train_c
     for path in out.rglob("*.safetensors"):
         for name, tensor in load_file(path).items():
             assert torch.isfinite(tensor).all(), (path, name)
+
+
+def test_a_second_train_into_the_same_output_dir_is_refused_naming_the_first(train_config, tmp_path, capsys):
+    """Issue 25 item 9: a run holds output_dir (a lock the kernel drops when its process ends): a second train
+    into it is one line naming the first's pid, and after a kill -9 of the first nothing is left locked."""
+    import subprocess
+    import sys
+
+    from vlmtune.files import DirectoryLock
+
+    out = tmp_path / "out"
+    out.mkdir()
+    hold = ("import sys, time\nfrom vlmtune.files import DirectoryLock\n"
+            "lock = DirectoryLock(sys.argv[1], 'a test', 'output_dir')\nprint('held', flush=True)\ntime.sleep(300)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = train_config(**SHORT)
+        before = checksums(tmp_path)
+        result = run_inline(capsys, "train", cfg)
+        assert_one_line_error(result, f"output_dir {out}", "another vlmtune train", f"(pid {holder.pid})")
+        assert not changed_files(before, tmp_path) and sorted(p.name for p in out.iterdir()) == [".vlmtune.lock"]
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs in the holder
+        holder.wait()
+    with DirectoryLock(out, "a test", "output_dir"):  # free again: the kernel dropped the dead holder's lock
+        pass
+
+
+def test_a_kill_while_rotating_checkpoints_leaves_no_half_removed_checkpoint(tmp_path, monkeypatch):
+    """Issue 25 item 10: rotation renames a checkpoint out of sight before removing it, so a process killed in the
+    middle of the removal leaves no checkpoint-N with files missing (which would still look complete)."""
+    from vlmtune.train import checkpoint
+
+    files = ("adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "trainer_state.json")
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in files:
+            (tmp_path / f"checkpoint-{step}" / name).write_text("{}")
+
+    class Killed(BaseException):
+        pass
+
+    def killed_midway(path, *args, **kwargs):  # one file removed, then the process is gone
+        if Path(path).is_dir():
+            sorted(Path(path).iterdir())[0].unlink()
+            raise Killed
+
+    real_rmtree = shutil.rmtree
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(Killed):
+        checkpoint.rotate_checkpoints(tmp_path, limit=2, keep=None)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    for directory in tmp_path.glob("checkpoint-*"):
+        assert sorted(p.name for p in directory.iterdir()) == list(files), directory
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["checkpoint-4", "checkpoint-6"]
+    checkpoint.remove_stale_temporaries(tmp_path)  # what the next run does first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_the_label_set_is_said_before_any_step(small_dataset):
+    """Issue 25 item 4: every answer one label (no negatives) is said at the start, in one line."""
+    from vlmtune.data.loader import load_datasets
+    from vlmtune.train.prepare import check_label_set
+
+    conversations = load_datasets("my_dataset", str(small_dataset), None).conversations
+    for conv in conversations:
+        conv.messages[-1].content = "满足要求"
+    said = []
+    check_label_set(None, conversations, None, None, said.append)
+    assert len(said) == 1 and said[0].startswith("note: every answer is '满足要求'") and "no negatives" in said[0]

@@ -30,7 +30,8 @@ class ExportRunArgs:
 
     overwrite: bool = field(default=False, metadata={
         "help": "Write into a non-empty export_dir: replaces the files an export writes (and stale weight "
-                "shards), leaves other files alone."})
+                "shards), leaves other files alone. The new export is written beside it and swapped in once "
+                "complete: a run that fails or is killed leaves the earlier export whole."})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from vlmtune.config import Config
-from vlmtune.data.checks import answer_distribution, describe_distribution, describe_tokens
+from vlmtune.data.checks import answer_distribution, describe_distribution, describe_tokens, label_notes
 from vlmtune.data.loader import load_splits
 
 
@@ -23,6 +23,8 @@ def check_report(cfg: Config, processor=None, log=print) -> int:
     log(f"answers (train): {describe_distribution(answer_distribution(train))}")
     if val:
         log(f"answers (val):   {describe_distribution(answer_distribution(val))}")
+    for line in label_notes(train + val, cfg.data.labels):
+        log(f"note: {line}")
     if processor is not None:
         stats = [splits.stats[c.id] for c in train + val if c.id in splits.stats]
         ip = processor.image_processor

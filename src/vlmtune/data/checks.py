@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from vlmtune.data.conversation import Conversation, Problem
 from vlmtune.data.images import ImageError, header_size, sequence_tokens, token_count
+from vlmtune.labels import label_set_notes, near_duplicates
 
 
 @dataclass
@@ -47,6 +48,13 @@ def check_conversations(conversations: list[Conversation], processor=None, cutof
                 result.problems.append(Problem(conv.source, conv.index, f"{conv.images_field}[{i}]", f"{exc}: {path}"))
         if processor is None or len(sizes) != len(conv.images):
             continue
+        from vlmtune.data.encode import EncodeError, check_length  # torch: only with a model
+
+        try:  # a 1 MB record is not tokenised
+            check_length(conv.messages, cutoff_len, "cutoff_len", field=conv.messages_field)
+        except EncodeError as exc:
+            result.problems.append(Problem(conv.source, conv.index, exc.field, str(exc)))
+            continue
         try:
             counts = [token_count(w, h, processor.image_processor) for w, h in sizes]
         except ImageError as exc:
@@ -60,7 +68,23 @@ def check_conversations(conversations: list[Conversation], processor=None, cutof
             to_count = []
     if to_count:
         _count_tokens(to_count, processor, cutoff_len, result)
+    result.problems += answer_problems(conversations)
     return result
+
+
+def answer_problems(conversations: list[Conversation]) -> list[Problem]:
+    """Each answer that differs from a more frequent one only by width, case or trailing punctuation
+    (`labels.near_duplicates`: `적합。` among `적합`), named by record: two spellings of one label would be two
+    classes."""
+    answers = [c.answer for c in conversations]
+    counts = Counter(answers)
+    problems = []
+    for i, answer, usual in near_duplicates(answers):
+        conv = conversations[i]
+        problems.append(Problem(conv.source, conv.index, conv.messages[-1].content_field(len(conv.messages) - 1),
+                                f"answer {answer!r} differs from {usual!r} (the answer of {counts[usual]} records) "
+                                f"only by width, case or trailing punctuation; write it as {usual!r}"))
+    return problems
 
 
 def _count_tokens(to_count: list, processor, cutoff_len: int | None, result: CheckResult) -> None:
@@ -78,6 +102,14 @@ def _count_tokens(to_count: list, processor, cutoff_len: int | None, result: Che
 
 
 TOKENIZE_BATCH = 1024
+
+
+def label_notes(conversations: list[Conversation], labels: list[str] | None = None) -> list[str]:
+    """`labels.label_set_notes` of these conversations' answers, records named by file and index: the lines every
+    command that reads answers says at the start (every answer one label, too many answers for a label set, a
+    third label in a few records)."""
+    return label_set_notes([c.answer for c in conversations], labels,
+                           [f"{c.source}: record {c.index}" for c in conversations])
 
 
 def without_bad(conversations: list[Conversation], problems: list[Problem]) -> list[Conversation]:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from vlmtune.data.batch import IGNORE_INDEX, Batch, LabelGather
-from vlmtune.data.conversation import Conversation, Message
-from vlmtune.data.images import ImageError, image_grids, load_resized, resized_token_count, sequence_tokens, to_patches
+from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, Message
+from vlmtune.data.images import (ImageError, image_grids, load_resized, resize_decoded, resized_token_count,
+                                 sequence_tokens, to_patches)
 from vlmtune.data.processor import Processor
 
 
@@ -46,6 +47,39 @@ class EncodedSample:
     @property
     def num_label_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
+
+
+# No real prompt averages more characters per token (English ≈ 4, Chinese ≈ 1.5; the servers' `--chars_per_token`
+# default too): text longer than a token budget × this is refused without tokenising it.
+MAX_CHARS_PER_TOKEN = 8
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the language model takes (prompt + answer): max_position_embeddings of its config's
+    text_config, else of the config itself."""
+    for part in (getattr(config, "text_config", None), config):
+        value = getattr(part, "max_position_embeddings", None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_length(messages: list[Message], budget: int | None, what: str, tokens: int | None = None,
+                 field: str = "messages") -> None:
+    """The length rule of every command that encodes a record, against `budget` tokens (`what`: "the model's context",
+    "cutoff_len"): without `tokens`, the cheap bound checked before any tokenising or image decoding — more than
+    budget × MAX_CHARS_PER_TOKEN characters of text cannot fit —, with `tokens`, the count itself (image tokens
+    included). An `EncodeError` naming the messages field."""
+    if budget is None:
+        return
+    if tokens is None:
+        chars = sum(len(m.content) for m in messages)
+        if chars > budget * MAX_CHARS_PER_TOKEN:
+            raise EncodeError(f"{chars:,} characters of text, far more than {what} of {budget:,} tokens holds "
+                              f"(refused without tokenising it)", field=field)
+    elif tokens > budget:
+        raise EncodeError(f"{tokens:,} tokens (text and image tokens) exceed {what} of {budget:,} tokens",
+                          field=field)
 
 
 def image_tokens(images: list[torch.Tensor], processor: Processor) -> list[int]:
@@ -125,6 +159,17 @@ def encode_prompt(messages: list[Message], images: list[torch.Tensor], processor
     return EncodedSample(ids, labels, images)
 
 
+def placeholder_sample(processor: Processor) -> EncodedSample:
+    """A sample of one blank image (the smallest the processor makes) and nothing labelled: added to a batch
+    without images where every rank must run the vision tower (`Collator(vision_every_batch=True)`). Its row
+    attends only to itself and none of its logits is in the loss, so the loss and the gradients are those of the
+    batch without it."""
+    from PIL import Image
+
+    image = resize_decoded(Image.new("RGB", (1, 1), "white"), processor.image_processor)
+    return encode_prompt([Message("user", IMAGE_PLACEHOLDER)], [image], processor, prompt="generate")
+
+
 def prompt_messages(conversation: Conversation) -> list[Message]:
     """The conversation without its final assistant answer."""
     messages = list(conversation.messages)
@@ -145,14 +190,24 @@ class Collator:
     list) with `image_grid_thw` and `image_settings` (how to normalise them), for
     `model.vision.VisionEncoder.still_images`, which embeds them without cutting patches; a
     model's forward does not take them.
+
+    `vision_every_batch=True`: a batch without any image gets `placeholder_sample` as one more row, so the vision
+    tower runs on every rank in every forward — under ZeRO-3 each of its forwards gathers the tower's weights from
+    all ranks (a rank that skipped it would leave the others waiting forever), and under DDP a trained tower or
+    projector must take part in every synchronised backward (LLaMA-Factory adds a masked image for the same reason).
     """
 
-    def __init__(self, processor: Processor, padding_side: str = "right", raw_images: bool = False):
+    def __init__(self, processor: Processor, padding_side: str = "right", raw_images: bool = False,
+                 vision_every_batch: bool = False):
         self.processor = processor
         self.padding_side = padding_side
         self.raw_images = raw_images
+        self.placeholder = placeholder_sample(processor) if vision_every_batch else None
 
     def __call__(self, samples: list[EncodedSample]) -> Batch:
+        real = len(samples)
+        if self.placeholder is not None and not any(s.images or s.image_features for s in samples):
+            samples = [*samples, self.placeholder]
         longest = max(len(s) for s in samples)
         pad_id = self.processor.pad_token_id
         input_ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
@@ -168,8 +223,8 @@ class Collator:
         mm_token_type_ids[input_ids == self.processor.image_token_id] = 1
         mm_token_type_ids[attention_mask == 0] = 0
         batch = Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                      mm_token_type_ids=mm_token_type_ids, num_samples=len(samples),
-                      num_tokens=sum(len(s) for s in samples), gather=LabelGather.of(labels))
+                      mm_token_type_ids=mm_token_type_ids, num_samples=real,
+                      num_tokens=sum(len(s) for s in samples[:real]), gather=LabelGather.of(labels))
         self.add_images(batch, samples)
         return batch
 

@@ -15,6 +15,7 @@ from vlmtune.data.conversation import Conversation, LoadedData, Message, Problem
 from vlmtune.data.registry import DatasetEntry
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import decode_text, parse_json
+from vlmtune.labels import normalize_answer
 
 
 # A jsonl line that did not parse (already reported): not the same as a `null` record, which is reported.
@@ -78,6 +79,7 @@ def load_entry(entry: DatasetEntry, max_samples: int | None = None) -> LoadedDat
         images, image_problems = _images(record, entry, where)
         record_problems += image_problems + _media_problems(record, entry, where, messages)
         if messages is not None and not record_problems:
+            normalize_final_answer(messages)
             conv = Conversation(messages=messages, images=images, source=str(entry.path), index=index,
                                 dataset=entry.name, messages_field=messages_field,
                                 images_field=entry.columns.get("images") or "images")
@@ -86,6 +88,13 @@ def load_entry(entry: DatasetEntry, max_samples: int | None = None) -> LoadedDat
                 out.conversations.append(conv)
         out.problems += record_problems
     return out
+
+
+def normalize_final_answer(messages: list[Message]) -> None:
+    """The final assistant answer as labels are compared (`labels.normalize_answer`: NFC, stripped), so that an
+    answer typed in NFD trains and scores as the same label as its NFC twin."""
+    if messages and messages[-1].role == "assistant":
+        messages[-1].content = normalize_answer(messages[-1].content)
 
 
 def _images(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[list[str], list[Problem]]:

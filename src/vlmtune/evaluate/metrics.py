@@ -5,8 +5,8 @@ step and the checkpoint sweep all call :func:`compute_metrics`, so the numbers a
 
 Rules that matter here:
 
-* Answers are compared by **exact equality after ``.strip()``** — never by substring: "满足要求"
-  is a substring of "不满足要求", so ``"满足要求" in predict`` counts every rejection as compliant.
+* Answers are compared by **exact equality after `labels.normalize_answer`** (NFC, stripped) — never by substring:
+  "满足要求" is a substring of "不满足要求", so ``"满足要求" in predict`` counts every rejection as compliant.
 * An answer equal to no label (``"满足"``, ``"不满足要求。"``) is *invalid* and always wrong: for a
   positive it is a false negative; for a negative it is not a true negative (specificity counts it
   as a miss) but not a false positive either (it did not say the positive label).
@@ -25,7 +25,7 @@ import numpy as np
 
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import read_bytes, refuse_input_as_output, write_atomic
-from vlmtune.labels import seen_label_set
+from vlmtune.labels import normalize_answer, seen_label_set
 
 POSITIVE = "满足要求"
 INVALID = "invalid"  # name of the confusion-matrix column for answers equal to no label
@@ -53,13 +53,13 @@ def compute_metrics(labels: Sequence[str], predicts: Sequence[str], positive: st
     """
     if len(labels) != len(predicts):
         raise ValueError(f"{len(labels)} labels but {len(predicts)} predicts")
-    positive = positive.strip()
-    truth = [label.strip() for label in labels]
-    answers = [predict.strip() for predict in predicts]
+    positive = normalize_answer(positive)
+    truth = [normalize_answer(label) for label in labels]
+    answers = [normalize_answer(predict) for predict in predicts]
     if label_set is None:
         label_set = seen_label_set(truth, positive)
     else:
-        label_set = list(dict.fromkeys(label.strip() for label in label_set))
+        label_set = list(dict.fromkeys(normalize_answer(label) for label in label_set))
         if positive not in label_set:
             raise ValueError(f"positive label {positive!r} is not in the label set {label_set}")
         for i, label in enumerate(truth):
@@ -238,7 +238,7 @@ def _check_record(obj: Any, path: Path, line: int) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
                 raise VlmtuneError(f"{_at(path, line, 'scores')}: value for {key!r} must be a probability in "
                                    f"[0, 1], got {value!r}")
-        stripped = [str(key).strip() for key in scores]
+        stripped = [normalize_answer(str(key)) for key in scores]
         if len(set(stripped)) != len(stripped):
             raise VlmtuneError(f"{_at(path, line, 'scores')}: the same label twice ({sorted(scores)})")
     record["_line"] = line
@@ -291,11 +291,11 @@ def positive_scores_of(records: Sequence[dict[str, Any]], positive: str, path: s
         if "scores" not in record:
             raise VlmtuneError(f"{_at(Path(path), record['_line'], 'scores')}: missing, "
                                f"while other lines have scores")
-        scores = {str(k).strip(): v for k, v in record["scores"].items()}
-        if positive.strip() not in scores:
+        scores = {normalize_answer(str(k)): v for k, v in record["scores"].items()}
+        if normalize_answer(positive) not in scores:
             raise VlmtuneError(f"{_at(Path(path), record['_line'], 'scores')}: no score for the positive "
                                f"label {positive!r} (has {sorted(scores)})")
-        out.append(float(scores[positive.strip()]))
+        out.append(float(scores[normalize_answer(positive)]))
     return out
 
 
@@ -306,11 +306,11 @@ def metrics_of_file(records: Sequence[dict[str, Any]], path: str | Path, positiv
     Default label set: positive, the reference labels, then the labels of ``scores`` (if any).
     """
     if label_set is not None:
-        allowed = {label.strip() for label in label_set}
-        if positive.strip() not in allowed:
+        allowed = {normalize_answer(label) for label in label_set}
+        if normalize_answer(positive) not in allowed:
             raise VlmtuneError(f"--positive {positive!r} is not one of --labels {list(label_set)}")
         for record in records:
-            if record["label"].strip() not in allowed:
+            if normalize_answer(record["label"]) not in allowed:
                 raise VlmtuneError(f"{_at(Path(path), record['_line'], 'label')}: {record['label']!r} "
                                    f"is not one of the labels {list(label_set)}")
     labels = [r["label"] for r in records]

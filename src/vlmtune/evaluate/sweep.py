@@ -80,17 +80,26 @@ def _logged_last_step(output_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def find_points(output_dir: str | Path) -> list[SweepPoint]:
-    """base, every checkpoint-N holding an adapter (step order), and the final adapter if present."""
+def find_points(output_dir: str | Path, log: Callable[[str], None] = print) -> list[SweepPoint]:
+    """base, every complete checkpoint-N (step order), and the final adapter if present. The incomplete
+    checkpoint-N directories (a removal or a write that did not finish) are named in one line and left out."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise VlmtuneError(f"{output_dir}: output directory not found")
-    checkpoints = []
-    for child in output_dir.iterdir():
-        match = CHECKPOINT_RE.match(child.name)
-        if match and child.is_dir() and (child / "adapter_config.json").is_file():
-            checkpoints.append(SweepPoint(child.name, int(match.group(1)), child))
-    checkpoints.sort(key=lambda p: p.step)
+    found = sorted((int(m.group(1)), child) for child in output_dir.iterdir()
+                   if (m := CHECKPOINT_RE.match(child.name)) and child.is_dir())
+    holders = [d for _, d in found] + ([output_dir] if (output_dir / "adapter_config.json").is_file() else [])
+    expected = {name for d in holders for name in record_files() if (d / name).is_file()}
+    checkpoints, incomplete = [], []
+    for step, directory in found:
+        problem = checkpoint_problem(directory, expected)
+        if problem is None:
+            checkpoints.append(SweepPoint(directory.name, step, directory))
+        else:
+            incomplete.append(f"{directory.name} ({problem})")
+    if incomplete:
+        log(f"left out {len(incomplete)} incomplete checkpoint(s), a removal or a write that did not finish: "
+            f"{', '.join(incomplete)}")
     points = [SweepPoint("base", 0, None), *checkpoints]
     if (output_dir / "adapter_config.json").is_file():
         digest = _weights_digest(output_dir)
@@ -101,6 +110,31 @@ def find_points(output_dir: str | Path) -> list[SweepPoint]:
         raise VlmtuneError(f"{output_dir}: no adapter found (neither checkpoint-N/adapter_config.json nor "
                            f"adapter_config.json)")
     return points
+
+
+def record_files() -> tuple[str, ...]:
+    """What a checkpoint holds besides its adapter when the run's other checkpoints (or its final adapter) do: the
+    trainer state (written last), the pixel limits and the chat template the sweep evaluates it with."""
+    from vlmtune.data.processor import TEMPLATE_RECORD
+    from vlmtune.model.adapter_files import PREPROCESSOR_CONFIG
+
+    return "trainer_state.json", PREPROCESSOR_CONFIG, TEMPLATE_RECORD
+
+
+def checkpoint_problem(directory: Path, expected: set[str]) -> str | None:
+    """Why a checkpoint-N cannot be evaluated as it was trained (a file missing or damaged), None when complete."""
+    from vlmtune.model.adapter_files import ADAPTER_CONFIG, adapter_files
+
+    if not (directory / ADAPTER_CONFIG).is_file():
+        return f"no {ADAPTER_CONFIG}"
+    missing = sorted(name for name in expected if not (directory / name).is_file())
+    if missing:
+        return f"no {missing[0]}"
+    try:
+        adapter_files(directory)
+    except VlmtuneError as exc:
+        return str(exc).split(": ", 1)[-1]
+    return None
 
 
 def evaluate_points(points: Sequence[SweepPoint], conversations, labels: list[str], positive: str,
@@ -294,7 +328,7 @@ def run_sweep(output_dir: str | Path, cfg, metric: str = "f1", batch_size: int =
     metric = normalise_metric(metric)
     if batch_size <= 0:
         raise VlmtuneError(f"--batch_size must be > 0, got {batch_size}")
-    points = find_points(output_dir)
+    points = find_points(output_dir, log)
     conversations = load_test_data(cfg)
     inputs = prediction_inputs(cfg, conversations)
     for name in SWEEP_FILES:  # a dataset kept in the run directory as sweep.json is not written over

@@ -11,7 +11,9 @@ Each line of the output: `id`, `images`, `prompt` (the rendered prompt, `<image>
 {label: probability}. Rows are written as they come; rerunning the same prediction after a crash continues where it
 stopped (see `infer/output.py`). `save_name` may not be one of the run's inputs (the dataset, dataset_info.json, an
 image, a model or adapter file); `overwrite` keeps the old file until the new one is complete. The image pixel
-limits and the chat template default to the ones saved with the adapter.
+limits and the chat template default to the ones saved with the adapter. A record whose prompt cannot fit the model's
+context (max_position_embeddings) is refused in one line naming it before the model runs on it — a long one from its
+length alone, before it is tokenised or its images decoded (`data.encode.check_length`).
 
 With several processes (torchrun: `vlmtune predict` starts it itself on a machine with several GPUs) each predicts
 its share of the dataset into a part file, and rank 0 joins the parts in dataset order.
@@ -276,7 +278,9 @@ def predict(cfg: Config, pargs: PredictArgs, explicit: set[str] | frozenset[str]
     mode, labels, why = choose_mode(pargs, cfg, conversations, explicit)
     log(f"dataset: {cfg.data.dataset} ({len(conversations)} samples); mode: {mode} ({why})"
         + (f"; {world} processes, each its share" if world > 1 else ""))
-    for line in prediction_notes(cfg.predict, mode):
+    from vlmtune.data.checks import label_notes
+
+    for line in [*prediction_notes(cfg.predict, mode), *label_notes(conversations, cfg.data.labels)]:
         log(f"note: {line}")
     device = rank_device(backend_of(cfg), pargs.vllm_config) if world > 1 else None
     predictor = make_predictor(cfg, pargs, explicit, conversations, log, device=device)

@@ -131,18 +131,27 @@ class TransformersPredictor:
         self.max_pixels = engine.processor.max_pixels
         self.min_pixels = engine.processor.min_pixels
         self.dtype_name = str(engine.dtype).replace("torch.", "")
+        from vlmtune.data.encode import context_length
+
+        # the longest prompt it takes
+        self.context = context_length(getattr(getattr(engine, "model", None), "config", None))
 
     def prepare(self, conversations: Sequence[Conversation], default_system: str | None = None,
                 mode: str = "score") -> Batch:
         """The model-ready batch: images decoded and resized once, prompts encoded, padded for `mode`
         (scoring: as the family allows, `Processor.score_padding`; generation: left), the resized images as they are."""
-        from vlmtune.data.encode import Collator, EncodeError, encode_prompt, load_images, prompt_messages
+        from vlmtune.data.encode import (Collator, EncodeError, check_length, encode_prompt, load_images,
+                                         prompt_messages)
 
-        samples = []
+        samples, context = [], self.context
         for conv in conversations:
             try:
-                samples.append(encode_prompt(prompt_messages(conv), load_images(conv, self.processor), self.processor,
+                messages = prompt_messages(conv)
+                # a 1 MB record is refused here, before its images are decoded or its text tokenised
+                check_length(messages, context, "the model's context", field=conv.messages_field)
+                samples.append(encode_prompt(messages, load_images(conv, self.processor), self.processor,
                                              default_system, prompt=mode))
+                check_length(messages, context, "the model's context", len(samples[-1]), conv.messages_field)
             except (EncodeError, ValueError) as exc:
                 raise record_error(conv, exc) from None
         padding = self.processor.score_padding if mode == "score" else "left"

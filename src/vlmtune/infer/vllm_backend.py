@@ -127,13 +127,29 @@ def default_max_model_len(longest_sample: int, max_new_tokens: int) -> int:
     return -(-need // 256) * 256
 
 
-def data_max_model_len(conversations, processor, default_system: str | None, max_new_tokens: int) -> int:
+def data_max_model_len(conversations, processor, default_system: str | None, max_new_tokens: int,
+                       context: int | None = None) -> int:
     """`default_max_model_len` of the data as it is sent: records without a system turn get `default_system`
-    (a rules list can be most of the prompt), so it is counted in."""
+    (a rules list can be most of the prompt), so it is counted in. A record longer than the model's `context` is
+    refused in one line naming it (a 1 MB one without tokenising it: `data.encode.check_length`)."""
     from vlmtune.data.checks import check_conversations
+    from vlmtune.data.encode import EncodeError, check_length
+    from vlmtune.infer.runner import record_error
 
-    stats = check_conversations(list(conversations), processor, default_system=default_system).stats.values()
-    return default_max_model_len(max((s.total_tokens for s in stats), default=0), max_new_tokens)
+    conversations = list(conversations)
+    for conv in conversations:
+        try:
+            check_length(conv.messages, context, "the model's context", field=conv.messages_field)
+        except EncodeError as exc:
+            raise record_error(conv, exc) from None
+    stats = check_conversations(conversations, processor, default_system=default_system).stats
+    for conv in conversations:
+        try:
+            check_length(conv.messages, context, "the model's context", stats[conv.id].total_tokens if conv.id in stats
+                         else None, conv.messages_field)
+        except EncodeError as exc:
+            raise record_error(conv, exc) from None
+    return default_max_model_len(max((s.total_tokens for s in stats.values()), default=0), max_new_tokens)
 
 
 def engine_kwargs(model_dir: Path, processor, dtype: str, seed: int, max_images: int, max_model_len: int | None,
@@ -247,7 +263,11 @@ class VllmPredictor:
                                    *resolve_template(adapter_dir, template, enable_thinking))
         dtype = "bfloat16" if bf16 else "float16" if fp16 else "auto"
         if max_model_len is None and conversations:
-            max_model_len = data_max_model_len(conversations, processor, default_system, max_new_tokens)
+            from vlmtune.data.encode import context_length
+            from vlmtune.model.load import read_model_config
+
+            max_model_len = data_max_model_len(conversations, processor, default_system, max_new_tokens,
+                                               context_length(read_model_config(model_dir)))
         vllm_config = dict(vllm_config or {})
         if adapter_dir is not None:
             check_adapter(adapter_dir, adapter.config, vllm_config)

@@ -34,7 +34,10 @@ line says so, and `vlmtune_export.json` records how the adapter's base was quant
 checkpoint is refused.
 
 An export directory that is not empty is refused unless `--overwrite`, which replaces the files an
-export writes (and stale weight shards) and leaves other files alone.
+export writes (and stale weight shards) and leaves other files alone. The new export is written beside it, in
+`.NAME.export.tmp`, and swapped in once every file is written (`swap_in`), as `predict --overwrite` replaces its
+file: killed at any moment (kill -9 included), an export leaves the directory complete — the earlier export or the
+new one — or absent, never half written; the next export removes what a killed one left beside it (`clean_stale`).
 """
 
 from __future__ import annotations
@@ -86,11 +89,60 @@ def check_export_dir(export_dir: Path, overwrite: bool, *protected: Path | None)
                            f"directory, or pass --overwrite to replace an earlier export there")
 
 
-def remove_stale_weights(export_dir: Path) -> None:
-    for pattern in WEIGHT_PATTERNS:
-        for path in export_dir.glob(pattern):
-            if path.is_file():
-                path.unlink()
+def beside(export_dir: Path) -> tuple[Path, Path]:
+    """(where the new export is written, where the earlier one is moved while the new one takes its place)."""
+    export_dir = export_dir.absolute()  # `.` has no name to put beside
+    return (export_dir.with_name(f".{export_dir.name}.export.tmp"),
+            export_dir.with_name(f".{export_dir.name}.replaced.tmp"))
+
+
+def clean_stale(export_dir: Path, log=print) -> None:
+    """What a killed export left beside export_dir: its unfinished new export (removed) and, when it was killed
+    between `swap_in`'s two renames, the earlier export moved aside (put back: it is complete)."""
+    staging, aside = beside(export_dir)
+    if aside.is_dir() and not export_dir.exists():
+        os.rename(aside, export_dir)
+        log(f"{export_dir}: put back the earlier export (an export was stopped while replacing it)")
+    for path in (staging, aside):
+        if path.exists() or path.is_symlink():
+            remove(path)
+            log(f"removed {path}, left by an export that did not finish")
+
+
+def swap_in(staging: Path, export_dir: Path) -> None:
+    """The finished export in `staging` in place of export_dir: the earlier directory's own files (not an export's
+    and not stale weight shards) kept as hard links, the earlier directory renamed aside, the new one renamed in, the
+    earlier one removed."""
+    _, aside = beside(export_dir)
+    if export_dir.exists():
+        stale = {path.name for pattern in WEIGHT_PATTERNS for path in export_dir.glob(pattern)}
+        for path in export_dir.iterdir():
+            if path.name not in stale and not (staging / path.name).exists():
+                copy = shutil.copytree if path.is_dir() else shutil.copy2
+                copy(path, staging / path.name, **({"copy_function": link_or_copy} if path.is_dir() else {}))
+        os.rename(export_dir, aside)
+    try:
+        os.rename(staging, export_dir)
+    except OSError:
+        if aside.exists() or aside.is_symlink():
+            os.rename(aside, export_dir)
+        raise
+    remove(aside)
+
+
+def remove(path: Path) -> None:
+    """A directory and what it holds; a link (an export_dir that was a link to a directory) only as a link."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def merge_device(device: str) -> str | None:
@@ -146,6 +198,7 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
         raise VlmtuneError(f"--export_size must be at least 1 (GB), got {export_size}")
     export_dir = Path(export_dir).expanduser()
     adapter_dir = Path(adapter_name_or_path).expanduser()
+    clean_stale(export_dir, log)  # first: an earlier export put back is refused below like any other
     # Refuse a busy export_dir in a second, before torch is even imported.
     check_export_dir(export_dir, overwrite, adapter_dir, Path(model_name_or_path) if model_name_or_path else None)
     device = merge_device(device)
@@ -163,7 +216,9 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
     model_dir = resolve_model_dir(model_name_or_path)
     check_export_dir(export_dir, overwrite, model_dir, adapter_dir)
     refuse_quantized_base(model_dir)  # a QLoRA adapter merges onto the full-precision base (the engine says so)
-    ensure_writable_dir(export_dir, "--export_dir")  # a read-only place fails now, not after the merge
+    if export_dir.is_dir():  # a read-only place fails now, not after the merge
+        ensure_writable_dir(export_dir, "--export_dir")
+    ensure_writable_dir(export_dir.parent, f"--export_dir {export_dir.name}: its parent")  # the new one goes beside
     dtype_name = base_dtype(model_dir) if export_dtype == "auto" else export_dtype
     start = time.perf_counter()
     with warnings.catch_warnings():  # peft calls transformers APIs that 5.x deprecates: not the user's concern
@@ -176,15 +231,20 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
     merged.config.use_cache = True
     log(f"merged {adapter_dir} into {model_dir} ({dtype_name}) in {time.perf_counter() - start:.1f} s")
 
+    staging = beside(export_dir)[0]
     try:
-        write_export(merged, engine, model_dir, adapter_dir, export_dir, dtype_name, export_size, overwrite, log)
+        staging.mkdir()
+        write_export(merged, engine, model_dir, adapter_dir, staging, dtype_name, export_size, log)
         if legacy_format:
-            to_legacy_format(export_dir, log)
+            to_legacy_format(staging, log)
+        swap_in(staging, export_dir)
     except (OSError, RuntimeError) as exc:  # a full disk: one line (the base and the adapter are untouched)
         from vlmtune.files import describe_write_error
 
+        shutil.rmtree(staging, ignore_errors=True)
         raise VlmtuneError(f"--export_dir {export_dir}: writing the merged model failed ({describe_write_error(exc)}); "
-                           f"the export there is incomplete") from None
+                           f"{'the earlier export there is unchanged' if export_dir.exists() else 'nothing written'}"
+                           ) from None
     kind = "pytorch_model*.bin" if legacy_format else "*.safetensors"
     size = sum(p.stat().st_size for p in export_dir.glob(kind))
     log(f"exported to {export_dir}: {size / 2**20:.1f} MiB of {'.bin' if legacy_format else 'safetensors'} weights, "
@@ -193,13 +253,11 @@ def export(model_name_or_path: str | None, adapter_name_or_path: str, export_dir
 
 
 def write_export(merged, engine, model_dir: Path, adapter_dir: Path, export_dir: Path, dtype_name: str,
-                 export_size: int, overwrite: bool, log=print) -> None:
+                 export_size: int, log=print) -> None:
     """The merged weights (with what transformers dropped or narrowed put back), processor, chat templates,
     auxiliary files and vlmtune_export.json."""
     from vlmtune import __version__
 
-    if overwrite:
-        remove_stale_weights(export_dir)
     merged.save_pretrained(export_dir, max_shard_size=f"{export_size}GB")
     for line in keep_base_tensors(model_dir, export_dir, getattr(merged, "_keys_to_ignore_on_load_unexpected", None)):
         log(line)

@@ -122,6 +122,9 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_impleme
     if note is not None:
         print(f"note: {note}", file=sys.stderr, flush=True)
     placement = {}
+    if device is not None and quantization is None and torch.device(device).type != "cpu":
+        # Straight onto the device: loaded on the host first, 8 ranks would hold 8 copies of the model in host RAM.
+        placement = {"device_map": {"": torch.device(device)}}
     if quantization is not None:
         from vlmtune.model.quantize import bnb_config
 
@@ -129,7 +132,7 @@ def load_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_impleme
                      "device_map": {"": torch.device(device if device is not None else "cpu")}}
     model = AutoModelForImageTextToText.from_pretrained(
         str(model_dir), dtype=dtype, attn_implementation=pick_attention(attn_implementation, dtype), **placement)
-    if device is not None and quantization is None:
+    if device is not None and not placement:
         model.to(device)
     if quantization is not None:
         from vlmtune.model.quantize import guard_cpu_packing
@@ -170,9 +173,10 @@ def clamp_fp16_overflow(hidden):
     """`hidden` clamped to ±(float16 max − 1000) when it is float16 and holds an inf (vLLM's rule), else itself.
     The library's block forward gets it as a hook (`guard_fp16_overflow`), vlmtune's vision encoder after
     each block."""
-    if isinstance(hidden, torch.Tensor) and hidden.dtype == torch.float16 and bool(torch.isinf(hidden).any()):
+    if isinstance(hidden, torch.Tensor) and hidden.dtype == torch.float16:
+        # Chosen on the device (torch.where), never asked on the host: asking would wait for the GPU in every block.
         limit = torch.finfo(torch.float16).max - 1000
-        return hidden.clamp(-limit, limit)
+        return torch.where(torch.isinf(hidden).any(), hidden.clamp(-limit, limit), hidden)
     return hidden
 
 

@@ -335,12 +335,9 @@ class ModelService:
     @property
     def context_length(self) -> int | None:
         """The longest sequence the language model takes (prompt + answer), from its config."""
-        config = getattr(self.engine.model, "config", None)
-        for part in (getattr(config, "text_config", None), config):
-            value = getattr(part, "max_position_embeddings", None)
-            if isinstance(value, int) and value > 0:
-                return value
-        return None
+        from vlmtune.data.encode import context_length
+
+        return context_length(getattr(self.engine.model, "config", None))
 
     def prepare_file(self, path: str | Path, limits: Limits | None = None) -> "torch.Tensor":
         """An image file, checked by `Limits.check_image` from its header, then read exactly as training reads dataset
@@ -392,6 +389,8 @@ class ModelService:
         if mode == "generate" and context is not None and prompt_tokens + max_new_tokens > context:
             raise RequestError(f"max_tokens {max_new_tokens} + the prompt's {prompt_tokens} tokens exceed the model's "
                                f"context of {context} tokens")
+        if context is not None and prompt_tokens > context:  # score mode (with --max_prompt_tokens above it)
+            raise RequestError(f"the prompt's {prompt_tokens} tokens exceed the model's context of {context} tokens")
         stop_now = cancelled.is_set if cancelled is not None else None
 
         def run() -> tuple[str, dict[str, float] | None]:

@@ -3,9 +3,10 @@
 A checkpoint holds the adapter (or trainable weights) in the usual peft/transformers format, the
 processor files, and — unless save_only_model — optimizer, scheduler and per-rank RNG state plus
 `trainer_state.json`, which is written last. A crash mid-write leaves only `.tmp-checkpoint-N`, which
-is never mistaken for a checkpoint and is cleaned up by the next run. Under DeepSpeed the optimizer
-state is partitioned over the ranks: the engine writes it (with the weights) under `deepspeed/`
-through accelerate's save_state.
+is never mistaken for a checkpoint and is cleaned up by the next run; a checkpoint is removed the other
+way round, renamed to such a name first (`remove_checkpoint`). Under DeepSpeed the optimizer state is
+partitioned over the ranks: the engine writes it (with the weights) under `deepspeed/` through
+accelerate's save_state.
 """
 
 from __future__ import annotations
@@ -41,8 +42,19 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 
 
 def remove_stale_temporaries(output_dir: Path) -> None:
+    """What a run killed while writing or removing a checkpoint left behind (`.tmp-checkpoint-*`)."""
     for path in output_dir.glob(".tmp-checkpoint-*"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Remove a checkpoint directory: renamed out of sight first (atomically), then deleted, so a process killed
+    meanwhile leaves a `.tmp-checkpoint-*` that the next run removes, never a checkpoint-N with files missing
+    that still looks complete (to `sweep`, or to a reader of its trainer_state.json)."""
+    aside = path.with_name(f".tmp-checkpoint-removed-{path.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    path.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def rng_state() -> dict:
@@ -104,7 +116,7 @@ def save_checkpoint(accelerator, model, processor, optimizer, scheduler, state: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         tmp.rename(final)
     accelerator.wait_for_everyone()
     return final
@@ -267,11 +279,12 @@ def check_shapes(weights: dict, expected: dict, path: Path) -> None:
 
 
 def rotate_checkpoints(output_dir: Path, limit: int | None, keep: Path | None) -> None:
-    """Delete the oldest checkpoints beyond `limit`, never the best one."""
+    """Delete the oldest checkpoints beyond `limit`, never the best one (each out of sight first:
+    `remove_checkpoint`)."""
     if not limit:
         return
     found = checkpoint_dirs(output_dir)
     removable = [p for p in found if p != keep]
     excess = len(found) - limit
     for path in removable[:max(0, excess)]:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_checkpoint(path)

@@ -39,19 +39,20 @@ from vlmtune.data.encode import Collator, EncodedSample
 from vlmtune.data.packing import packing_problem
 from vlmtune.data.processor import load_processor
 from vlmtune.errors import VlmtuneError
-from vlmtune.files import ensure_writable_dir, write_atomic
+from vlmtune.files import DirectoryLock, ensure_writable_dir, write_atomic
 from vlmtune.model.adapters import apply_finetuning, parameter_summary
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 from vlmtune.model.quantize import quantization_of, save_record
-from vlmtune.launch import local_rank_and_world, share_cores_between_local_ranks
+from vlmtune.launch import node_ranks, rank_and_world, share_cores_between_local_ranks
 from vlmtune.train.batches import EpochBatches, read_ahead
 from vlmtune.train.checkpoint import (WRITE_ERRORS, checkpoint_dirs, describe_write_error, latest_checkpoint,
-                                      load_checkpoint, model_state_dict, read_state, remove_stale_temporaries,
-                                      rotate_checkpoints, save_checkpoint, uses_deepspeed)
+                                      load_checkpoint, model_state_dict, read_state, remove_checkpoint,
+                                      remove_stale_temporaries, rotate_checkpoints, save_checkpoint, uses_deepspeed)
 from vlmtune.train.image_features import FEATURES_DIR, ImageFeatureCache, can_cache
 from vlmtune.train.logs import TrainLogger, plot_curves, truncate_log
 from vlmtune.train.trackers import chosen_trackers, run_config, start_trackers
-from vlmtune.train.prepare import Background, describe_example, prepare_data
+from vlmtune.train.prepare import Background, data_digest, describe_example, prepare_data
+from vlmtune.train.selection import best_metric_rule
 from vlmtune.train.step import StepResult, optimisation_step, token_loss_sum
 from vlmtune.train.state import TrainerState
 
@@ -185,15 +186,69 @@ def check_output_dir(cfg: Config) -> Path | None:
             raise VlmtuneError(f"resume_from_checkpoint: {path}: no such checkpoint directory")
         ensure_writable_dir(output_dir, "output_dir")
         return path
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not cfg.train.overwrite_output_dir:
+    if output_dir.is_dir() and any(p.name != DirectoryLock.NAME for p in output_dir.iterdir()) and \
+            not cfg.train.overwrite_output_dir:
         raise VlmtuneError(f"{output_dir}: output_dir is not empty; set overwrite_output_dir: true to write into it "
                            f"or resume_from_checkpoint: true to continue its run")
     ensure_writable_dir(output_dir, "output_dir")
     return None
 
 
-def run_shape(cfg: Config, world: int, n_examples: int) -> dict:
-    """What a checkpoint's position in the data and its weights mean: a resume must have the same."""
+def decide_output_dir(cfg: Config, accelerator) -> Path | None:
+    """`check_output_dir` on global rank 0 only, its answer (or its one-line refusal) for every rank: ranks that
+    each listed the directory while the others probe it could see a probe file (on NFS a named one for a moment)
+    and disagree — one refusing alone, the others waiting for it."""
+    if accelerator.num_processes == 1:
+        return check_output_dir(cfg)
+    from accelerate.utils import broadcast_object_list
+
+    answer: list = [None]
+    if accelerator.is_main_process:
+        try:
+            answer = [("resume from", check_output_dir(cfg))]
+        except VlmtuneError as exc:
+            answer = [("refused", str(exc))]
+    broadcast_object_list(answer, from_process=0)
+    kind, value = answer[0]
+    if kind == "refused":
+        raise VlmtuneError(value)
+    return value
+
+
+def check_every_rank_sees(output_dir: Path, accelerator, wait_s: float = 15.0) -> None:
+    """Every rank writes its checkpoint files into output_dir, so every node must see the same directory: rank 0
+    writes a token there and each rank looks for it (for up to `wait_s`: a network file system may show a new
+    file late). A rank that does not see it stops the run on every rank in one line, at start-up — not at the first
+    save, where rank 0 would then wait for the others for ddp_timeout."""
+    if accelerator.num_processes == 1:
+        return
+    import uuid
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    name = [f".vlmtune-shared-{uuid.uuid4().hex}" if accelerator.is_main_process else None]
+    broadcast_object_list(name, from_process=0)
+    token = output_dir / name[0]
+    if accelerator.is_main_process:
+        token.write_text(str(os.getpid()))
+    accelerator.wait_for_everyone()
+    deadline = time.time() + wait_s
+    while not (output_dir.is_dir() and name[0] in os.listdir(output_dir)) and time.time() < deadline:
+        time.sleep(0.5)  # listing the directory asks the server again
+    seen = gather_object([output_dir.is_dir() and name[0] in os.listdir(output_dir)])
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        token.unlink(missing_ok=True)
+    blind = [rank for rank, ok in enumerate(seen) if not ok]
+    if blind:
+        raise VlmtuneError(f"output_dir {output_dir}: rank(s) {', '.join(map(str, blind))} do not see the files rank 0 "
+                           f"writes there; every rank writes its part of each checkpoint into output_dir, so it must "
+                           f"be on a file system all nodes share (keep VLMTUNE_CACHE node-local)")
+
+
+def run_shape(cfg: Config, world: int, n_examples: int, data: str | None = None) -> dict:
+    """What a checkpoint's position in the data and its weights mean: a resume must have the same. `data`: what
+    it trains on (`prepare.data_digest`), recorded last."""
     f = cfg.finetune
     shape = {"per_device_train_batch_size": cfg.train.per_device_train_batch_size,
              "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps, "world_size": world,
@@ -203,6 +258,8 @@ def run_shape(cfg: Config, world: int, n_examples: int) -> dict:
         # QLoRA resumes on the base quantized as it trained on, plain LoRA on a full-precision one.
         quantization = quantization_of(cfg.model)
         shape.update(quantization.record() if quantization is not None else {"quantization_bit": None})
+    if data is not None:
+        shape["data"] = data
     return shape
 
 
@@ -214,6 +271,10 @@ def check_resume_fits(state: TrainerState, shape: dict, total_steps: int, checkp
                            f"{total_steps} optimisation steps (max_steps / num_train_epochs); it belongs to another "
                            f"run — use a new output_dir, or raise max_steps")
     for key, value in shape.items():
+        if key == "data" and state.run.get(key, value) != value:
+            raise VlmtuneError(f"resume_from_checkpoint: {checkpoint} was trained on other data: the records' "
+                               f"answers, prompts or images differ from this run's (data digest {state.run[key]} "
+                               f"there, {value} now); resume on the data it started with, or use a new output_dir")
         if key in state.run and state.run[key] != value:
             raise VlmtuneError(f"resume_from_checkpoint: {checkpoint} does not fit this run: {key} was "
                                f"{state.run[key]!r} there, {value!r} now; resume with the same settings, or use a "
@@ -222,12 +283,10 @@ def check_resume_fits(state: TrainerState, shape: dict, total_steps: int, checkp
 
 def remove_previous_run(output_dir: Path, log) -> None:
     """overwrite_output_dir: the earlier run's checkpoints go, so a later resume cannot pick one of them up."""
-    import shutil
-
     old = checkpoint_dirs(output_dir) + [p for p in output_dir.glob("checkpoint-*") if p.is_dir()]
     old = sorted(set(old), key=lambda p: p.name)
     for path in old:
-        shutil.rmtree(path)
+        remove_checkpoint(path)
     if old:
         log(f"overwrite_output_dir: removed {len(old)} checkpoint(s) of the earlier run in {output_dir} "
             f"({', '.join(p.name for p in old)})")
@@ -293,9 +352,21 @@ class Run:
 
 def train(cfg: Config) -> dict:
     """A whole run, LitGPT's shape: set up, fit (the steps, with evaluation and checkpoints), validate and save."""
-    run = setup(cfg)
-    fit(run)
-    return finish(run)
+    with output_dir_lock(cfg):
+        run = setup(cfg)
+        fit(run)
+        return finish(run)
+
+
+def output_dir_lock(cfg: Config):
+    """The run's hold on output_dir (`files.DirectoryLock`): a second `vlmtune train` into it is refused in one
+    line naming the first's pid. Only rank 0 takes it: the ranks of one run share output_dir."""
+    import contextlib
+
+    if rank_and_world()[0] != 0:
+        return contextlib.nullcontext()
+    output_dir = ensure_writable_dir(cfg.train.output_dir, "output_dir")
+    return DirectoryLock(output_dir, "another vlmtune train", "output_dir")
 
 
 def fit(run: Run) -> None:
@@ -513,12 +584,12 @@ def setup(cfg: Config) -> Run:
     print(f"Process rank: {accelerator.process_index}, world size: {accelerator.num_processes}, device: "
           f"{accelerator.device}, distributed training: {accelerator.num_processes > 1}, compute dtype: {dtype}",
           flush=True)
-    resume_from = check_output_dir(cfg)
+    resume_from = decide_output_dir(cfg, accelerator)
     output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(output_dir)
-    accelerator.wait_for_everyone()
+    check_every_rank_sees(output_dir, accelerator)
     log = print if accelerator.is_main_process else (lambda *_: None)
     for note in inert_settings(cfg, accelerator.num_processes, torch.cuda.is_available()):
         log(f"note: {note}")
@@ -534,9 +605,10 @@ def setup(cfg: Config) -> Run:
 
     scheduler = get_scheduler(cfg.train.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
                               num_training_steps=total_steps)
-    state = resume(cfg, accelerator, model, optimizer, scheduler, resume_from, total_steps, len(data.train), log)
+    state = resume(cfg, accelerator, model, optimizer, scheduler, resume_from, total_steps, data, log)
     metric_name, greater_is_better = best_metric_rule(cfg, data.label_set)
-    collate = Collator(processor)  # evaluation's batches are padded (scoring reads each row's last prompt token)
+    # Evaluation's batches are padded (scoring reads each row's last prompt token), training's packed or padded.
+    collate = Collator(processor, vision_every_batch=vision_every_batch(model, accelerator))
     # Not under ZeRO-3: every rank would have to run the vision tower together, cached or not.
     feature_cache = ImageFeatureCache(model, processor, accelerator,
                                       enabled=can_cache(cfg) and zero_stage(accelerator) < 3,
@@ -572,12 +644,28 @@ def setup_data_and_model(cfg: Config, accelerator, dtype: torch.dtype, log):
         log(f"QLoRA: the language model's linear layers load {quantization.label}; the vision tower, projector "
             f"and lm_head in {str(dtype).replace('torch.', '')}")
     model_loading = Background(load_model, model_dir, dtype=dtype, attn_implementation=cfg.model.attn_implementation,
-                               device=accelerator.device if quantization is not None else None,
-                               quantization=quantization, in_thread=zero_stage(accelerator) < 3)
-    data = prepare_data(cfg, processor, log, *local_rank_and_world(), barrier=accelerator.wait_for_everyone)
+                               device=load_device(accelerator, quantization), quantization=quantization,
+                               in_thread=zero_stage(accelerator) < 3)
+    data = prepare_data(cfg, processor, log, node_ranks())
     log(describe_example(data.train[0], processor))
     model = model_loading.result()
     return model_dir, processor, data, model
+
+
+def vision_every_batch(model, accelerator) -> bool:
+    """Whether every rank must run the vision tower in every forward, images or not (`data.encode.Collator`): under
+    ZeRO-3 (its forwards gather the tower's weights from all ranks), and on several ranks when a part of the vision
+    path trains (DDP's synchronised backward needs its gradients from every rank)."""
+    if zero_stage(accelerator) == 3:
+        return True
+    if accelerator.num_processes == 1:
+        return False
+    from vlmtune.families import parts_of
+    from vlmtune.model.compat import unwrap
+
+    parts = parts_of(unwrap(accelerator.unwrap_model(model)))
+    return any(p.requires_grad for part in (parts.vision_tower, parts.projector) if part is not None
+               for p in part.parameters())
 
 
 def packs(cfg: Config) -> bool:
@@ -597,6 +685,10 @@ def packed(collate: Collator, model, accelerator, log) -> Callable[[list[Encoded
     core = unwrap(accelerator.unwrap_model(model))
     positions, recurrent = rope_positions(core), collate.processor.family.recurrent_state
     log("packing: each micro-batch's samples in one row, no padding, no attention across samples")
+    if getattr(core.config, "_attn_implementation", None) != "flash_attention_2":
+        log("note: packing: without flash_attention_2 the packed row's attention is computed over the whole row under "
+            "a block mask (row length² per layer), slower than padded batches; it pays with flash-attention's "
+            "variable-length kernel on GPUs")
 
     def pack_micro_batch(samples: list[EncodedSample]) -> Batch:
         batch = pack(collate(samples), positions)
@@ -604,6 +696,37 @@ def packed(collate: Collator, model, accelerator, log) -> Callable[[list[Encoded
             batch.varlen = varlen_kwargs(sample_lengths(batch))
         return batch
     return pack_micro_batch
+
+
+def load_device(accelerator, quantization) -> torch.device | None:
+    """Where the weights load: straight onto this rank's GPU (a host copy per rank first would need 8 × a 32B
+    model's 66 GB of host RAM on 8 ranks), and for QLoRA onto its device wherever it is; under ZeRO-3 nowhere yet
+    (DeepSpeed partitions the weights as they load); on a CPU in place."""
+    if quantization is not None:
+        return accelerator.device
+    if accelerator.device.type == "cpu" or zero_stage(accelerator) == 3:
+        return None
+    return accelerator.device
+
+
+def keep_frozen_vision_out_of_backward(model) -> int:
+    """Gradient checkpointing with an adapter makes transformers (and peft) mark the output of every sub-model's
+    input embeddings as needing a gradient — the vision tower's patch embedding too. With the tower frozen, a
+    forward that runs it (the feature cache off: ZeRO-3, `cache_image_features: false`) would then backpropagate
+    through the whole tower for nothing. Those hooks come off a frozen tower; returns how many."""
+    from vlmtune.families import parts_of
+    from vlmtune.model.compat import unwrap
+
+    tower = parts_of(unwrap(model)).vision_tower
+    if tower is None or any(p.requires_grad for p in tower.parameters()):
+        return 0
+    removed = 0
+    for module in tower.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "make_inputs_require_grads":  # transformers' enable_input_require_grads
+                del module._forward_hooks[key]
+                removed += 1
+    return removed
 
 
 def setup_training(cfg: Config, accelerator, model, log):
@@ -617,6 +740,7 @@ def setup_training(cfg: Config, accelerator, model, log):
             f"disable_gradient_checkpointing: true turns it off)")
     model = apply_finetuning(model, cfg.finetune, log=log)
     log(parameter_summary(model))
+    keep_frozen_vision_out_of_backward(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
@@ -629,10 +753,12 @@ def setup_training(cfg: Config, accelerator, model, log):
 
 
 def resume(cfg: Config, accelerator, model, optimizer, scheduler, resume_from: Path | None, total_steps: int,
-           n_examples: int, log) -> TrainerState:
-    """The state to start from: a checkpoint's (after checking it belongs to this run), or a fresh one."""
+           data, log) -> TrainerState:
+    """The state to start from: a checkpoint's (after checking it belongs to this run and its data), or a fresh
+    one."""
     output_dir = Path(cfg.train.output_dir)
-    shape = run_shape(cfg, accelerator.num_processes, n_examples)
+    shape = run_shape(cfg, accelerator.num_processes, len(data.train),
+                      data_digest(data.train.conversations, data.val.conversations))
     state = TrainerState(total_steps=total_steps, run=shape)
     if resume_from is not None:
         state = read_state(resume_from)
@@ -760,6 +886,8 @@ class Evaluator:
         size, rows = self.cfg.train.per_device_eval_batch_size, []
         for i in range(0, len(self.positions), size):
             samples = self.samples(i, i + size)
+            if self.collate.placeholder is not None and not any(s.images for s in samples):
+                self.run_vision_tower(model)
             with self.accelerator.autocast():
                 scores = score_conversations(self.accelerator.unwrap_model(model), self.processor,
                                              [s.conversation for s in samples], self.label_set, batch_size=size,
@@ -773,12 +901,27 @@ class Evaluator:
         return scalar_metrics(metrics, prefix="eval_")
 
 
+    @torch.no_grad()
+    def run_vision_tower(self, model) -> None:
+        """The vision tower on the placeholder image, its output unused: scoring a chunk without images must still
+        take part in the tower's collectives, as the other ranks' chunks do (see `vision_every_batch`)."""
+        from vlmtune.data.images import image_grids
+        from vlmtune.families import parts_of
+        from vlmtune.model.compat import unwrap
+        from vlmtune.model.vision import vision_encoder
+
+        images, settings = self.collate.placeholder.images, self.processor.image_processor
+        encoder = vision_encoder(parts_of(unwrap(self.accelerator.unwrap_model(model))).vision_tower)
+        with self.accelerator.autocast():
+            encoder.still_images(images, image_grids(images, settings).to(self.accelerator.device), settings)
+
+
 def features_name(train, model_dir: Path) -> str:
     """The feature cache of this training split on this model: a position's features are that sample's."""
     import hashlib
 
     keys = [[c.source, c.index] for c in train.conversations]
-    identity = json.dumps([str(Path(model_dir).resolve()), train.store.directory.name, keys])
+    identity = json.dumps([str(Path(model_dir).resolve()), train.store.key, keys])
     return hashlib.sha256(identity.encode()).hexdigest()[:16]
 
 
@@ -793,17 +936,6 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> list[EncodedSample]:
         return [self.samples[i] for i in self.batches[k]]
-
-
-def best_metric_rule(cfg: Config, label_set) -> tuple[str, bool]:
-    name = cfg.train.metric_for_best_model or ("f1" if label_set else "eval_loss")
-    name = name if name.startswith("eval_") else f"eval_{name}"
-    if name == "eval_auc":
-        name = "eval_roc_auc"
-    greater = cfg.train.greater_is_better
-    if greater is None:
-        greater = "loss" not in name
-    return name, greater
 
 
 def record_metric(state: TrainerState, metrics: dict, name: str, greater_is_better: bool) -> bool:

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from vlmtune.config import Config
-from vlmtune.data.checks import answer_distribution, describe_distribution
-from vlmtune.data.conversation import Problem
+from vlmtune.data.checks import answer_distribution, describe_distribution, label_notes
+from vlmtune.data.conversation import Conversation, Problem
 from vlmtune.data.encode import IGNORE_INDEX, EncodedSample
 from vlmtune.data.loader import load_splits, refuse_or_skip
 from vlmtune.errors import VlmtuneError
 from vlmtune.labels import resolve_label_set
+from vlmtune.train.selection import check_selection
 
 
 @dataclass
@@ -61,22 +62,21 @@ def worker_count(requested: int | None, local_world_size: int) -> int:
     return max(1, min(requested or cores, cores))
 
 
-def prepare_data(cfg: Config, processor, log, local_rank: int = 0, local_world_size: int = 1,
-                 barrier=lambda: None) -> PreparedData:
+def prepare_data(cfg: Config, processor, log, ranks=None) -> PreparedData:
     """Checked, split and encoded data: the encoded records come from the on-disk store (`data.store`),
-    built by the node's ranks together on the first run and reused by the next ones."""
+    built by the node's ranks together on the first run and reused by the next ones. Rank 0 alone reads and
+    checks the data and hands the splits to the others; each node's leader alone finds (and verifies) or plans
+    the store (`ranks`: `launch.Ranks`, every rank calls this)."""
     from vlmtune.data.store import StoredSamples, open_or_build
+    from vlmtune.launch import Ranks
 
-    splits = load_splits(cfg.data, cfg.train.seed, processor)
-    refuse_or_skip(splits, cfg.data.skip_bad_records, log)
-    log(f"Loaded {splits.n_records} records from {cfg.data.dataset}"
-        + (f" and {cfg.data.eval_dataset}" if cfg.data.eval_dataset else "")
-        + f": train {len(splits.train)}, val {len(splits.val)}")
-    log(f"answers (train): {describe_distribution(answer_distribution(splits.train))}")
-    workers = worker_count(cfg.data.preprocessing_num_workers, local_world_size)
+    ranks = ranks or Ranks()
+    train_part, val_part, label_set, skipped = ranks.from_first(lambda: checked_splits(cfg, processor, log,
+                                                                                       ranks.world))
+    workers = worker_count(cfg.data.preprocessing_num_workers, ranks.local_world)
     started = time.perf_counter()
-    store, reused = open_or_build(splits.train + splits.val, processor, cfg.data.cutoff_len, cfg.data.default_system,
-                                  local_rank, local_world_size, barrier, workers, rebuild=cfg.data.overwrite_cache)
+    store, reused = open_or_build(train_part + val_part, processor, cfg.data.cutoff_len, cfg.data.default_system,
+                                  ranks, workers, rebuild=cfg.data.overwrite_cache, log=log)
     problems = store.problems
     if problems:
         for problem in problems:
@@ -85,17 +85,96 @@ def prepare_data(cfg: Config, processor, log, local_rank: int = 0, local_world_s
             raise VlmtuneError(f"{len(problems)} record(s) could not be encoded (listed above); fix them or set "
                                f"skip_bad_records: true")
         log(f"skipping {len(problems)} record(s) that could not be encoded")
-    train = StoredSamples(store, [c for c in splits.train if c in store])
-    val = StoredSamples(store, [c for c in splits.val if c in store])
+    train = StoredSamples(store, [c for c in train_part if c in store])
+    val = StoredSamples(store, [c for c in val_part if c in store])
     if not train:
         raise VlmtuneError(f"{cfg.data.dataset}: no usable training records")
-    label_set, _ = resolve_label_set(cfg.data.labels, [c.answer for c in splits.train + splits.val],
-                                     cfg.data.positive_label)
     how = ("reused the encoded-data store" if reused else
-           f"encoded into the store by {local_world_size} rank(s) × {workers} thread(s), each image decoded once")
+           f"encoded into the store by {ranks.local_world} rank(s) × {workers} thread(s), each image decoded once")
     log(f"{len(train)} training and {len(val)} validation samples: {how} ({store.directory}, "
         f"{store.disk_bytes() / 2**20:,.1f} MiB, {time.perf_counter() - started:.1f} s)")
-    return PreparedData(train, val, label_set, splits.problems + problems)
+    return PreparedData(train, val, label_set, skipped + problems)
+
+
+def checked_splits(cfg: Config, processor, log, world_size: int) -> tuple[list, list, list[str] | None, list]:
+    """The training and validation conversations, checked (rank 0's part of `prepare_data`): (train, val, label
+    set, problems of the records left out)."""
+    splits = load_splits(cfg.data, cfg.train.seed, processor)
+    refuse_or_skip(splits, cfg.data.skip_bad_records, log)
+    log(f"Loaded {splits.n_records} records from {cfg.data.dataset}"
+        + (f" and {cfg.data.eval_dataset}" if cfg.data.eval_dataset else "")
+        + f": train {len(splits.train)}, val {len(splits.val)}")
+    log(f"answers (train): {describe_distribution(answer_distribution(splits.train))}")
+    label_set, _ = resolve_label_set(cfg.data.labels, [c.answer for c in splits.train + splits.val],
+                                     cfg.data.positive_label)
+    check_label_set(label_set, splits.train + splits.val, cfg.data.labels, processor, log)
+    check_before_encoding(cfg, splits.train, splits.val, label_set, world_size, log)
+    return splits.train, splits.val, label_set, splits.problems
+
+
+def check_label_set(label_set: list[str] | None, conversations: list[Conversation], given: list[str] | None,
+                    processor, log) -> None:
+    """Before any step: the label set must be scorable (distinct after tokenisation, each at a token boundary —
+    what the first evaluation needs), and what makes it suspicious is said in one line each (`data.checks.label_notes`:
+    every answer one label, too many answers for a label set, a third label in a few records)."""
+    for line in label_notes(conversations, given):
+        log(f"note: {line}")
+    if label_set is None or processor is None:
+        return
+    from vlmtune.infer.scoring import label_token_ids
+
+    try:
+        label_token_ids(label_set, processor)
+    except ValueError as exc:
+        raise VlmtuneError(f"labels {label_set} cannot be scored: {exc}") from None
+
+
+def check_before_encoding(cfg: Config, train: list[Conversation], val: list[Conversation],
+                          label_set: list[str] | None, world_size: int, log) -> None:
+    """What the split records already refuse, before the encoding (minutes on a large dataset): a micro-batch
+    larger than the training split, given labels that are not the answers, a best-model selection that could
+    not select (`train.selection`)."""
+    batch = cfg.train.per_device_train_batch_size
+    if batch * world_size > len(train):
+        ranks = f" × {world_size} ranks" if world_size > 1 else ""
+        raise VlmtuneError(f"per_device_train_batch_size: {batch}{ranks} is more than the {len(train)} training "
+                           f"records, so every micro-batch would repeat records; use at most "
+                           f"{max(1, len(train) // world_size)}")
+    if cfg.data.labels:
+        outside = [c for c in train + val if (c.answer or "").strip() not in cfg.data.labels]
+        if outside:
+            first = outside[0]
+            scope = ("none of the answers is" if len(outside) == len(train) + len(val) else
+                     f"{len(outside)} of {len(train) + len(val)} answers are not")
+            raise VlmtuneError(f"{first.source}: record {first.index}: answer {(first.answer or '').strip()!r} is "
+                               f"not one of labels {cfg.data.labels} ({scope} one of them); fix the labels setting "
+                               f"or the answers")
+    check_selection(cfg, label_set, [c.answer for c in val], log)
+
+
+def data_digest(train: Sequence[Conversation], val: Sequence[Conversation]) -> str:
+    """What a run trains and validates on, as a checkpoint records it (`loop.run_shape`): every record of each
+    split in its order — messages, image paths relative to the dataset file, image sizes. Unlike the store's key
+    it ignores where the data lies and the files' times, so a dataset moved or copied elsewhere resumes."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for split, conversations in (("train", train), ("val", val)):
+        for conv in conversations:
+            folder = os.path.dirname(conv.source)
+            images = [[os.path.relpath(path, folder), file_size(path)] for path in conv.images]
+            record = [split, os.path.basename(conv.source), conv.index, [[m.role, m.content] for m in conv.messages],
+                      images]
+            digest.update(json.dumps(record, ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+def file_size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
 
 
 def describe_example(sample: EncodedSample, processor) -> str:
