@@ -22,10 +22,7 @@ from vlmtune.families import family_of_model, family_of_type
 from vlmtune.model.adapters import apply_finetuning
 from vlmtune.model.load import load_model
 
-try:
-    from vlmtune.train.step import token_loss_sum
-except ImportError:  # before the step moved out of the loop
-    from vlmtune.train.loop import token_loss_sum
+from vlmtune.train.step import token_loss_sum
 
 ATTENTION_ONLY = tuple(t for t in ONE_PER_FAMILY if not family_of_type(t).recurrent_state)
 RECURRENT = tuple(t for t in ONE_PER_FAMILY if family_of_type(t).recurrent_state)

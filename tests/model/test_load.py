@@ -98,7 +98,7 @@ def test_training_loads_onto_the_ranks_gpu_except_under_zero3(monkeypatch):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from vlmtune.train import loop
+    from vlmtune.train import distributed as loop
 
     AcceleratorState._reset_state(True)
     accelerator = Accelerator(cpu=True)

@@ -79,7 +79,8 @@ from types import SimpleNamespace
 from accelerate import Accelerator
 
 from vlmtune.errors import VlmtuneError
-from vlmtune.train.loop import check_every_rank_sees, decide_output_dir
+from vlmtune.train.distributed import check_every_rank_sees, decided_by_rank_zero
+from vlmtune.train.loop import check_output_dir
 
 accelerator = Accelerator(cpu=True)
 rank, tmp = accelerator.process_index, Path(sys.argv[1])
@@ -89,8 +90,8 @@ said = open(tmp / f"rank-{rank}.txt", "w")  # one file a rank: two ranks' prints
 (tmp / "busy" / "probe").write_text("")
 train = dict(output_dir=str(tmp / ("empty" if rank == 0 else "busy")), resume_from_checkpoint=None,
              overwrite_output_dir=False)
-print("decided", rank, decide_output_dir(SimpleNamespace(train=SimpleNamespace(**train)), accelerator), file=said,
-      flush=True)
+cfg = SimpleNamespace(train=SimpleNamespace(**train))
+print("decided", rank, decided_by_rank_zero(accelerator, lambda: check_output_dir(cfg)), file=said, flush=True)
 shared = tmp / "shared"
 shared.mkdir(exist_ok=True)
 check_every_rank_sees(shared, accelerator)

@@ -17,7 +17,7 @@ from helpers import ALL_ARCHS, REPO, TEMPLATE_OF, assert_one_line_error
 from vlmtune.config import load_config
 from vlmtune.errors import VlmtuneError
 from vlmtune.families import family_of_type
-from vlmtune.train.loop import deepspeed_plugin
+from vlmtune.train.distributed import deepspeed_plugin
 
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (pip install "
@@ -199,7 +199,7 @@ def test_moe_blocks_become_zero3_leaf_modules(tiny_models, arch):
     from deepspeed.utils import get_z3_leaf_modules
 
     from vlmtune.model.load import load_model
-    from vlmtune.train.loop import mark_zero3_leaves
+    from vlmtune.train.distributed import mark_zero3_leaves
 
     model, lines = load_model(tiny_models(arch)), []
     marked = mark_zero3_leaves(model, lines.append)

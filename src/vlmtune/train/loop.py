@@ -20,21 +20,19 @@ Features and their trade-offs:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import resource
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
 from vlmtune.config import Config, inert_settings
-from vlmtune.data.batch import IGNORE_INDEX, Batch
+from vlmtune.data.batch import Batch
 from vlmtune.data.encode import Collator, EncodedSample
 from vlmtune.data.packing import packing_problem
 from vlmtune.data.processor import load_processor
@@ -45,128 +43,19 @@ from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 from vlmtune.model.quantize import quantization_of, save_record
 from vlmtune.launch import node_ranks, rank_and_world, share_cores_between_local_ranks
 from vlmtune.train.batches import EpochBatches, read_ahead
+from vlmtune.train.distributed import (check_every_rank_sees, decided_by_rank_zero, load_device, make_accelerator,
+                                       mark_zero3_leaves, vision_every_batch, zero_stage)
+from vlmtune.train.evaluation import Evaluator, record_metric, restore_best, trainable_state
 from vlmtune.train.checkpoint import (WRITE_ERRORS, checkpoint_dirs, describe_write_error, latest_checkpoint,
                                       load_checkpoint, model_state_dict, read_state, remove_checkpoint,
                                       remove_stale_temporaries, rotate_checkpoints, save_checkpoint, uses_deepspeed)
 from vlmtune.train.image_features import FEATURES_DIR, ImageFeatureCache, can_cache
 from vlmtune.train.logs import TrainLogger, plot_curves, truncate_log
-from vlmtune.train.trackers import chosen_trackers, run_config, start_trackers
+from vlmtune.train.trackers import run_config, start_trackers
 from vlmtune.train.prepare import Background, data_digest, describe_example, prepare_data
 from vlmtune.train.selection import best_metric_rule
-from vlmtune.train.step import StepResult, optimisation_step, token_loss_sum
+from vlmtune.train.step import StepResult, optimisation_step
 from vlmtune.train.state import TrainerState
-
-
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
-
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.ddp_timeout))]
-    if cfg.train.ddp_find_unused_parameters is not None:
-        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=cfg.train.ddp_find_unused_parameters))
-    has_cuda = torch.cuda.is_available()
-    precision = "bf16" if cfg.train.bf16 else ("fp16" if cfg.train.fp16 and has_cuda else "no")
-    plugin = deepspeed_plugin(cfg) if cfg.train.deepspeed else None
-    cpu = not has_cuda
-    if plugin is not None and not has_cuda:
-        # DeepSpeed's CPU accelerator over gloo (tests, and CPU-only machines): accelerate sets up DeepSpeed's
-        # communication only for a non-CPU Accelerator, and with no GPU backend only when told gloo.
-        handlers[0] = InitProcessGroupKwargs(backend="gloo", timeout=timedelta(seconds=cfg.train.ddp_timeout))
-        cpu = False
-    trackers = chosen_trackers(cfg.train.report_to)  # one line naming the extra when one is not installed
-    return Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=cpu, deepspeed_plugin=plugin,
-                       log_with=trackers or None,
-                       project_dir=str(cfg.train.logging_dir or Path(cfg.train.output_dir) / "runs"))
-
-
-def deepspeed_plugin(cfg: Config):
-    """accelerate's DeepSpeedPlugin for the `deepspeed:` JSON (LLaMA-Factory's ds_z2_config.json /
-    ds_z3_config.json work as they are), its "auto" values filled from our config: batch sizes, accumulation
-    and clipping here; the bucket sizes from the language model's hidden size (accelerate reads
-    `model.config.hidden_size`, which a vision-language config has only in its text_config); bf16 / fp16
-    by accelerate from the mixed precision. Our AdamW is DeepSpeed's client optimizer
-    (`zero_allow_untested_optimizer`).
-
-    DeepSpeed owns the optimiser step: it divides the loss by its gradient_accumulation_steps, steps at
-    the accumulation boundary and clips by its gradient_clipping (see `backward` below). Without CUDA it
-    runs on DeepSpeed's CPU accelerator (gloo), as the tests do.
-    """
-    from accelerate.utils import is_deepspeed_available
-
-    path = Path(cfg.train.deepspeed)
-    if not is_deepspeed_available():
-        raise VlmtuneError(f"deepspeed: {path}: DeepSpeed is not installed; pip install 'vlmtune[deepspeed]' "
-                           f"(or remove the deepspeed key: LoRA on a 7B model fits one GPU per rank with plain DDP)")
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-    try:
-        ds_config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise VlmtuneError(f"deepspeed: {path}: cannot read the DeepSpeed config ({exc.__class__.__name__}: "
-                           f"{str(exc)[:200]})") from None
-    if not isinstance(ds_config, dict):
-        raise VlmtuneError(f"deepspeed: {path}: a DeepSpeed config is a JSON object")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    batch, accum = cfg.train.per_device_train_batch_size, cfg.train.gradient_accumulation_steps
-    filled = {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": accum,
-              "train_batch_size": batch * accum * world,
-              "gradient_clipping": cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else 0.0}
-    for key, value in filled.items():
-        if ds_config.get(key, "auto") == "auto":
-            ds_config[key] = value
-        elif ds_config[key] != value:
-            raise VlmtuneError(f"deepspeed: {path}: {key} is {ds_config[key]} there but {value} from this config; "
-                               f"set it to \"auto\"")
-    zero = ds_config.get("zero_optimization")
-    if isinstance(zero, dict) and any(zero.get(k) == "auto" for k in HIDDEN_SIZE_KEYS):
-        hidden = text_hidden_size(cfg)
-        sizes = {"reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-                 "stage3_param_persistence_threshold": 10 * hidden}  # accelerate's own formulas
-        for key in HIDDEN_SIZE_KEYS:
-            if zero.get(key) == "auto":
-                zero[key] = sizes[key]
-    ds_config.setdefault("zero_allow_untested_optimizer", True)
-    from accelerate.utils import DeepSpeedPlugin
-
-    return DeepSpeedPlugin(hf_ds_config=ds_config, gradient_accumulation_steps=accum,
-                           gradient_clipping=filled["gradient_clipping"])
-
-
-HIDDEN_SIZE_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
-
-
-def text_hidden_size(cfg: Config) -> int:
-    """The language model's hidden size, from config.json (its text_config for a vision-language model)."""
-    from vlmtune.files import read_json_object
-
-    path = resolve_model_dir(cfg.model.model_name_or_path, cfg.model.cache_dir, cfg.model.model_revision) / "config.json"
-    config = read_json_object(path)
-    hidden = (config.get("text_config") or {}).get("hidden_size") or config.get("hidden_size")
-    if not isinstance(hidden, int):
-        raise VlmtuneError(f"{path}: no hidden_size (text_config.hidden_size) to fill the DeepSpeed config's "
-                           f"\"auto\" bucket sizes; give them as numbers")
-    return hidden
-
-
-def zero_stage(accelerator) -> int:
-    return accelerator.state.deepspeed_plugin.zero_stage if uses_deepspeed(accelerator) else 0
-
-
-def mark_zero3_leaves(model, log) -> int:
-    """Under ZeRO-3, the family's mixture-of-experts blocks become DeepSpeed leaf modules (gathered whole, as
-    LLaMA-Factory does), before the engine wraps the model. Returns how many were marked."""
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from vlmtune.families import family_of_model
-
-    family = family_of_model(model)
-    names = set(family.zero3_leaf_modules if family is not None else ())
-    classes = list({type(m) for m in model.modules() if type(m).__name__ in names})
-    if not classes:
-        return 0
-    marked = set_z3_leaf_modules(model, classes)
-    log(f"ZeRO-3: {len(marked)} mixture-of-experts blocks ({', '.join(c.__name__ for c in classes)}) gathered whole")
-    return len(marked)
 
 
 def check_output_dir(cfg: Config) -> Path | None:
@@ -192,58 +81,6 @@ def check_output_dir(cfg: Config) -> Path | None:
                            f"or resume_from_checkpoint: true to continue its run")
     ensure_writable_dir(output_dir, "output_dir")
     return None
-
-
-def decide_output_dir(cfg: Config, accelerator) -> Path | None:
-    """`check_output_dir` on global rank 0 only, its answer (or its one-line refusal) for every rank: ranks that
-    each listed the directory while the others probe it could see a probe file (on NFS a named one for a moment)
-    and disagree — one refusing alone, the others waiting for it."""
-    if accelerator.num_processes == 1:
-        return check_output_dir(cfg)
-    from accelerate.utils import broadcast_object_list
-
-    answer: list = [None]
-    if accelerator.is_main_process:
-        try:
-            answer = [("resume from", check_output_dir(cfg))]
-        except VlmtuneError as exc:
-            answer = [("refused", str(exc))]
-    broadcast_object_list(answer, from_process=0)
-    kind, value = answer[0]
-    if kind == "refused":
-        raise VlmtuneError(value)
-    return value
-
-
-def check_every_rank_sees(output_dir: Path, accelerator, wait_s: float = 15.0) -> None:
-    """Every rank writes its checkpoint files into output_dir, so every node must see the same directory: rank 0
-    writes a token there and each rank looks for it (for up to `wait_s`: a network file system may show a new
-    file late). A rank that does not see it stops the run on every rank in one line, at start-up — not at the first
-    save, where rank 0 would then wait for the others for ddp_timeout."""
-    if accelerator.num_processes == 1:
-        return
-    import uuid
-
-    from accelerate.utils import broadcast_object_list, gather_object
-
-    name = [f".vlmtune-shared-{uuid.uuid4().hex}" if accelerator.is_main_process else None]
-    broadcast_object_list(name, from_process=0)
-    token = output_dir / name[0]
-    if accelerator.is_main_process:
-        token.write_text(str(os.getpid()))
-    accelerator.wait_for_everyone()
-    deadline = time.time() + wait_s
-    while not (output_dir.is_dir() and name[0] in os.listdir(output_dir)) and time.time() < deadline:
-        time.sleep(0.5)  # listing the directory asks the server again
-    seen = gather_object([output_dir.is_dir() and name[0] in os.listdir(output_dir)])
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        token.unlink(missing_ok=True)
-    blind = [rank for rank, ok in enumerate(seen) if not ok]
-    if blind:
-        raise VlmtuneError(f"output_dir {output_dir}: rank(s) {', '.join(map(str, blind))} do not see the files rank 0 "
-                           f"writes there; every rank writes its part of each checkpoint into output_dir, so it must "
-                           f"be on a file system all nodes share (keep VLMTUNE_CACHE node-local)")
 
 
 def run_shape(cfg: Config, world: int, n_examples: int, data: str | None = None) -> dict:
@@ -584,7 +421,7 @@ def setup(cfg: Config) -> Run:
     print(f"Process rank: {accelerator.process_index}, world size: {accelerator.num_processes}, device: "
           f"{accelerator.device}, distributed training: {accelerator.num_processes > 1}, compute dtype: {dtype}",
           flush=True)
-    resume_from = decide_output_dir(cfg, accelerator)
+    resume_from = decided_by_rank_zero(accelerator, lambda: check_output_dir(cfg))
     output_dir = Path(cfg.train.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -652,22 +489,6 @@ def setup_data_and_model(cfg: Config, accelerator, dtype: torch.dtype, log):
     return model_dir, processor, data, model
 
 
-def vision_every_batch(model, accelerator) -> bool:
-    """Whether every rank must run the vision tower in every forward, images or not (`data.encode.Collator`): under
-    ZeRO-3 (its forwards gather the tower's weights from all ranks), and on several ranks when a part of the vision
-    path trains (DDP's synchronised backward needs its gradients from every rank)."""
-    if zero_stage(accelerator) == 3:
-        return True
-    if accelerator.num_processes == 1:
-        return False
-    from vlmtune.families import parts_of
-    from vlmtune.model.compat import unwrap
-
-    parts = parts_of(unwrap(accelerator.unwrap_model(model)))
-    return any(p.requires_grad for part in (parts.vision_tower, parts.projector) if part is not None
-               for p in part.parameters())
-
-
 def packs(cfg: Config) -> bool:
     return cfg.data.packing or cfg.data.neat_packing
 
@@ -696,17 +517,6 @@ def packed(collate: Collator, model, accelerator, log) -> Callable[[list[Encoded
             batch.varlen = varlen_kwargs(sample_lengths(batch))
         return batch
     return pack_micro_batch
-
-
-def load_device(accelerator, quantization) -> torch.device | None:
-    """Where the weights load: straight onto this rank's GPU (a host copy per rank first would need 8 × a 32B
-    model's 66 GB of host RAM on 8 ranks), and for QLoRA onto its device wherever it is; under ZeRO-3 nowhere yet
-    (DeepSpeed partitions the weights as they load); on a CPU in place."""
-    if quantization is not None:
-        return accelerator.device
-    if accelerator.device.type == "cpu" or zero_stage(accelerator) == 3:
-        return None
-    return accelerator.device
 
 
 def keep_frozen_vision_out_of_backward(model) -> int:
@@ -819,103 +629,6 @@ def save_final(model, processor, state: TrainerState, output_dir: Path, weights)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class Evaluator:
-    """eval_loss over the validation split and, for closed label sets, the task metrics."""
-
-    def __init__(self, cfg: Config, data, processor, collate, accelerator):
-        self.cfg, self.processor, self.collate, self.accelerator = cfg, processor, collate, accelerator
-        world, rank = accelerator.num_processes, accelerator.process_index
-        self.val = data.val  # read batch by batch (from the encoded store): nothing of it is kept in memory
-        self.positions = list(range(rank, len(data.val), world))
-        self.n_real = len(self.positions)
-        if world > 1 and data.val:
-            # Every rank must run as many forwards: DDP broadcasts buffers in the first forward after a step
-            # and ZeRO-3 gathers each layer's weights from all ranks in every forward, so a rank with fewer
-            # (or no) validation samples would leave the others waiting forever. A short shard is topped up
-            # with a copy of a sample that has no labelled tokens (it adds nothing to eval_loss) and whose
-            # task-metric row is dropped.
-            self.positions += [len(data.val) - 1] * (math.ceil(len(data.val) / world) - self.n_real)
-        self.has_val = bool(data.val)
-        self.label_set = data.label_set
-        positive = cfg.data.positive_label
-        self.positive = positive if not self.label_set or positive in self.label_set else self.label_set[0]
-
-    def due(self, step: int, epoch_ends: bool) -> bool:
-        strategy = self.cfg.train.eval_strategy
-        if not self.has_val or strategy == "no":
-            return False
-        return (strategy == "steps" and step % self.cfg.train.eval_steps == 0) or (strategy == "epoch" and epoch_ends)
-
-    @torch.no_grad()
-    def run(self, model) -> dict:
-        start = time.time()
-        accelerator, size = self.accelerator, self.cfg.train.per_device_eval_batch_size
-        was_training = model.training
-        model.eval()
-        loss_sum = torch.zeros((), device=accelerator.device)
-        tokens = torch.zeros((), device=accelerator.device)
-        for i in range(0, len(self.positions), size):
-            batch = self.collate(self.samples(i, i + size))
-            with accelerator.autocast():
-                loss_sum += token_loss_sum(model, batch.to(accelerator.device))
-            tokens += batch.num_label_tokens
-        loss_sum = accelerator.reduce(loss_sum, reduction="sum")
-        tokens = accelerator.reduce(tokens, reduction="sum")
-        metrics = {"eval_loss": (loss_sum / tokens.clamp(min=1)).item()}
-        if self.label_set:
-            metrics.update(self.task_metrics(model))
-        if was_training:
-            model.train()
-        metrics["eval_runtime"] = round(time.time() - start, 4)
-        return metrics
-
-    def samples(self, start: int, stop: int) -> list[EncodedSample]:
-        """The shard's samples start..stop, read now; the fillers' labels all ignored."""
-        out = []
-        for k in range(start, min(stop, len(self.positions))):
-            sample = self.val[self.positions[k]]
-            if k >= self.n_real:
-                sample = dataclasses.replace(sample, labels=torch.full_like(sample.labels, IGNORE_INDEX))
-            out.append(sample)
-        return out
-
-    def task_metrics(self, model) -> dict:
-        from vlmtune.evaluate.metrics import compute_metrics, scalar_metrics
-        from vlmtune.infer.scoring import score_conversations
-
-        size, rows = self.cfg.train.per_device_eval_batch_size, []
-        for i in range(0, len(self.positions), size):
-            samples = self.samples(i, i + size)
-            if self.collate.placeholder is not None and not any(s.images for s in samples):
-                self.run_vision_tower(model)
-            with self.accelerator.autocast():
-                scores = score_conversations(self.accelerator.unwrap_model(model), self.processor,
-                                             [s.conversation for s in samples], self.label_set, batch_size=size,
-                                             default_system=self.cfg.data.default_system,
-                                             images=[s.images for s in samples])
-            rows += [(s.conversation.answer, max(p, key=p.get), p[self.positive])
-                     for k, (s, p) in enumerate(zip(samples, scores), start=i) if k < self.n_real]
-        rows = [r for part in self.accelerator.gather_for_metrics([rows], use_gather_object=True) for r in part]
-        labels, predicts, positive_scores = (list(x) for x in zip(*rows))
-        metrics = compute_metrics(labels, predicts, self.positive, self.label_set, positive_scores)
-        return scalar_metrics(metrics, prefix="eval_")
-
-
-    @torch.no_grad()
-    def run_vision_tower(self, model) -> None:
-        """The vision tower on the placeholder image, its output unused: scoring a chunk without images must still
-        take part in the tower's collectives, as the other ranks' chunks do (see `vision_every_batch`)."""
-        from vlmtune.data.images import image_grids
-        from vlmtune.families import parts_of
-        from vlmtune.model.compat import unwrap
-        from vlmtune.model.vision import vision_encoder
-
-        images, settings = self.collate.placeholder.images, self.processor.image_processor
-        encoder = vision_encoder(parts_of(unwrap(self.accelerator.unwrap_model(model))).vision_tower)
-        with self.accelerator.autocast():
-            encoder.still_images(images, image_grids(images, settings).to(self.accelerator.device), settings)
-
-
 def features_name(train, model_dir: Path) -> str:
     """The feature cache of this training split on this model: a position's features are that sample's."""
     import hashlib
@@ -936,40 +649,6 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int) -> list[EncodedSample]:
         return [self.samples[i] for i in self.batches[k]]
-
-
-def record_metric(state: TrainerState, metrics: dict, name: str, greater_is_better: bool) -> bool:
-    """Add an evaluation to the history; True when it is the best so far."""
-    state.log_history.append({"step": state.global_step, **metrics})
-    value = metrics.get(name)
-    if value is None or not math.isfinite(value):  # a nan evaluation is never the best one
-        return False
-    better = state.best_metric is None or (value > state.best_metric if greater_is_better else value < state.best_metric)
-    if better:
-        state.best_metric, state.best_step, state.evals_without_improvement = value, state.global_step, 0
-    else:
-        state.evals_without_improvement += 1
-    return better
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def restore_best(model, best_weights: dict | None, checkpoint: Path) -> None:
-    """Put the best weights back: from memory, or from its checkpoint after a resume."""
-    if best_weights is not None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in best_weights.items():
-                params[name].copy_(value)
-        return
-    if checkpoint.is_dir():
-        from vlmtune.train.checkpoint import load_trainable_weights
-
-        load_trainable_weights(model, checkpoint)
-        return
-    raise VlmtuneError(f"{checkpoint}: the best checkpoint is gone (save_total_limit?), cannot load the best model")
 
 
 def loader_workers(cfg: Config, device: torch.device) -> int:
