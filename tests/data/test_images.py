@@ -195,3 +195,67 @@ def test_decoded_bytes_bounds_what_decoding_holds(tmp_path):
         assert rgb.mode == "RGB"
         del rgb
         assert peak <= bound + 12 * 2**20, (name, peak / 9e6, bound / 9e6)  # bytes a pixel; 12 MB of working copies
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> dict:
+    """Phone photos: JPEGs stored sideways or upside down with EXIF Orientation 3, 6 and 8, and the upright picture
+    each shows (the JPEG's decoded pixels turned, saved losslessly): {orientation: (tagged, upright)}."""
+    tmp = tmp_path_factory.mktemp("photos")
+    out = {}
+    for orientation in (3, 6, 8):
+        stored = Image.fromarray(np.random.default_rng(orientation).integers(0, 255, (150, 200, 3), dtype=np.uint8))
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        tagged, upright = tmp / f"tagged-{orientation}.jpg", tmp / f"upright-{orientation}.png"
+        stored.save(tagged, exif=exif, quality=90)
+        with Image.open(tagged) as decoded:  # the stored pixels as the decoder gives them, turned as viewed
+            decoded.convert("RGB").transpose(VIEWED[orientation]).save(upright)
+        out[orientation] = (tagged, upright)
+    return out
+
+
+def test_phone_photos_predict_as_viewed_in_predict_the_api_and_the_web_page(tiny_model_dir, photos):
+    """Orientation 3, 6, 8 JPEGs score exactly as their upright pictures: in `vlmtune predict`'s runner, through the
+    API's JSON (a data URL) and the web page's handler; the training path's pixels are the upright ones."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from helpers import RULES_PROMPT, record
+    from vlmtune.data.conversation import Conversation, Message
+    from vlmtune.data.encode import encode
+    from vlmtune.infer.engine import load_engine
+    from vlmtune.infer.runner import TransformersPredictor
+    from vlmtune.serve.api import create_app
+    from vlmtune.serve.common import Limits, ModelService
+    from vlmtune.serve.webui import answer_page
+
+    labels = ["满足要求", "不满足要求"]
+    engine = load_engine(str(tiny_model_dir), log=lambda *_: None)
+    predictor, service = TransformersPredictor(engine, workers=1), ModelService(engine, labels)
+    client = TestClient(create_app(service, "judge", default_mode="score"))
+
+    def conversation(path):
+        messages = [Message(m["role"], m["content"]) for m in record(str(path), labels[0])["messages"]]
+        return Conversation(messages=messages, images=[str(path)], source="photos.json", index=0)
+
+    def api_scores(path):
+        url = "data:image/jpeg;base64," if path.suffix == ".jpg" else "data:image/png;base64,"
+        content = [{"type": "image_url", "image_url": {"url": url + base64.b64encode(path.read_bytes()).decode()}},
+                   {"type": "text", "text": RULES_PROMPT.replace("<image>", "")}]
+        response = client.post("/v1/chat/completions", json={"model": "judge", "messages": [
+            {"role": "user", "content": content}]})
+        assert response.status_code == 200, response.text
+        return response.json()["vlmtune"]["scores"]
+
+    for tagged, upright in photos.values():
+        runs = {which: predictor.score(predictor.prepare([conversation(path)]), labels)[0]
+                for which, path in (("tagged", tagged), ("upright", upright))}
+        assert runs["tagged"] == pytest.approx(runs["upright"], abs=1e-6)
+        assert api_scores(tagged) == pytest.approx(api_scores(upright), abs=1e-6)
+        page = [answer_page(service, Limits(), str(path), RULES_PROMPT.replace("<image>", ""), "", "score", 8, 0.0)
+                for path in (tagged, upright)]
+        assert page[0].scores == pytest.approx(page[1].scores, abs=1e-6)
+        training = [encode(conversation(path), engine.processor, None).images[0] for path in (tagged, upright)]
+        assert torch.equal(training[0], training[1])
