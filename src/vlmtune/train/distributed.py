@@ -174,9 +174,11 @@ def check_every_rank_sees(output_dir: Path, accelerator, wait_s: float = 15.0) -
         token.write_text(str(os.getpid()))
     accelerator.wait_for_everyone()
     deadline = time.time() + wait_s
-    while not (output_dir.is_dir() and name[0] in os.listdir(output_dir)) and time.time() < deadline:
+    sees = output_dir.is_dir() and name[0] in os.listdir(output_dir)
+    while not sees and time.time() < deadline:
         time.sleep(0.5)  # listing the directory asks the server again
-    seen = gather_object([output_dir.is_dir() and name[0] in os.listdir(output_dir)])
+        sees = output_dir.is_dir() and name[0] in os.listdir(output_dir)
+    seen = gather_object([sees])
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         token.unlink(missing_ok=True)

@@ -567,8 +567,9 @@ def resume(cfg: Config, accelerator, model, optimizer, scheduler, resume_from: P
     """The state to start from: a checkpoint's (after checking it belongs to this run and its data), or a fresh
     one."""
     output_dir = Path(cfg.train.output_dir)
-    shape = run_shape(cfg, accelerator.num_processes, len(data.train),
-                      data_digest(data.train.conversations, data.val.conversations))
+    # The digest stats every image: rank 0 alone reads them, as it alone checks the data.
+    digest = decided_by_rank_zero(accelerator, lambda: data_digest(data.train.conversations, data.val.conversations))
+    shape = run_shape(cfg, accelerator.num_processes, len(data.train), digest)
     state = TrainerState(total_steps=total_steps, run=shape)
     if resume_from is not None:
         state = read_state(resume_from)

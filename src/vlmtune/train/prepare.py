@@ -14,7 +14,7 @@ from vlmtune.data.conversation import Conversation, Problem
 from vlmtune.data.encode import IGNORE_INDEX, EncodedSample
 from vlmtune.data.loader import load_splits, refuse_or_skip
 from vlmtune.errors import VlmtuneError
-from vlmtune.labels import resolve_label_set
+from vlmtune.labels import answers_outside, normalize_answer, resolve_label_set
 from vlmtune.train.selection import check_selection
 
 
@@ -141,12 +141,14 @@ def check_before_encoding(cfg: Config, train: list[Conversation], val: list[Conv
                            f"records, so every micro-batch would repeat records; use at most "
                            f"{max(1, len(train) // world_size)}")
     if cfg.data.labels:
-        outside = [c for c in train + val if (c.answer or "").strip() not in cfg.data.labels]
+        records = train + val
+        wrong = set(answers_outside(cfg.data.labels, [c.answer for c in records]))
+        outside = [c for c in records if normalize_answer(c.answer or "") in wrong]
         if outside:
             first = outside[0]
-            scope = ("none of the answers is" if len(outside) == len(train) + len(val) else
-                     f"{len(outside)} of {len(train) + len(val)} answers are not")
-            raise VlmtuneError(f"{first.source}: record {first.index}: answer {(first.answer or '').strip()!r} is "
+            scope = ("none of the answers is" if len(outside) == len(records) else
+                     f"{len(outside)} of {len(records)} answers are not")
+            raise VlmtuneError(f"{first.source}: record {first.index}: answer {normalize_answer(first.answer or '')!r} is "
                                f"not one of labels {cfg.data.labels} ({scope} one of them); fix the labels setting "
                                f"or the answers")
     check_selection(cfg, label_set, [c.answer for c in val], log)
