@@ -106,6 +106,45 @@ def test_a_photo_is_used_as_viewed_whatever_its_exif_orientation(tmp_path, orien
         assert not torch.equal(load_resized(tagged, settings), load_resized(plain, settings))
 
 
+def with_late_exif(png: bytes, exif: Image.Exif) -> bytes:
+    """The PNG with an eXIf chunk after its pixel data (before IEND), where some writers put it."""
+    import struct
+    import zlib
+
+    data = exif.tobytes()
+    chunk = struct.pack(">I", len(data)) + b"eXIf" + data + struct.pack(">I", zlib.crc32(b"eXIf" + data))
+    end = png.rindex(b"IEND") - 4
+    return png[:end] + chunk + png[end:]
+
+
+def test_a_png_with_exif_after_its_pixels_is_turned_without_decoding_it_for_its_header(tmp_path, monkeypatch):
+    """Pillow finds such a block only by decoding the whole PNG: vlmtune walks the chunk headers, so a header check
+    of 100,000 PNGs stays a header check (16 ms a megapixel PNG before) — and still sees it turned."""
+    from PIL import ImageFile
+
+    from vlmtune.data.images import decoded_bytes, open_header, orientation
+
+    stored = Image.fromarray(np.random.default_rng(6).integers(0, 255, (84, 140, 3), dtype=np.uint8))
+    plain, late, upright = tmp_path / "plain.png", tmp_path / "late.png", tmp_path / "upright.png"
+    stored.save(plain)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    late.write_bytes(with_late_exif(plain.read_bytes(), exif))
+    stored.transpose(VIEWED[6]).save(upright)
+    assert "exif" not in Image.open(late).info and Image.open(late).getexif()[0x0112] == 6  # Pillow: after a decode
+    settings = ImageSettings.from_dict({"max_pixels": 448 * 448})
+    assert torch.equal(load_resized(late, settings), load_resized(upright, settings))
+
+    loads = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self) or real_load(self))
+    assert header_size(late) == (84, 140) and header_size(plain) == (140, 84)
+    with open_header(late) as image:
+        assert orientation(image) == 6 and decoded_bytes(image) == 140 * 84 * 8  # turned: one more copy
+        assert not loads
+        assert np.array_equal(np.asarray(image), np.asarray(stored))  # the file is still read from where it was
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
 def test_transparent_pixels_are_white_and_partial_ones_blend(tmp_path, mode):
     """A PNG with transparency reaches the model as viewed on white, not as the colours under its alpha."""
