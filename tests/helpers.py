@@ -178,3 +178,13 @@ def save_grey16_png(path: Path, width: int, height: int) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts))
                      + chunk(b"IEND", b""))
     return path
+
+
+def register(directory: Path, name: str, **entry) -> Path:
+    """Merge one dataset_info.json entry (as given: file_name and all) into `directory`'s registry."""
+    directory.mkdir(parents=True, exist_ok=True)
+    info_path = directory / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    info[name] = entry
+    info_path.write_text(json.dumps(info, ensure_ascii=False), encoding="utf-8")
+    return info_path

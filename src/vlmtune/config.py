@@ -118,7 +118,8 @@ class DataConfig:
         "answer: a longer sample is reported by the data checks (and refused, or skipped with "
         "skip_bad_records). Prediction never truncates: a prompt longer than the model's context is refused, naming "
         "the record.", 2048)
-    max_samples: int | None = _help("Use at most this many records from each dataset (the first ones).")
+    max_samples: int | None = _help("Use at most this many records from each dataset: the first ones (of those "
+                                    "an entry's num_samples drew, when dataset_info.json sets it).")
     packing: bool = _help(
         "Padding-free training: the per_device_train_batch_size samples of each micro-batch go into one row "
         "without padding, each keeping its own positions (its own 3-D rope positions), and no sample attends to "

@@ -103,6 +103,19 @@ CASES = {
                               "problem", ["field 'conversations[1].from'"]),
     "image path with a NUL byte": (lambda d: with_record(d, record("images/a\0b.png", "满足要求")), None, "problem",
                                    ["record 2", "field 'images[0]'", "not a file path"]),
+    "preference data": (lambda d: edit_registry(d, ranking=True), None, "error",
+                        ["dataset 'my_dataset'", "field 'ranking'", "supervised fine-tuning"]),
+    "num_samples not a number": (lambda d: edit_registry(d, num_samples="all"), None, "error",
+                                 ["dataset_info.json", "dataset 'my_dataset'", "field 'num_samples'", "'all'"]),
+    "a parquet file": (lambda d: (dataset_file(d).with_suffix(".parquet").write_bytes(b"PAR1\xff\x00" * 9),
+                                  edit_registry(d, file_name="my_dataset.parquet")), None, "error",
+                       ["dataset 'my_dataset'", "field 'file_name'", "my_dataset.parquet", ".json and .jsonl"]),
+    "a bad record drawn again by num_samples": (lambda d: (with_record(d, record("images/img_0.png", "")),
+                                                           edit_registry(d, num_samples=60)), None, "problem",
+                                                ["my_dataset.json: record 2", "empty assistant content"]),
+    "image bytes in the record": (lambda d: with_record(d, {**record("x", "满足要求"),
+                                                            "images": [{"bytes": "iVBORw0KGgo=", "path": None}]}),
+                                  None, "problem", ["record 2", "field 'images[0].bytes'", "reads image files"]),
     "truncated image": (lambda d: broken_image(d, png_bytes()[:-200]), None, "problem",
                         ["record 2", "field 'images[0]'", "unreadable image", "broken.png"]),
     "header-only image": (lambda d: broken_image(d, png_bytes()[:60]), None, "problem",
@@ -202,3 +215,26 @@ def test_a_1_mb_record_is_refused_without_tokenising_it(tmp_path, capsys, tiny_m
                      "without tokenising"):
         assert fragment in problems[0], (fragment, problems[0])
     assert checksums(tmp_path) == before
+
+
+def test_registry_keys_llama_factory_does_not_know_are_notes(tmp_path, capsys):
+    """A typo in dataset_info.json (`column`, `columns.image`) is ignored, as LLaMA-Factory ignores it: said in one
+    note line a key, with the key meant; the check still passes."""
+    data = make_dataset(tmp_path / "data", n=6)
+    edit_registry(data, column={"images": "images"}, columns={"messages": "messages", "images": "images",
+                                                              "image": "images"})
+    result = run_inline(capsys, "data", "check", "--dataset", "my_dataset", "--dataset_dir", data)
+    assert result.returncode == 0, result.stdout + result.stderr
+    notes = [line for line in result.stdout.splitlines() if "LLaMA-Factory key" in line]
+    assert notes == [f"note: {data / 'dataset_info.json'}: dataset 'my_dataset': key 'column' is not a LLaMA-Factory "
+                     f"key and is ignored (closest known key: 'columns')",
+                     f"note: {data / 'dataset_info.json'}: dataset 'my_dataset': key 'columns.image' is not a "
+                     f"LLaMA-Factory key and is ignored (closest known key: 'columns.images')"]
+
+
+def test_num_samples_copies_are_counted_and_split_as_one_record(tmp_path, capsys):
+    data = make_dataset(tmp_path / "data", n=6)
+    edit_registry(data, num_samples=20)
+    result = run_inline(capsys, "data", "check", "--dataset", "my_dataset", "--dataset_dir", data, "val_size=2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "records: 20 read, 0 with problems" in result.stdout and ", val 2" in result.stdout

@@ -322,3 +322,29 @@ def test_several_gpus_start_one_rank_per_engine(monkeypatch, tmp_path, tiny_mode
     except SystemExit:
         pass
     assert started == [processes if processes is not None else "in this process"]
+
+
+def test_a_folder_dataset_with_num_samples_predicts_each_drawn_record_once(tmp_path, capsys, tiny_model_dir,
+                                                                           label_adapter):
+    """LLaMA-Factory's `file_name: a folder` and `num_samples` larger than the data (records drawn again): one row
+    per distinct record, the fingerprint names every file, and no output may replace one of them."""
+    from helpers import SHAREGPT_ENTRY, register
+    from label_adapters import rules_records
+
+    data = tmp_path / "data"
+    records = rules_records(6, data / "images")
+    (data / "parts").mkdir(parents=True)
+    for part, chunk in (("a.jsonl", records[:4]), ("b.jsonl", records[4:])):
+        (data / "parts" / part).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in chunk),
+                                           encoding="utf-8")
+    register(data, "rules", file_name="parts", num_samples=9, **SHAREGPT_ENTRY)
+    refused = run_inline(capsys, *predict_args(tiny_model_dir, label_adapter, data, data / "parts" / "a.jsonl"))
+    assert_one_line_error(refused, "--save_name")
+    save = tmp_path / "pred.jsonl"
+    result = run_inline(capsys, *predict_args(tiny_model_dir, label_adapter, data, save))
+    assert result.returncode == 0, result.stderr
+    rows = read_rows(save)
+    ids = [row["id"] for row in rows]
+    assert len(ids) == len(set(ids)) == len(set(dataset_ids(data))) == 6  # 9 drawn from 6: all six, once each
+    meta = json.loads(save.with_name(save.name + ".meta.json").read_text(encoding="utf-8"))
+    assert {Path(d["file"]).name for d in meta["datasets"]} == {"a.jsonl", "b.jsonl"}

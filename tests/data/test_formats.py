@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from helpers import RULES_PROMPT, SHAREGPT_ENTRY, make_dataset, record, save_image, write_dataset
+from helpers import SHAREGPT_ENTRY, make_dataset, record, register, save_image, write_dataset
 from vlmtune.config import DataConfig
 from vlmtune.data.loader import load_datasets, load_splits
 from vlmtune.errors import VlmtuneError
@@ -82,3 +82,134 @@ def test_val_split_uses_eval_dataset_when_given(tmp_path):
     splits = load_splits(DataConfig(dataset="train_set", eval_dataset="val_set", dataset_dir=str(tmp_path),
                                     val_size=0.5), seed=1)
     assert len(splits.train) == 6 and len(splits.val) == 4
+
+
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "system_tag": "system"}
+
+
+def turns(*pairs: tuple[str, str]) -> list[dict]:
+    return [{"role": role, "content": content} for role, content in pairs]
+
+
+def test_openai_formatting_reads_as_sharegpt_with_a_first_system_message(tmp_path):
+    save_image(tmp_path / "a.png", (64, 64), 0)
+    good = {"messages": turns(("system", "sys"), ("user", "<image>ok?"), ("assistant", "yes")), "images": ["a.png"],
+            "system": "the column's system"}
+    tool = {"messages": turns(("user", "<image>ok?"), ("observation", "42"), ("assistant", "yes")),
+            "images": ["a.png"]}
+    call = {"messages": [{"role": "user", "content": "<image>ok?"},
+                         {"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f"}}]}],
+            "images": ["a.png"]}
+    path = write_dataset(tmp_path, "d", [good, tool, call],
+                         entry={"formatting": "openai", "columns": {"messages": "messages", "system": "system"},
+                                "tags": OPENAI_TAGS})
+    loaded = load_datasets("d", str(tmp_path), None)
+    assert len(loaded.conversations) == 1
+    conv = loaded.conversations[0]
+    assert conv.system == "sys" and [m.role for m in conv.messages] == ["system", "user", "assistant"]
+    lines = [str(p) for p in loaded.problems]
+    assert any(line.startswith(f"{path}: record 1: field 'messages[1].role': unknown role 'observation'")
+               and "tool turns are not trained" in line for line in lines), lines
+    assert f"{path}: record 2: field 'messages[1].tool_calls': tool calls are not trained by vlmtune" in lines
+
+
+def test_a_folder_is_read_file_by_file_in_name_order(tmp_path):
+    save_image(tmp_path / "a.png", (64, 64), 0)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    bad = {"messages": turns(("bot", "<image>")), "images": ["a.png"]}
+    (folder / "b.jsonl").write_text("\n".join(json.dumps(r) for r in [record("a.png", "yes"), bad]) + "\n")
+    (folder / "a.json").write_text(json.dumps([record("a.png", "no")]))
+    (folder / ".a.json.swp").write_bytes(b"\0\1")  # an editor's swap file is no one's data
+    register(tmp_path, "d", file_name="parts", **SHAREGPT_ENTRY)
+    loaded = load_datasets("d", str(tmp_path), None)
+    assert [(c.source, c.index, c.answer) for c in loaded.conversations] == [
+        (str(folder / "a.json"), 0, "no"), (str(folder / "b.jsonl"), 0, "yes")]
+    assert len({c.id for c in loaded.conversations}) == 2  # both files count from record 0
+    assert [str(p) for p in loaded.problems] == [
+        f"{folder / 'b.jsonl'}: record 1: field 'messages[0].role': unknown role 'bot' (expected one of user, "
+        f"assistant, system)"]
+
+
+@pytest.mark.parametrize("files, fragments", [
+    ({"a.json": "[]", "b.csv": "x,y\n"}, ["field 'file_name'", "b.csv", "reads .json and .jsonl"]),
+    ({}, ["field 'file_name'", "holds no .json or .jsonl file"]),
+    ({"a.json": "[]"}, ["parts", "no records (no file of the folder holds a record)"]),
+])
+def test_a_folder_of_other_types_or_of_nothing_is_one_line(tmp_path, files, fragments):
+    (tmp_path / "parts").mkdir()
+    for name, text in files.items():
+        (tmp_path / "parts" / name).write_text(text)
+    register(tmp_path, "d", file_name="parts", **SHAREGPT_ENTRY)
+    with pytest.raises(VlmtuneError) as caught:
+        load_datasets("d", str(tmp_path), None)
+    assert "\n" not in str(caught.value) and all(f in str(caught.value) for f in fragments), str(caught.value)
+
+
+def test_num_samples_draws_a_seeded_permutation_topped_up_with_replacement(tmp_path):
+    save_image(tmp_path / "a.png", (64, 64), 0)
+    bad = {"messages": turns(("user", "<image>")), "images": ["a.png"]}
+    records = [record("a.png", f"answer {i}") for i in range(5)] + [bad]
+    path = write_dataset(tmp_path, "d", records, entry={**SHAREGPT_ENTRY, "num_samples": 4})
+
+    def drawn(seed: int, max_samples: int | None = None) -> list[int]:
+        return [c.index for c in load_datasets("d", str(tmp_path), max_samples, seed=seed).conversations]
+
+    first = drawn(1)
+    assert first == drawn(1) and len(set(first)) == len(first) and len(first) in (3, 4)  # the bad one left out
+    assert len({tuple(drawn(seed)) for seed in range(6)}) > 1  # the seed decides which
+    write_dataset(tmp_path, "d", records, entry={**SHAREGPT_ENTRY, "num_samples": 20})
+    picks = _draw(6, 20, 3)
+    assert len(picks) == 20 and sorted(picks[:6]) == list(range(6))  # every record once, then drawn again
+    loaded = load_datasets("d", str(tmp_path), None, seed=3)
+    assert [c.index for c in loaded.conversations] == [i for i in picks if i != 5]
+    assert [str(p) for p in loaded.problems] == [f"{path}: record 5: field 'messages': no assistant answer at the end"]
+    assert drawn(3, max_samples=7) == [i for i in picks[:7] if i != 5]  # max_samples after num_samples
+
+
+def _draw(n: int, num_samples: int, seed: int) -> list[int]:
+    from vlmtune.data.formats import sample_indices
+
+    return sample_indices(n, num_samples, seed)
+
+
+def test_copies_drawn_by_num_samples_stay_on_one_side_of_the_split(tmp_path):
+    make_dataset(tmp_path, n=6)
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    info["my_dataset"]["num_samples"] = 30
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    splits = load_splits(DataConfig(dataset="my_dataset", dataset_dir=str(tmp_path), val_size=2), seed=1)
+    val_keys = [(c.source, c.index) for c in splits.val]
+    assert len(val_keys) == len(set(val_keys)) == 2
+    assert len(splits.train) == 30 - sum(1 for i in _draw(6, 30, 1) if (str(tmp_path / "my_dataset.json"), i)
+                                         in set(val_keys))
+    assert not set(val_keys) & {(c.source, c.index) for c in splits.train}
+
+
+def test_relative_image_falls_back_to_the_path_as_given(tmp_path, monkeypatch):
+    """As LLaMA-Factory: dataset_dir / path when that file exists, else the path from the current directory."""
+    data, work = tmp_path / "data", tmp_path / "work"
+    save_image(work / "pics" / "only_here.png", (64, 64), 0)
+    save_image(work / "pics" / "both.png", (64, 64), 1)
+    save_image(data / "pics" / "both.png", (64, 64), 2)
+    monkeypatch.chdir(work)
+    write_dataset(data, "d", [record("pics/only_here.png", "yes"), record("pics/both.png", "no"),
+                              record("pics/nowhere.png", "no")])
+    images = [c.images[0] for c in load_datasets("d", str(data), None).conversations]
+    assert images == [str(work / "pics" / "only_here.png"), str(data / "pics" / "both.png"),
+                      str(data / "pics" / "nowhere.png")]
+
+
+def test_image_objects_as_datasets_exports_them(tmp_path):
+    save_image(tmp_path / "a.png", (64, 64), 0)
+    as_object = {**record("a.png", "yes"), "images": [{"path": "a.png", "bytes": None}]}
+    with_bytes = {**record("a.png", "yes"), "images": [{"path": None, "bytes": "iVBORw0KGgo="}]}
+    no_path = {**record("a.png", "yes"), "images": [{"bytes": None}]}
+    path = write_dataset(tmp_path, "d", [as_object, with_bytes, no_path])
+    loaded = load_datasets("d", str(tmp_path), None)
+    assert [c.images for c in loaded.conversations] == [[str(tmp_path / "a.png")]]
+    lines = [str(p) for p in loaded.problems]
+    assert lines[0].startswith(f"{path}: record 1: field 'images[0].bytes': embedded image bytes: vlmtune reads "
+                               f"image files"), lines
+    assert lines[1] == f"{path}: record 2: field 'images[0].path': must be an image path (a string), got None"

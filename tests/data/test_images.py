@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -191,7 +193,7 @@ def test_a_fifo_or_directory_named_as_an_image_is_refused_at_once(tmp_path):
             load_resized(path, ImageSettings.from_dict({}))
 
 
-def decode_cases(tmp_path) -> dict[str, "Path"]:
+def decode_cases(tmp_path) -> dict[str, Path]:
     """A 3000 × 3000 black file of each kind of decode: 8-bit and wide greyscale, palette (with transparency too),
     RGB, RGBA, LA, CMYK, and a turned photo (EXIF orientation 6)."""
     side, files = 3000, {}

@@ -43,6 +43,25 @@ def test_stored_samples_equal_direct_encoding(tiny_models, tmp_path, monkeypatch
     assert not reused  # another cutoff_len is another store
 
 
+def test_records_drawn_again_by_num_samples_read_back_from_the_store(tiny_model_dir, tmp_path, monkeypatch):
+    """num_samples draws a record more than once: every copy (same file, same record) reads back as its encoding."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    data = make_dataset(tmp_path / "data", n=3)
+    info = json.loads((data / "dataset_info.json").read_text())
+    info["my_dataset"]["num_samples"] = 7
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    processor = load_processor(tiny_model_dir, max_pixels=200 * 200)
+    convs = load_datasets("my_dataset", str(data), None).conversations
+    assert len(convs) == 7 and len({(c.source, c.index) for c in convs}) == 3
+    store, _ = open_or_build(convs, processor, 4096, None, Ranks(), workers=1)
+    assert not store.problems
+    samples = StoredSamples(store, convs)
+    for position, conv in enumerate(convs):
+        assert torch.equal(samples[position].input_ids, encode(conv, processor, 4096).input_ids)
+    _, reused = open_or_build(convs, processor, 4096, None, Ranks(), workers=1)
+    assert reused
+
+
 def train_args(model, data, out, *extra):
     return ["train", str(write_config(Path(out).parent / f"{Path(out).name}.yaml", model_name_or_path=str(model),
                                       dataset_dir=str(data), output_dir=str(out), image_max_pixels=50176, max_steps=2,

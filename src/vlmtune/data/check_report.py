@@ -8,6 +8,7 @@ import time
 from vlmtune.config import Config
 from vlmtune.data.checks import answer_distribution, describe_distribution, describe_tokens, label_notes
 from vlmtune.data.loader import load_splits
+from vlmtune.data.registry import resolve
 
 
 def check_report(cfg: Config, processor=None, log=print) -> int:
@@ -19,6 +20,8 @@ def check_report(cfg: Config, processor=None, log=print) -> int:
 
     log(f"datasets: {cfg.data.dataset}" + (f" (eval: {cfg.data.eval_dataset})" if cfg.data.eval_dataset else "")
         + f" in {cfg.data.dataset_dir}")
+    for line in registry_notes(cfg):
+        log(f"note: {line}")
     log(f"records: {splits.n_records} read, {bad_records} with problems; train {len(train)}, val {len(val)}")
     log(f"answers (train): {describe_distribution(answer_distribution(train))}")
     if val:
@@ -43,6 +46,13 @@ def check_report(cfg: Config, processor=None, log=print) -> int:
     for problem in problems:
         log(f"  {problem}")
     return 1
+
+
+def registry_notes(cfg: Config) -> list[str]:
+    """The registry keys of the named datasets that LLaMA-Factory does not know (`registry.unknown_keys`), once
+    each: ignored by training, so a typo would go unseen."""
+    names = ",".join(n for n in (cfg.data.dataset, cfg.data.eval_dataset) if n)
+    return list(dict.fromkeys(line for entry in resolve(names, cfg.data.dataset_dir) for line in entry.notes))
 
 
 def cache_report(clear: bool, unused_days: float, log=print) -> int:

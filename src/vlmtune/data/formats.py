@@ -1,12 +1,24 @@
-"""Read dataset files (json / jsonl) and convert sharegpt or alpaca records into Conversations.
+"""Read dataset files (json / jsonl) and convert sharegpt, openai or alpaca records into Conversations.
 
 Conversion never stops at the first bad record: each problem is recorded with file, record index and
-field, so `vlmtune data check` can list them all and training can skip them when asked.
+field, so `vlmtune data check` can list them all and training can skip them when asked. A folder's files
+are read in name order and each record keeps its own file and index.
+
+Sampling follows LLaMA-Factory's loader: `num_samples` takes a permutation of the records (seeded by the
+run's `seed`, so every run draws the same ones) cut to num_samples, and when the dataset holds fewer, adds
+records drawn again at random; `max_samples` then keeps the first ones. A record drawn twice is converted and
+reported once and appears twice, as the same Conversation (same file and index).
+
+Images are paths (a string or a list), or objects as Hugging Face `datasets` writes them to JSON
+(`{"path": ..., "bytes": null}`); a relative path resolves against media_dir (else dataset_dir) and, as in
+LLaMA-Factory, when no file is there but one is at the path as given (from the current directory), that one.
+Embedded image bytes are a problem of the record: vlmtune reads image files.
 """
 
 from __future__ import annotations
 
 import os
+import random
 
 from pathlib import Path
 from typing import Any
@@ -35,7 +47,7 @@ def read_records(path: Path) -> tuple[list[Any], list[Problem]]:
         return [], [Problem(str(path), None, None, f"cannot read ({exc.strerror or exc})", fatal=True)]
     except VlmtuneError as exc:
         return [], [Problem(str(path), None, None, str(exc).removeprefix(f"{path}: "), fatal=True)]
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         records, problems = [], []
         for line_no, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -56,38 +68,77 @@ def read_records(path: Path) -> tuple[list[Any], list[Problem]]:
     return data, []
 
 
-def load_entry(entry: DatasetEntry, max_samples: int | None = None) -> LoadedData:
-    """Convert the records of one registry entry, keeping the first max_samples."""
-    records, problems = read_records(entry.path)
-    if not records and not problems:
-        problems = [Problem(str(entry.path), None, None, "no records (the file holds no record)", fatal=True)]
+def load_entry(entry: DatasetEntry, max_samples: int | None = None, seed: int = 42) -> LoadedData:
+    """Convert the records of one registry entry: num_samples of them drawn as LLaMA-Factory does (with the
+    run's seed), then the first max_samples."""
+    records, problems = _entry_records(entry)
+    picks = list(range(len(records)))
+    if entry.num_samples is not None:
+        picks = sample_indices(len(records), entry.num_samples, seed)
     if max_samples is not None:
-        records = records[:max_samples]
-    out = LoadedData(problems=list(problems))
-    convert = _sharegpt if entry.formatting == "sharegpt" else _alpaca
-    messages_field = (entry.columns.get("messages") or "conversations") if entry.formatting == "sharegpt" \
-        else entry.columns.get("prompt") or "instruction"
-    for index, record in enumerate(records):
-        if record is UNPARSED:
-            continue
-        where = (str(entry.path), index)
-        if not isinstance(record, dict):
-            got = "null" if record is None else type(record).__name__
-            out.problems.append(Problem(*where, None, f"record must be a JSON object, got {got}"))
-            continue
-        messages, record_problems = convert(record, entry, where)
-        images, image_problems = _images(record, entry, where)
-        record_problems += image_problems + _media_problems(record, entry, where, messages)
-        if messages is not None and not record_problems:
-            normalize_final_answer(messages)
-            conv = Conversation(messages=messages, images=images, source=str(entry.path), index=index,
-                                dataset=entry.name, messages_field=messages_field,
-                                images_field=entry.columns.get("images") or "images")
-            record_problems += structure_problems(conv)
-            if not record_problems:
-                out.conversations.append(conv)
-        out.problems += record_problems
+        picks = picks[:max_samples]
+    out = LoadedData(problems=problems)
+    converted: dict[int, Conversation | None] = {}
+    for pick in picks:
+        if pick not in converted:  # a record drawn again is the same record: converted and reported once
+            source, index, record = records[pick]
+            converted[pick] = _convert(record, entry, source, index, out.problems)
+        if converted[pick] is not None:
+            out.conversations.append(converted[pick])
     return out
+
+
+def sample_indices(n: int, num_samples: int, seed: int) -> list[int]:
+    """LLaMA-Factory's `num_samples` draw: a permutation of the n records cut to num_samples (every record
+    used when there are enough), then records drawn with replacement for the rest."""
+    if n == 0:
+        return []
+    rng = random.Random(seed)
+    picks = rng.sample(range(n), min(n, num_samples))
+    return picks + [rng.randrange(n) for _ in range(num_samples - len(picks))]
+
+
+def _entry_records(entry: DatasetEntry) -> tuple[list[tuple[Path, int, Any]], list[Problem]]:
+    """(file, index in that file, record) for every record of the entry's files, in order, and the problems of
+    reading them; none at all is one fatal problem."""
+    records: list[tuple[Path, int, Any]] = []
+    problems: list[Problem] = []
+    for path in entry.files:
+        file_records, file_problems = read_records(path)
+        records += [(path, index, record) for index, record in enumerate(file_records)]
+        problems += file_problems
+    if not records and not problems:
+        what = "no file of the folder holds a record" if entry.is_folder else "the file holds no record"
+        problems = [Problem(str(entry.path), None, None, f"no records ({what})", fatal=True)]
+    return records, problems
+
+
+def _convert(record: Any, entry: DatasetEntry, source: Path, index: int,
+             problems: list[Problem]) -> Conversation | None:
+    """One record as a Conversation, or None with its problems added to `problems`."""
+    if record is UNPARSED:
+        return None
+    where = (str(source), index)
+    if not isinstance(record, dict):
+        got = "null" if record is None else type(record).__name__
+        problems.append(Problem(*where, None, f"record must be a JSON object, got {got}"))
+        return None
+    alpaca = entry.formatting == "alpaca"
+    messages, record_problems = (_alpaca if alpaca else _sharegpt)(record, entry, where)
+    images, image_problems = _images(record, entry, where)
+    record_problems += image_problems + _media_problems(record, entry, where, messages)
+    conv = None
+    if messages is not None and not record_problems:
+        normalize_final_answer(messages)
+        messages_field = (entry.columns.get("prompt") or "instruction") if alpaca \
+            else entry.columns.get("messages") or "conversations"
+        # A folder's files each count from record 0: the file's name keeps the ids apart.
+        conv = Conversation(messages=messages, images=images, source=str(source), index=index,
+                            dataset=entry.name, id=f"{entry.name}-{source.name}-{index}" if entry.is_folder else "",
+                            messages_field=messages_field, images_field=entry.columns.get("images") or "images")
+        record_problems += structure_problems(conv)
+    problems += record_problems
+    return None if record_problems else conv
 
 
 def normalize_final_answer(messages: list[Message]) -> None:
@@ -102,24 +153,51 @@ def _images(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[
     value = record.get(column) if column else None
     if value is None:
         return [], []
-    if isinstance(value, str):
+    if isinstance(value, (str, dict)):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list):
         return [], [Problem(*where, column, "must be a list of image paths")]
     paths = []
     for i, item in enumerate(value):
-        if "\0" in item or not item.strip():
-            return [], [Problem(*where, f"{column}[{i}]", f"not a file path: {item!r}")]
+        item, problem = _image_path(item, f"{column}[{i}]", where)
+        if problem is not None:
+            return [], [problem]
         try:
             path = Path(item).expanduser()
         except RuntimeError:  # `~someone/...` for a user this machine does not have
             return [], [Problem(*where, f"{column}[{i}]", f"no home directory for {item!r}")]
-        # abspath, not resolve(): the same file, without a readlink per path component (6 s per 100,000 records)
-        paths.append(str(path) if path.is_absolute() else os.path.abspath((entry.media_dir or entry.dataset_dir) / path))
+        paths.append(str(path) if path.is_absolute() else _relative_image(path, entry))
     return paths, []
 
 
+def _image_path(item: Any, field_name: str, where: tuple[str, int]) -> tuple[str, Problem | None]:
+    """The path of one image entry: a string, or a `datasets` export's `{"path": ..., "bytes": null}`."""
+    if isinstance(item, dict):
+        if item.get("bytes") is not None:
+            return "", Problem(*where, f"{field_name}.bytes", "embedded image bytes: vlmtune reads image files; "
+                                                              "save the images and give their paths")
+        item = item.get("path")
+        field_name += ".path"
+    if not isinstance(item, str):
+        return "", Problem(*where, field_name, f"must be an image path (a string), got {item!r}")
+    if "\0" in item or not item.strip():
+        return "", Problem(*where, field_name, f"not a file path: {item!r}")
+    return item, None
+
+
+def _relative_image(path: Path, entry: DatasetEntry) -> str:
+    """media_dir (else dataset_dir) / path; as LLaMA-Factory, the path as given (from the current directory) when
+    no file is there but one is here. abspath, not resolve(): the same file, without a readlink per path
+    component (6 s per 100,000 records); the one stat a path is the check LLaMA-Factory makes."""
+    joined = os.path.abspath((entry.media_dir or entry.dataset_dir) / path)
+    if not os.path.isfile(joined) and os.path.isfile(path):
+        return os.path.abspath(path)
+    return joined
+
+
 def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[list[Message] | None, list[Problem]]:
+    """sharegpt and openai records (one layout, as in LLaMA-Factory): a first system message is the system,
+    over the system column; tool turns and tool calls are problems of the record, as vlmtune does not train them."""
     column = entry.columns.get("messages") or "conversations"
     tags = entry.tags
     turns = record.get(column)
@@ -128,9 +206,11 @@ def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tupl
     if not isinstance(turns, list) or not turns:
         return None, [Problem(*where, column, "must be a non-empty list of messages")]
     role_of = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["system_tag"]: "system"}
+    tool_roles = {tags["observation_tag"], tags["function_tag"]} - set(role_of)
     messages, problems = [], []
     system_column = entry.columns.get("system")
-    if system_column and isinstance(record.get(system_column), str):
+    first_is_system = isinstance(turns[0], dict) and turns[0].get(tags["role_tag"]) == tags["system_tag"]
+    if system_column and isinstance(record.get(system_column), str) and not first_is_system:
         messages.append(Message("system", record[system_column], origin=(system_column, system_column)))
     for i, turn in enumerate(turns):
         field_name = f"{column}[{i}]"
@@ -139,9 +219,13 @@ def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tupl
             continue
         role = turn.get(tags["role_tag"])
         if not isinstance(role, str) or role not in role_of:
-            allowed = ", ".join(role_of)
+            tool = isinstance(role, str) and role in tool_roles
+            tools = "; tool turns are not trained by vlmtune" if tool else ""
             problems.append(Problem(*where, f"{field_name}.{tags['role_tag']}",
-                                    f"unknown role {role!r} (expected one of {allowed})"))
+                                    f"unknown role {role!r} (expected one of {', '.join(role_of)}{tools})"))
+            continue
+        if turn.get("tool_calls"):  # an openai assistant turn calling a tool (LLaMA-Factory's function turn)
+            problems.append(Problem(*where, f"{field_name}.tool_calls", "tool calls are not trained by vlmtune"))
             continue
         content = turn.get(tags["content_tag"])
         if not isinstance(content, str):

@@ -3,6 +3,9 @@
 The order matters: read every record, check them all (structure, images, token budget), drop the
 bad ones, then split — so the validation split is stratified over records that can actually be used,
 and `vlmtune data check` shows exactly the split training will use.
+
+A record that `num_samples` drew more than once (`formats.load_entry`) is checked once and split as one
+record: all its copies train, or one copy validates — validation never scores a record training saw.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from vlmtune.data.split import stratified_split
 from vlmtune.errors import VlmtuneError
 
 
-def load_datasets(names: str, dataset_dir: str, max_samples: int | None, media_dir: str | None = None) -> LoadedData:
+def load_datasets(names: str, dataset_dir: str, max_samples: int | None, media_dir: str | None = None,
+                  seed: int = 42) -> LoadedData:
     """Every named dataset, converted; fatal problems (a file that cannot be read) raise. Relative image paths
-    resolve against media_dir (LLaMA-Factory's key), else dataset_dir."""
+    resolve against media_dir (LLaMA-Factory's key), else dataset_dir; `seed` draws the entries' num_samples
+    (default: the config's default seed)."""
     loaded = LoadedData()
     for entry in resolve(names, dataset_dir, media_dir):
-        part = load_entry(entry, max_samples)
+        part = load_entry(entry, max_samples, seed)
         fatal = [p for p in part.problems if p.fatal]
         if fatal:
             raise VlmtuneError(str(fatal[0]))
@@ -48,12 +53,13 @@ def load_splits(data: DataConfig, seed: int, processor=None, decode_images: bool
     """
     if not data.dataset:
         raise VlmtuneError("no dataset given (set `dataset` in the YAML or pass --dataset)")
-    train = load_datasets(data.dataset, data.dataset_dir, data.max_samples, data.media_dir)
-    val = (load_datasets(data.eval_dataset, data.dataset_dir, data.max_samples, data.media_dir) if data.eval_dataset
-           else LoadedData())
+    train = load_datasets(data.dataset, data.dataset_dir, data.max_samples, data.media_dir, seed)
+    val = (load_datasets(data.eval_dataset, data.dataset_dir, data.max_samples, data.media_dir, seed)
+           if data.eval_dataset else LoadedData())
     problems = train.problems + val.problems
-    checked = check_conversations(train.conversations + val.conversations, processor, data.cutoff_len,
-                                  data.default_system, decode=decode_images)
+    # A record drawn again by num_samples is the same Conversation: checked (images decoded, tokens counted) once.
+    once = list({id(c): c for c in train.conversations + val.conversations}.values())
+    checked = check_conversations(once, processor, data.cutoff_len, data.default_system, decode=decode_images)
     problems = sorted(problems + checked.problems, key=lambda p: (p.file, -1 if p.record is None else p.record))
     n_records = len(train.conversations) + len(val.conversations) + len({(p.file, p.record) for p in
                                                                           train.problems + val.problems})
@@ -61,11 +67,23 @@ def load_splits(data: DataConfig, seed: int, processor=None, decode_images: bool
     if data.eval_dataset:
         train_part, val_part = good_train, without_bad(val.conversations, problems)
     else:
-        train_part, val_part = stratified_split(good_train, data.val_size, seed)
+        train_part, val_part = split_records(good_train, data.val_size, seed)
         if data.val_size > 0 and len(train_part) <= 1:
             raise VlmtuneError(f"val_size {data.val_size:g}: leaves {len(train_part)} training record(s) of "
                                f"{len(good_train)} usable ones; lower val_size or add records")
     return Splits(train_part, val_part, problems, checked.stats, n_records)
+
+
+def split_records(conversations: list[Conversation], val_size: float, seed: int
+                  ) -> tuple[list[Conversation], list[Conversation]]:
+    """`stratified_split` over distinct records (file, index): the copies num_samples drew of a record all go to
+    training, or one of them to validation. Without copies, exactly stratified_split."""
+    distinct: dict[tuple[str, int], Conversation] = {}
+    for conv in conversations:
+        distinct.setdefault((conv.source, conv.index), conv)
+    train, val = stratified_split(list(distinct.values()), val_size, seed)
+    in_val = {(c.source, c.index) for c in val}
+    return [c for c in conversations if (c.source, c.index) not in in_val], val
 
 
 def refuse_or_skip(splits: Splits, skip_bad_records: bool, log=print) -> None:

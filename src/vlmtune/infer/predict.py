@@ -87,9 +87,12 @@ def load_test_data(cfg: Config, log=print):
 
     if not cfg.data.dataset:
         raise VlmtuneError("no dataset given (pass --dataset NAME --dataset_dir DIR)")
-    loaded = load_datasets(cfg.data.dataset, cfg.data.dataset_dir, cfg.data.max_samples, cfg.data.media_dir)
-    problems = loaded.problems + check_conversations(loaded.conversations).problems
-    conversations = without_bad(loaded.conversations, problems)
+    loaded = load_datasets(cfg.data.dataset, cfg.data.dataset_dir, cfg.data.max_samples, cfg.data.media_dir,
+                           cfg.train.seed)
+    # A record an entry's num_samples drew more than once is the same Conversation: predicted once.
+    once = list({id(c): c for c in loaded.conversations}.values())
+    problems = loaded.problems + check_conversations(once).problems
+    conversations = without_bad(once, problems)
     if problems:
         bad = len({(p.file, p.record) for p in problems})
         if not cfg.data.skip_bad_records:
@@ -111,7 +114,7 @@ def prediction_inputs(cfg: Config, conversations) -> list[Path]:
     from vlmtune.data.registry import REGISTRY_FILE, resolve
 
     inputs = [Path(cfg.data.dataset_dir) / REGISTRY_FILE]
-    inputs += [entry.path for entry in resolve(cfg.data.dataset, cfg.data.dataset_dir)]
+    inputs += [file for entry in resolve(cfg.data.dataset, cfg.data.dataset_dir) for file in entry.files]
     inputs += [Path(image) for conv in conversations for image in conv.images]
     for directory in (cfg.model.model_name_or_path, cfg.model.adapter_name_or_path):
         if directory and Path(directory).expanduser().is_dir():
@@ -161,8 +164,8 @@ def fingerprint(cfg: Config, pargs: PredictArgs, mode: str, labels, predictor) -
 
     temperature = cfg.predict.sampling_temperature()
 
-    datasets = [{"name": e.name, "file": str(e.path.resolve()), "sha256": file_digest(e.path)}
-                for e in resolve(cfg.data.dataset, cfg.data.dataset_dir)]
+    datasets = [{"name": e.name, "file": str(file.resolve()), "sha256": file_digest(file)}
+                for e in resolve(cfg.data.dataset, cfg.data.dataset_dir) for file in e.files]
     from vlmtune.model.adapter_files import adapter_files
 
     adapter = predictor.adapter_dir
