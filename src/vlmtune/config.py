@@ -89,7 +89,8 @@ class DataConfig:
     """Which datasets to read, how to render them, and how to split them."""
 
     dataset: str | None = _help(
-        "Dataset name(s) from dataset_info.json, comma separated (\"a,b\" joins both): the training data, or what "
+        "Dataset name(s) from dataset_info.json, comma separated (\"a,b\" joins both), or paths of .json/.jsonl "
+        "files or folders (ms-swift's way: the layout read off the first record): the training data, or what "
         "`vlmtune predict`, `sweep`, `webui` and `data check` read.")
     eval_dataset: str | None = _help(
         "Validation dataset name(s). When set, val_size is not used.")

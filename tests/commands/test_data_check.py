@@ -107,6 +107,21 @@ def test_unknown_dataset_and_missing_registry(small_dataset, tmp_path):
     assert_one_line_error(result, "dataset_info.json: not found")
 
 
+def test_a_dataset_given_by_path_is_checked_without_a_registry(tmp_path):
+    """ms-swift's way: `--dataset train.jsonl` from the directory holding it, no dataset_info.json anywhere."""
+    save_image(tmp_path / "pics" / "a.png", (64, 64), 0)
+    rows = [{"messages": [{"role": "user", "content": "<image>合规吗?"}, {"role": "assistant", "content": answer}],
+             "images": ["pics/a.png"]} for answer in ("满足要求", "不满足要求", "满足要求")]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                          encoding="utf-8")
+    result = run_cli("data", "check", "--dataset", "train.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == "datasets: train.jsonl"
+    assert "records: 3 read, 0 with problems" in result.stdout and "no problems found" in result.stdout
+    result = run_cli("data", "check", "--dataset", "tran.jsonl", cwd=tmp_path)
+    assert_one_line_error(result, "dataset 'tran.jsonl': no such file")
+
+
 def test_bad_json_file(tmp_path):
     save_image(tmp_path / "a.png", (32, 32), 0)
     write_dataset(tmp_path, "my_dataset", [])

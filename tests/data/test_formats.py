@@ -213,3 +213,72 @@ def test_image_objects_as_datasets_exports_them(tmp_path):
     assert lines[0].startswith(f"{path}: record 1: field 'images[0].bytes': embedded image bytes: vlmtune reads "
                                f"image files"), lines
     assert lines[1] == f"{path}: record 2: field 'images[0].path': must be an image path (a string), got None"
+
+
+# ms-swift's standard layouts, as a dataset given by its path (no dataset_info.json): layout → one record.
+SWIFT_LAYOUTS = {
+    "messages": {"messages": [{"role": "system", "content": "你是检查助手。"},
+                              {"role": "user", "content": "<image>合规吗?"},
+                              {"role": "assistant", "content": "满足要求"}], "images": ["pics/a.png"]},
+    "conversations": {"conversations": [{"from": "human", "value": "<image>合规吗?"},
+                                        {"from": "gpt", "value": "满足要求"}], "images": ["pics/a.png"],
+                      "system": "你是检查助手。"},
+    "alpaca": {"system": "你是检查助手。", "instruction": "<image>合规吗?", "input": "", "output": "满足要求",
+               "images": ["pics/a.png"]},
+    "query-response": {"system": "你是检查助手。", "query": "<image>合规吗?", "response": "满足要求",
+                       "history": [["先看图", "好的"]], "images": [{"path": "pics/a.png"}]},
+}
+
+
+@pytest.mark.parametrize("layout", list(SWIFT_LAYOUTS))
+def test_a_dataset_given_by_its_path_reads_as_ms_swift_does(tmp_path, monkeypatch, layout):
+    """`dataset: data/train.jsonl` — no registry: the layout is read off the first record, images resolve against
+    the file's folder; the path is found from the current directory or under dataset_dir."""
+    data = tmp_path / "swift"
+    save_image(data / "pics" / "a.png", (64, 64), 0)
+    records = [SWIFT_LAYOUTS[layout], SWIFT_LAYOUTS[layout]]
+    (data / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                      encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    for name, dataset_dir in (("swift/train.jsonl", "elsewhere"), ("train.jsonl", str(data)),
+                              (str(data / "train.jsonl"), "data")):
+        loaded = load_datasets(name, dataset_dir, None)
+        assert not loaded.problems, loaded.problems
+        conv = loaded.conversations[0]
+        assert conv.system == "你是检查助手。" and conv.answer == "满足要求" and conv.id == "train-0"
+        assert conv.images == [str(data / "pics" / "a.png")]
+        assert conv.prompt == "<image>合规吗?" or layout == "query-response"
+    if layout == "query-response":
+        assert [m.content for m in conv.messages[1:]] == ["先看图", "好的", "<image>合规吗?", "满足要求"]
+
+
+def test_a_dataset_path_vlmtune_cannot_read_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "odd.jsonl").write_text(json.dumps({"text": "hello", "label": 1}) + "\n", encoding="utf-8")
+    cases = {"odd.jsonl": ["odd.jsonl", "cannot tell the layout", "first record: label, text",
+                           "register the file in dataset_info.json"],
+             "missing/train.jsonl": ["dataset 'missing/train.jsonl': no such file", "nor under dataset_dir",
+                                     "registers no dataset of that name"],
+             "train.parquet/": ["dataset 'train.parquet/'", "no such file"]}
+    (tmp_path / "train.csv").write_text("a,b\n", encoding="utf-8")
+    cases["train.csv"] = None  # not a path vlmtune reads (and no registry): the registry's own message
+    for name, fragments in cases.items():
+        with pytest.raises(VlmtuneError) as error:
+            load_datasets(name, str(tmp_path / "data"), None)
+        message = str(error.value)
+        assert "\n" not in message
+        for fragment in fragments or ["dataset_info.json: not found"]:
+            assert fragment in message, message
+
+
+def test_a_registered_name_wins_over_a_file_of_that_name(tmp_path, monkeypatch):
+    """With a registry, `dataset: train.jsonl` names its entry when it has one (LLaMA-Factory's meaning)."""
+    save_image(tmp_path / "a.png", (64, 64), 0)
+    write_dataset(tmp_path, "registered", [record("a.png", "不满足要求")] * 3)
+    info = json.loads((tmp_path / "dataset_info.json").read_text())
+    info["train.jsonl"] = info["registered"]
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info), encoding="utf-8")
+    (tmp_path / "train.jsonl").write_text(json.dumps(SWIFT_LAYOUTS["messages"]) + "\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert len(load_datasets("train.jsonl", str(tmp_path), None).conversations) == 3
+    assert len(load_datasets("./train.jsonl", str(tmp_path), None).conversations) == 1

@@ -8,7 +8,7 @@ import time
 from vlmtune.config import Config
 from vlmtune.data.checks import answer_distribution, describe_distribution, describe_tokens, label_notes
 from vlmtune.data.loader import load_splits
-from vlmtune.data.registry import resolve
+from vlmtune.data.registry import looks_like_path, resolve
 
 
 def check_report(cfg: Config, processor=None, log=print) -> int:
@@ -18,8 +18,10 @@ def check_report(cfg: Config, processor=None, log=print) -> int:
     train, val, problems = splits.train, splits.val, splits.problems
     bad_records = len({(p.file, p.record) for p in problems})
 
+    names = [n.strip() for n in f"{cfg.data.dataset},{cfg.data.eval_dataset or ''}".split(",") if n.strip()]
+    registered = [n for n in names if not looks_like_path(n)]  # datasets given by path are not in dataset_dir
     log(f"datasets: {cfg.data.dataset}" + (f" (eval: {cfg.data.eval_dataset})" if cfg.data.eval_dataset else "")
-        + f" in {cfg.data.dataset_dir}")
+        + (f" in {cfg.data.dataset_dir}" if registered else ""))
     for line in registry_notes(cfg):
         log(f"note: {line}")
     log(f"records: {splits.n_records} read, {bad_records} with problems; train {len(train)}, val {len(val)}")

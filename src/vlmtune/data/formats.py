@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.data.conversation import Conversation, LoadedData, Message, Problem
-from vlmtune.data.registry import DatasetEntry
+from vlmtune.data.registry import DatasetEntry, infer_layout
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import decode_text, parse_json
 from vlmtune.labels import normalize_answer
@@ -72,6 +72,16 @@ def load_entry(entry: DatasetEntry, max_samples: int | None = None, seed: int = 
     """Convert the records of one registry entry: num_samples of them drawn as LLaMA-Factory does (with the
     run's seed), then the first max_samples."""
     records, problems = _entry_records(entry)
+    if entry.formatting == "auto" and records:
+        first = next((record for _, _, record in records if isinstance(record, dict)), None)
+        layout = infer_layout(entry, first)
+        if layout is None:
+            keys = ", ".join(sorted(first)[:8]) if first else "no JSON object"
+            return LoadedData(problems=problems + [Problem(
+                str(records[0][0]), None, None, f"cannot tell the layout of the records (first record: {keys}): "
+                f"expected messages, conversations, instruction + output or query + response; or register the "
+                f"file in dataset_info.json with its columns", fatal=True)])
+        entry = layout
     picks = list(range(len(records)))
     if entry.num_samples is not None:
         picks = sample_indices(len(records), entry.num_samples, seed)

@@ -17,6 +17,9 @@ file in it, in name order (LLaMA-Factory reads a folder's files as one dataset; 
 txt files are refused here in one line). `num_samples` draws that many records as LLaMA-Factory does (a
 seeded permutation, topped up with records drawn again when the file holds fewer; see `formats.load_entry`).
 
+A dataset may also be named by its path, ms-swift's way, without a registry entry (`file_entry`): its layout
+is read off its first record (`infer_layout`). A registered name always means its entry.
+
 Refused in one line naming the dataset: hub and cloud datasets (`hf_hub_url`, `ms_hub_url`, `om_hub_url`,
 `script_url`, `cloud_file_name` without `file_name`) and data for other training stages (`ranking: true`;
 `chosen`, `rejected` or `kto_tag` columns) — vlmtune trains supervised fine-tuning only. Keys LLaMA-Factory
@@ -26,7 +29,9 @@ known key (`DatasetEntry.notes`).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,21 +94,79 @@ def read_registry(dataset_dir: str | Path) -> dict:
 
 
 def resolve(names: str, dataset_dir: str | Path, media_dir: str | Path | None = None) -> list[DatasetEntry]:
-    """Entries for a comma-separated list of dataset names."""
+    """Entries for a comma-separated list of dataset names: registered ones, or — as ms-swift takes them — paths
+    of .json/.jsonl files or folders (`file_entry`)."""
     dataset_dir = Path(dataset_dir)
-    registry = read_registry(dataset_dir)
     registry_path = dataset_dir / REGISTRY_FILE
+    registry: dict | None = None
     entries = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
-        if name not in registry:
-            close = difflib.get_close_matches(name, registry, n=1)
+        if registry is None and (registry_path.is_file() or not looks_like_path(name)):
+            registry = read_registry(dataset_dir)
+        if registry is not None and name in registry:
+            entries.append(_entry(name, registry[name], registry_path, dataset_dir))
+        elif looks_like_path(name):
+            entries.append(file_entry(name, dataset_dir, registry_path))
+        else:
+            close = difflib.get_close_matches(name, registry or {}, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise VlmtuneError(f"{registry_path}: unknown dataset '{name}'{hint}")
-        entries.append(_entry(name, registry[name], registry_path, dataset_dir))
         entries[-1].media_dir = Path(media_dir) if media_dir else None
     if not entries:
         raise VlmtuneError(f"{registry_path}: no dataset named (dataset is empty)")
     return entries
+
+
+def looks_like_path(name: str) -> bool:
+    """A dataset named by its file (`data/train.jsonl`, `/data/parts/`) rather than by a registry name."""
+    return Path(name).suffix.lower() in READ_SUFFIXES or "/" in name or os.sep in name
+
+
+def file_entry(name: str, dataset_dir: Path, registry_path: Path) -> DatasetEntry:
+    """A dataset given as a path, ms-swift's way: the file or folder as given (from the current directory), else
+    under dataset_dir. Its layout (`formatting: auto`) is read off its first record (`infer_layout`); relative
+    image paths resolve against the file's folder, else the current directory."""
+    given = Path(name).expanduser()
+    found = next((p for p in (given, dataset_dir / given) if p.exists()), None)
+    if found is None:
+        looked = "" if given.is_absolute() else f" (nor under dataset_dir {dataset_dir})"
+        raise VlmtuneError(f"dataset '{name}': no such file{looked}, and {registry_path} registers no dataset of "
+                           f"that name")
+
+    def bad(field_name: str, message: str) -> VlmtuneError:
+        return VlmtuneError(f"dataset '{name}': {message}")
+
+    files = _data_files(found, bad)
+    return DatasetEntry(name=found.stem if found.is_file() else found.name, path=found, formatting="auto",
+                        dataset_dir=found.parent if found.is_file() else found, files=files)
+
+
+# The layouts a dataset given by path may have (ms-swift's standard ones), by the first record's keys.
+OPENAI_TAGS = {**SHAREGPT_TAGS, "role_tag": "role", "content_tag": "content", "user_tag": "user",
+               "assistant_tag": "assistant", "observation_tag": "tool"}
+QUERY_RESPONSE_COLUMNS = {**ALPACA_COLUMNS, "prompt": "query", "query": None, "response": "response",
+                          "history": "history", "system": "system"}
+
+
+def infer_layout(entry: DatasetEntry, record: object) -> DatasetEntry | None:
+    """The entry with the columns and tags of `record`'s layout: `messages` / `conversations` (role/content or
+    from/value turns), `instruction` + `output` (alpaca), `query` + `response` (ms-swift's query-response, with
+    `history` pairs); None when it is none of them."""
+    if not isinstance(record, dict):
+        return None
+    for column in ("messages", "conversations"):
+        if isinstance(record.get(column), list):
+            first = next((turn for turn in record[column] if isinstance(turn, dict)), {})
+            tags = OPENAI_TAGS if "role" in first else SHAREGPT_TAGS
+            return dataclasses.replace(entry, formatting="sharegpt", tags=dict(tags),
+                                       columns={**SHAREGPT_COLUMNS, "messages": column, "system": "system"})
+    if {"instruction", "output"} <= record.keys():
+        return dataclasses.replace(entry, formatting="alpaca", tags=dict(SHAREGPT_TAGS),
+                                   columns={**ALPACA_COLUMNS, "history": "history", "system": "system"})
+    if {"query", "response"} <= record.keys():
+        return dataclasses.replace(entry, formatting="alpaca", tags=dict(SHAREGPT_TAGS),
+                                   columns=dict(QUERY_RESPONSE_COLUMNS))
+    return None
 
 
 def _entry(name: str, raw: dict, registry_path: Path, dataset_dir: Path) -> DatasetEntry:
