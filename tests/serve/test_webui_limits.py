@@ -107,3 +107,41 @@ def test_bad_page_limits_are_one_line_at_start(capsys, tiny_model_dir):
                             (["--max_new_tokens", "1000"], ["--max_new_tokens 1000", "--max_tokens_limit 512"])]:
         result = run_inline(capsys, "webui", "--model_name_or_path", tiny_model_dir, "--port", free_port(), *args)
         assert_one_line_error(result, *fragments)
+
+
+def test_with_a_login_every_route_uploads_included_is_closed_until_logged_in(monkeypatch):
+    """VLMTUNE_WEBUI_AUTH: Gradio's login on the page, its upload route and its API (the upload route was open to
+    anyone who could reach the port)."""
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    httpx = pytest.importorskip("httpx")
+    from vlmtune.serve.webui import build_app, launch_options
+
+    page = build_app(SimpleNamespace(labels=LABELS, max_new_tokens=8), PageDefaults(), "test", Limits())
+    port = free_port()
+    page.queue(default_concurrency_limit=1).launch(
+        **launch_options(PageDefaults(), Limits(), "127.0.0.1", port, auth=("judge", "s3cret:pass")),
+        prevent_thread_lock=True, quiet=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 24), "red").save(buffer, format="PNG")
+        upload = {"files": ("small.png", buffer.getvalue(), "image/png")}
+        with httpx.Client(base_url=base, timeout=30) as client:
+            assert client.get("/config").status_code == 401
+            assert client.post("/gradio_api/upload", files=upload).status_code == 401
+            assert client.post("/login", data={"username": "judge", "password": "wrong"}).status_code == 400
+            assert client.post("/login", data={"username": "judge", "password": "s3cret:pass"}).status_code == 200
+            assert client.get("/config").status_code == 200
+            assert client.post("/gradio_api/upload", files=upload).status_code == 200
+    finally:
+        page.close()
+
+
+@pytest.mark.parametrize("value", ["", "judge", "judge:", ":hunter2"])
+def test_a_login_that_is_not_user_and_password_is_one_line_at_start(capsys, monkeypatch, tiny_model_dir, value):
+    from helpers import assert_one_line_error, run_inline
+
+    monkeypatch.setenv("VLMTUNE_WEBUI_AUTH", value)
+    result = run_inline(capsys, "webui", "--model_name_or_path", tiny_model_dir, "--port", free_port())
+    line = assert_one_line_error(result, "VLMTUNE_WEBUI_AUTH", "user:password")
+    assert "hunter2" not in line  # a password is never echoed

@@ -2,7 +2,10 @@
 
     vlmtune webui --model_name_or_path /data/Qwen2.5-VL-7B-Instruct --adapter_name_or_path /output/my_task \\
         --dataset my_dataset --dataset_dir data           # prompt box pre-filled with the dataset's rules
-    vlmtune webui ... --labels 满足要求,不满足要求 --host 0.0.0.0 --port 7860
+    VLMTUNE_WEBUI_AUTH=user:password vlmtune webui ... --labels 满足要求,不满足要求 --host 0.0.0.0 --port 7860
+
+With VLMTUNE_WEBUI_AUTH set the page asks for that login first (every route, uploads included, answers 401
+until then); binding another address than localhost without it prints a warning.
 
 What the page shows and how it serves: `vlmtune/serve/webui.py`.
 """
@@ -18,7 +21,7 @@ from vlmtune.commands.serving import add_server_options, server_settings
 from vlmtune.config import build_config
 from vlmtune.errors import VlmtuneError
 from vlmtune.serve.common import LIMIT_FLAGS, Limits
-from vlmtune.serve.webui import PAGE_LIMITS
+from vlmtune.serve.webui import AUTH_ENV, PAGE_LIMITS
 
 PORT = 7860
 PAGE_FLAGS = ("dataset", "dataset_dir")
@@ -43,9 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def auth_from_env() -> tuple[str, str] | None:
+    """(user, password) from AUTH_ENV, or None (no login); set but blank or without both parts is refused: the
+    page would start open while its operator believes it guarded."""
+    value = os.environ.get(AUTH_ENV)
+    if value is None:
+        return None
+    user, colon, password = value.partition(":")
+    if not colon or not user.strip() or not password:
+        raise VlmtuneError(f"{AUTH_ENV} is set but is not user:password (both non-empty): set it so, or unset it to "
+                           f"serve the page without a login")
+    return user.strip(), password
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     args = build_parser().parse_args(argv)
+    auth = auth_from_env()
     settings, labels = server_settings(args, PORT)
     limits = build_options(Limits, args, PAGE_LIMITS)
     limits.check(settings.max_new_tokens)
@@ -69,5 +86,5 @@ def main(argv: list[str]) -> int:
         service = ModelService.from_args(settings, labels)
     except RequestError as exc:
         raise VlmtuneError(f"--labels: {exc}") from None
-    launch_page(service, defaults, settings.host, settings.port, limits)
+    launch_page(service, defaults, settings.host, settings.port, limits, auth)
     return 0

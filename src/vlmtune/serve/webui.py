@@ -35,6 +35,10 @@ MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"
 MAX_EXAMPLES = 4
 # The Limits fields that bound the page's requests (one image, one prompt): `vlmtune webui` takes them as flags.
 PAGE_LIMITS = ("max_request_bytes", "max_image_pixels", "max_image_bytes", "max_prompt_tokens", "max_tokens")
+# The page's login, as `user:password` (an environment variable, not a flag: flags show in `ps`).
+AUTH_ENV = "VLMTUNE_WEBUI_AUTH"
+
+
 # Gradio's delete_cache: every 5 minutes, uploaded files older than an hour are deleted (and all at shutdown).
 UPLOAD_CLEANUP = (300, 3600)
 
@@ -154,24 +158,28 @@ def build_app(service: ModelService, defaults: PageDefaults, title: str, limits:
     return app
 
 
-def launch_options(defaults: PageDefaults, limits: Limits, host: str, port: int) -> dict:
+def launch_options(defaults: PageDefaults, limits: Limits, host: str, port: int,
+                   auth: tuple[str, str] | None = None) -> dict:
     """Gradio's launch() settings: no share link, no browser, the dataset's example folders readable, uploads
-    refused above max_request_bytes."""
+    refused above max_request_bytes; with `auth` (user, password) a login page, and every route — the upload
+    route and the page's API included — answers 401 until logged in."""
     import gradio as gr
 
     allowed = sorted({str(Path(path).resolve().parent) for path, _, _ in defaults.examples})
     return dict(server_name=host, server_port=port, share=False, ssr_mode=False, inbrowser=False,
                 theme=gr.themes.Default(font=SYSTEM_FONTS, font_mono=MONO_FONTS), allowed_paths=allowed or None,
-                footer_links=[], show_error=True, max_file_size=limits.max_request_bytes)
+                footer_links=[], show_error=True, max_file_size=limits.max_request_bytes, auth=auth)
 
 
-def launch_page(service: ModelService, defaults: PageDefaults, host: str, port: int, limits: Limits) -> None:
+def launch_page(service: ModelService, defaults: PageDefaults, host: str, port: int, limits: Limits,
+                auth: tuple[str, str] | None = None) -> None:
     """Build the page for the loaded model and serve it until interrupted (no share link, no analytics)."""
     app = build_app(service, defaults, model_label(service.engine), limits)
-    if not is_loopback(host):
-        print(f"warning: binding {host}: anyone who can reach this address can use the model", file=sys.stderr)
+    if not is_loopback(host) and auth is None:
+        print(f"warning: binding {host} without {AUTH_ENV}: anyone who can reach this address can use the model "
+              f"and upload files", file=sys.stderr)
     labels = service.labels
     print(f"vlmtune webui: http://{host}:{port}  (labels: {', '.join(labels) if labels else 'none'}; per request at "
           f"most a {limits.max_request_bytes:,}-byte upload of {limits.max_image_pixels:,} pixels, "
           f"{limits.max_prompt_tokens:,} prompt tokens)", flush=True)
-    app.queue(default_concurrency_limit=1).launch(**launch_options(defaults, limits, host, port))
+    app.queue(default_concurrency_limit=1).launch(**launch_options(defaults, limits, host, port, auth))
