@@ -37,3 +37,44 @@ def test_the_local_world_of_each_launcher(monkeypatch, launcher, env, expected):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert local_rank_and_world() == expected, launcher
+
+
+def test_llama_factorys_launcher_variables_start_torchrun_as_they_start_it():
+    """FORCE_TORCHRUN, NPROC_PER_NODE, NNODES / NODE_RANK / MASTER_ADDR / MASTER_PORT and RDZV_ID: the same torchrun
+    LLaMA-Factory's launcher would start (tests/train/test_ddp.py trains on two such "nodes")."""
+    from vlmtune.launch import multi_node, torchrun_command
+
+    assert torchrun_processes(deepspeed=False, gpus=1, env={"FORCE_TORCHRUN": "1"}) == 1
+    assert torchrun_processes(deepspeed=False, gpus=0, env={"FORCE_TORCHRUN": "true", "NPROC_PER_NODE": "2"}) == 2
+    assert torchrun_processes(deepspeed=False, gpus=8, env={"NPROC_PER_NODE": "4"}) == 4
+    assert torchrun_processes(deepspeed=False, gpus=1, env={"NPROC_PER_NODE": "4"}) is None  # as LLaMA-Factory
+    nodes_env = {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    assert torchrun_processes(deepspeed=False, gpus=1, env=nodes_env) == 1  # several nodes: never alone
+    command = torchrun_command(8, 29500, "train", ["cfg.yaml"], multi_node(nodes_env))
+    assert command[3:command.index("-m", 3)] == ["--nproc_per_node", "8", "--nnodes", "2", "--node_rank", "1",
+                                                  "--master_addr", "10.0.0.1", "--master_port", "29500"]
+    elastic = multi_node({"RDZV_ID": "job7", "MIN_NNODES": "2", "MAX_NNODES": "4", "MAX_RESTARTS": "3",
+                          "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "NNODES": "4"})
+    command = torchrun_command(8, 29500, "train", ["cfg.yaml"], elastic)
+    assert command[3:command.index("-m", 3)] == ["--nproc_per_node", "8", "--nnodes", "2:4", "--rdzv_id", "job7",
+                                                  "--rdzv_backend", "c10d", "--rdzv_endpoint", "10.0.0.1:29500",
+                                                  "--max_restarts", "3"]
+
+
+@pytest.mark.parametrize("env, fragments", [
+    ({"NNODES": "2", "NODE_RANK": "0"}, ["NNODES=2", "MASTER_ADDR, MASTER_PORT", "every node"]),
+    ({"NNODES": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, ["NODE_RANK"]),
+    ({"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, ["NODE_RANK=2", "below NNODES=2"]),
+    ({"NNODES": "two"}, ["NNODES='two'", "whole number"]),
+    ({"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "0"}, ["NPROC_PER_NODE='0'", "≥ 1"]),
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, ["MASTER_PORT", "65535"]),
+    ({"RDZV_ID": "j", "MASTER_ADDR": "h", "MASTER_PORT": "1", "MIN_NNODES": "2"}, ["MIN_NNODES / MAX_NNODES"]),
+])
+def test_launcher_variables_that_cannot_work_are_one_line(env, fragments):
+    """LLaMA-Factory's defaults for a missing MASTER_ADDR / NODE_RANK (127.0.0.1, node 0) leave each node waiting
+    for the others at its own address: refused before anything starts."""
+    with pytest.raises(VlmtuneError) as error:
+        torchrun_processes(deepspeed=False, gpus=8, env=env)
+    assert "\n" not in str(error.value)
+    for fragment in fragments:
+        assert fragment in str(error.value)

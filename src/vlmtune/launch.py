@@ -5,6 +5,12 @@ started by it learns from its environment (rank, world, its share of the cores).
 launcher around them (LOCAL_RANK unset), as LLaMA-Factory does; training also for DeepSpeed on one GPU or
 a CPU, which needs the environment torchrun gives its processes (without it DeepSpeed looks for MPI).
 VLMTUNE_NO_TORCHRUN=1 keeps a command in its one process.
+
+LLaMA-Factory's launcher variables mean the same here, so its cluster scripts run unchanged: FORCE_TORCHRUN=1
+(torchrun even on one GPU or a CPU), NPROC_PER_NODE (processes per node; default one per GPU), and for several
+nodes NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT — or an elastic job with RDZV_ID (and MIN_NNODES / MAX_NNODES,
+MAX_RESTARTS). Several nodes need NODE_RANK, MASTER_ADDR and MASTER_PORT on every node: LLaMA-Factory's defaults
+(node 0, 127.0.0.1, a free port) would leave each node waiting for the others at its own address.
 """
 
 from __future__ import annotations
@@ -39,9 +45,65 @@ def torchrun_processes(deepspeed: bool, gpus: int, env) -> int | None:
         raise VlmtuneError(f"srun started {tasks} tasks of this command, and none of them knows its rank (LOCAL_RANK "
                            f"is unset): run one task per node (srun --ntasks-per-node 1; vlmtune starts one process per "
                            f"GPU there) with torchrun's multi-node flags, or start the ranks with torchrun yourself")
-    if gpus > 1:
-        return gpus
+    nodes = multi_node(env)
+    if gpus > 1 or nodes.nnodes > 1 or nodes.rdzv_id or env.get("FORCE_TORCHRUN", "").strip().lower() in TRUE:
+        return _whole(env, "NPROC_PER_NODE", minimum=1) or max(1, gpus)
     return 1 if deepspeed else None
+
+
+TRUE = ("1", "true", "y", "yes")
+
+
+@dataclass(frozen=True)
+class Nodes:
+    """The nodes of a job as LLaMA-Factory's launcher variables give them (one node by default)."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port on this one node
+    rdzv_id: str | None = None  # an elastic job: torchrun's c10d rendezvous at master_addr:master_port
+    rdzv_nnodes: str = "1"  # `N`, or `MIN:MAX` nodes
+    max_restarts: int = 0
+
+
+def multi_node(env) -> Nodes:
+    """The job's nodes from NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, RDZV_ID, MIN_NNODES, MAX_NNODES and
+    MAX_RESTARTS; a value that cannot be right is one line naming its variable."""
+    from vlmtune.errors import VlmtuneError
+
+    nnodes = _whole(env, "NNODES", minimum=1) or 1
+    rdzv_id = env.get("RDZV_ID") or None
+    if nnodes > 1 or rdzv_id:
+        needed = ("MASTER_ADDR", "MASTER_PORT") + (("NODE_RANK",) if not rdzv_id else ())
+        missing = [name for name in needed if not env.get(name, "").strip()]
+        if missing:
+            raise VlmtuneError(f"NNODES={nnodes}{' with RDZV_ID' if rdzv_id else ''}: set {', '.join(missing)} on "
+                               f"every node (node 0's address and a port it can open; each node its NODE_RANK), as "
+                               f"for LLaMA-Factory's multi-node launch")
+    node_rank = _whole(env, "NODE_RANK", minimum=0) or 0
+    if node_rank >= nnodes and not rdzv_id:
+        raise VlmtuneError(f"NODE_RANK={node_rank}: must be below NNODES={nnodes} (nodes count from 0)")
+    low, high = _whole(env, "MIN_NNODES", minimum=1), _whole(env, "MAX_NNODES", minimum=1)
+    if (low is None) != (high is None) or (low is not None and low > high):
+        raise VlmtuneError(f"MIN_NNODES / MAX_NNODES: set both, the first at most the second (got "
+                           f"{env.get('MIN_NNODES')!r} and {env.get('MAX_NNODES')!r})")
+    return Nodes(nnodes, node_rank, env.get("MASTER_ADDR", "").strip() or "127.0.0.1",
+                 _whole(env, "MASTER_PORT", minimum=1, maximum=65535), rdzv_id,
+                 f"{low}:{high}" if low is not None else str(nnodes), _whole(env, "MAX_RESTARTS", minimum=0) or 0)
+
+
+def _whole(env, name: str, minimum: int, maximum: int | None = None) -> int | None:
+    """An environment variable that must hold a whole number in [minimum, maximum]; None when unset or blank."""
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < minimum or (maximum is not None and int(value) > maximum):
+        from vlmtune.errors import VlmtuneError
+
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"≥ {minimum}"
+        raise VlmtuneError(f"{name}={value!r}: must be a whole number {bound}")
+    return int(value)
 
 
 def free_port() -> int:
@@ -53,16 +115,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(processes: int, port: int, command: str, args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
-            str(port), "-m", "vlmtune", command, *args]
+def torchrun_command(processes: int, port: int, command: str, args: list[str], nodes: Nodes = Nodes()) -> list[str]:
+    """torchrun running `vlmtune COMMAND ARGS` in `processes` processes on this node, of `nodes`."""
+    if nodes.rdzv_id:
+        where = ["--nnodes", nodes.rdzv_nnodes, "--rdzv_id", nodes.rdzv_id, "--rdzv_backend", "c10d",
+                 "--rdzv_endpoint", f"{nodes.master_addr}:{port}", "--max_restarts", str(nodes.max_restarts)]
+    elif nodes.nnodes > 1:
+        where = ["--nnodes", str(nodes.nnodes), "--node_rank", str(nodes.node_rank), "--master_addr",
+                 nodes.master_addr, "--master_port", str(port)]
+    else:
+        where = ["--master_addr", nodes.master_addr, "--master_port", str(port)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), *where,
+            "-m", "vlmtune", command, *args]
 
 
 def relaunch_under_torchrun(command: str, args: list[str], processes: int) -> None:
-    """Replace this process by torchrun running `vlmtune COMMAND ARGS` in `processes` processes."""
-    port = free_port()
-    print(f"starting torchrun --nproc_per_node {processes} --master_port {port}", flush=True)
-    os.execv(sys.executable, torchrun_command(processes, port, command, args))
+    """Replace this process by torchrun running `vlmtune COMMAND ARGS` in `processes` processes (on each node of
+    LLaMA-Factory's multi-node variables)."""
+    nodes = multi_node(os.environ)
+    port = nodes.master_port or free_port()
+    launch = torchrun_command(processes, port, command, args, nodes)
+    print(f"starting torchrun {' '.join(launch[3:launch.index('-m', 3)])}", flush=True)
+    os.execv(sys.executable, launch)
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -19,17 +19,38 @@ def losses(out: Path) -> list[float]:
             if "loss" in json.loads(line)]
 
 
+def two_nodes(cfg: Path, env: dict) -> subprocess.CompletedProcess:
+    """`vlmtune train CFG` started on two nodes of one process each by LLaMA-Factory's launcher variables
+    (FORCE_TORCHRUN, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, NPROC_PER_NODE) — here both on this machine;
+    their outputs joined, node 0's first."""
+    from vlmtune.launch import free_port
+
+    nodes = dict(env, FORCE_TORCHRUN="1", NNODES="2", NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
+                 MASTER_PORT=str(free_port()))
+    runs = [subprocess.Popen([sys.executable, "-m", "vlmtune", "train", str(cfg)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=dict(nodes, NODE_RANK=str(rank)))
+            for rank in (0, 1)]
+    outputs = [run.communicate(timeout=600) for run in runs]
+    for rank, (out, _) in enumerate(outputs):
+        assert f"starting torchrun --nproc_per_node 1 --nnodes 2 --node_rank {rank} --master_addr 127.0.0.1" in out
+    return subprocess.CompletedProcess([], max(run.returncode for run in runs), "".join(o for o, _ in outputs),
+                                       "".join(e for _, e in outputs))
+
+
 @pytest.mark.parametrize("arch", [TINY_DEFAULT, *MOE_ARCHS])  # the seed user's family, the MoEs' routers
-def test_two_ranks_match_one_rank_with_double_accumulation(family_train_config, tmp_path):
+def test_two_ranks_match_one_rank_with_double_accumulation(family_train_config, tmp_path, arch):
     train_config = family_train_config
     common = dict(max_steps=5, logging_steps=1, val_size=0, plot_loss=False, report_to="none", disable_tqdm=True,
                   learning_rate=5e-3)
     two = tmp_path / "two"
     cfg = train_config("two.yaml", output_dir=str(two), gradient_accumulation_steps=2, **common)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29533", "-m", "vlmtune", "train", str(cfg)],
-                            capture_output=True, text=True, env=env, timeout=600)
+    if arch == TINY_DEFAULT:  # as LLaMA-Factory's cluster scripts start it: `vlmtune train` on each of two "nodes"
+        result = two_nodes(cfg, env)
+    else:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", "29533", "-m", "vlmtune", "train", str(cfg)],
+                                capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Process rank: 0, world size: 2" in result.stdout and "Process rank: 1, world size: 2" in result.stdout
     assert "Total train batch size (w. parallel, distributed & accumulation) = 4" in result.stdout

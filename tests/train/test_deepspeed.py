@@ -165,7 +165,7 @@ def test_single_process_deepspeed_goes_through_torchrun(train_config, tmp_path):
                        disable_tqdm=True)
     result = run_cli("train", str(cfg))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "starting torchrun --nproc_per_node 1 --master_port" in result.stdout
+    assert "starting torchrun --nproc_per_node 1 --master_addr 127.0.0.1 --master_port" in result.stdout
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
 
 
