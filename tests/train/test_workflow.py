@@ -86,3 +86,26 @@ def test_predict_yaml_without_eval_dataset_is_one_line(tmp_path, capsys, tiny_mo
                           eval_dataset=None)
     result = run_inline(capsys, "train", config)
     assert result.returncode == 1 and "do_predict predicts eval_dataset" in result.stderr
+
+
+def test_flags_without_a_yaml_train_as_the_same_yaml(tmp_path, capsys, tiny_model_dir, small_dataset):
+    """`llamafactory-cli train --stage sft --do_train --model_name_or_path ...` (HfArgumentParser's flags, no YAML):
+    `vlmtune train` with the same flags trains the same adapter as with a YAML of those keys."""
+    from safetensors.torch import load_file
+
+    keys = {"stage": "sft", "do_train": True, "model_name_or_path": str(tiny_model_dir), "dataset": "my_dataset",
+            "dataset_dir": str(small_dataset), "finetuning_type": "lora", "lora_target": "all", "max_steps": 2,
+            "learning_rate": "1e-3", "per_device_train_batch_size": 2, "report_to": "none", "save_strategy": "no",
+            "plot_loss": False, "bf16": False, "disable_tqdm": True, "seed": 3}
+    cfg = tmp_path / "same.yaml"
+    cfg.write_text(yaml.safe_dump({**keys, "output_dir": str(tmp_path / "yaml")}), encoding="utf-8")
+    assert run_inline(capsys, "train", cfg).returncode == 0
+    flags = []  # the three spellings: a bare --flag (true), --key=value, --key value
+    for key, value in {**keys, "output_dir": str(tmp_path / "flags")}.items():
+        flags += [f"--{key}"] if value is True else [f"--{key}={value}"] if key == "seed" else [f"--{key}", str(value)]
+    result = run_inline(capsys, "train", *flags)
+    assert result.returncode == 0, result.stderr
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("yaml", "flags"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    wrong = run_inline(capsys, "train", "--stage", "sft", "--learnin_rate", "1")
+    assert wrong.returncode == 1 and "unknown key 'learnin_rate' (did you mean 'learning_rate'?)" in wrong.stderr

@@ -1,4 +1,4 @@
-"""`vlmtune train CONFIG.yaml [key=value ...]`
+"""`vlmtune train CONFIG.yaml [key=value ...]` (or `vlmtune train --key value ...`, as `llamafactory-cli train`)
 
 Trains, and with `do_predict: true` then predicts eval_dataset into output_dir/generated_predictions.jsonl —
 or, with do_predict and no do_train (or `do_train: false`), only predicts: LLaMA-Factory's predict YAML (see
@@ -18,14 +18,19 @@ import os
 from vlmtune import allocator
 from vlmtune.commands.options import command_parser
 from vlmtune.config import load_config, parse_override, read_yaml
+from vlmtune.errors import VlmtuneError
 from vlmtune.launch import relaunch_under_torchrun, torchrun_processes, visible_gpus
 
 
 def main(argv: list[str]) -> int:
     parser = command_parser("train", __doc__)
-    parser.add_argument("config", help="training YAML (LLaMA-Factory keys; see docs/config.md)")
+    parser.add_argument("config", help="training YAML or JSON (LLaMA-Factory keys; see docs/config.md) — or, as "
+                                       "`llamafactory-cli train` takes them, no file and every key as a flag: "
+                                       "--key value, --key=value, --flag (true)")
     parser.add_argument("overrides", nargs="*", help="key=value settings that override the YAML")
-    args = parser.parse_args(argv)
+    flags = argv[:1] and argv[0].startswith("--") and argv[0] != "--help"
+    args = (argparse.Namespace(config=None, overrides=flags_as_overrides(argv)) if flags
+            else parser.parse_args(argv))
     cfg = load_config(args.config, args.overrides)  # validate before launching anything
     quiet_waiting_threads()
     predict_only = cfg.train.do_predict and not cfg.train.do_train
@@ -37,12 +42,33 @@ def main(argv: list[str]) -> int:
     processes = None if vllm_alone else torchrun_processes(bool(cfg.train.deepspeed) and not predict_only,
                                                           visible_gpus(), os.environ)
     if processes is not None:
-        relaunch_under_torchrun("train", [args.config, *args.overrides], processes)
+        relaunch_under_torchrun("train", argv, processes)
     from vlmtune.train.workflow import run_sft
 
-    explicit = set(read_yaml(args.config)) | {parse_override(item)[0] for item in args.overrides}
+    explicit = set(read_yaml(args.config) if args.config else ()) | {parse_override(item)[0] for item in
+                                                                     args.overrides}
     run_sft(cfg, explicit)
     return 0
+
+
+def flags_as_overrides(argv: list[str]) -> list[str]:
+    """`--key value`, `--key=value` and a bare `--flag` (true), as transformers' HfArgumentParser reads the flags of
+    `llamafactory-cli train` without a YAML, → key=value overrides (an unknown key is then refused by name)."""
+    overrides, i = [], 0
+    while i < len(argv):
+        item = argv[i]
+        if not item.startswith("--") or item == "--":
+            raise VlmtuneError(f"command line: '{item}' is not a --key (give every setting as --key value, or a "
+                               f"YAML first)")
+        if "=" in item:
+            overrides.append(item[2:])
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            overrides.append(f"{item[2:]}={argv[i + 1]}")
+            i += 1
+        else:
+            overrides.append(f"{item[2:]}=true")
+        i += 1
+    return overrides
 
 
 def quiet_waiting_threads() -> None:
