@@ -101,3 +101,29 @@ def test_image_sources_need_the_operator_s_permission(tmp_path):
     assert allowed.open(path.as_uri(), "img").size == (40, 30)
     with pytest.raises(RequestError, match="cannot read"):
         allowed.open(str(tmp_path / "missing.png"), "img")
+
+
+def test_llama_factorys_inference_yaml_starts_the_servers_with_its_template(tiny_models, capsys):
+    """`llamafactory-cli api|webchat examples/inference/qwen3vl.yaml` → `vlmtune api|webui` with that YAML (its
+    model path overridden): the YAML's template is the one served; flags override the YAML, overrides too."""
+    from pathlib import Path
+
+    from vlmtune.commands import api, webui
+    from vlmtune.commands.serving import server_settings
+    from vlmtune.serve.common import ModelService
+
+    yaml_path = Path(__file__).parents[1] / "fixtures" / "llamafactory" / "examples" / "inference" / "qwen3vl.yaml"
+    model = tiny_models("qwen3_vl")
+    for command in (api, webui):
+        args = command.build_parser().parse_args([str(yaml_path), f"model_name_or_path={model}", "max_new_tokens=7",
+                                                  "--max_new_tokens", "9", "--labels", "满足要求,不满足要求"])
+        settings, labels = server_settings(args, 1234)
+        assert (settings.model_name_or_path, settings.template, settings.max_new_tokens) == (str(model),
+                                                                                          "qwen3_vl_nothink", 9)
+        assert labels == ["满足要求", "不满足要求"] and settings.enable_thinking is None
+    service = ModelService.from_args(settings, labels, log=lambda *_: None)
+    assert service.processor.template.label.startswith("qwen3_vl_nothink")
+    thinking = api.build_parser().parse_args([str(yaml_path), f"model_name_or_path={model}", "template=qwen3_vl",
+                                              "infer_backend=vllm"])
+    settings, _ = server_settings(thinking, 1234)
+    assert settings.template == "qwen3_vl" and "infer_backend: vllm" in capsys.readouterr().err

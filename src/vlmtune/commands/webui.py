@@ -16,7 +16,8 @@ import argparse
 import os
 from dataclasses import dataclass, field
 
-from vlmtune.commands.options import add_config_options, add_options, build_options, command_parser, given_options
+from vlmtune.commands.options import (add_config_options, add_options, build_options, command_parser, config_values,
+                                      given_options)
 from vlmtune.commands.serving import add_server_options, server_settings
 from vlmtune.config import build_config
 from vlmtune.errors import VlmtuneError
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> int:
     from vlmtune.serve.webui import PageDefaults, dataset_defaults, launch_page
 
     check_port_free(settings.host, settings.port)
-    data = build_config(given_options(args, PAGE_FLAGS), "command line").data
+    data = build_config(*config_values(args.config, args.overrides, given_options(args, PAGE_FLAGS))).data
     defaults = dataset_defaults(data.dataset, data.dataset_dir) if data.dataset else PageDefaults()
     prompt = build_options(PageArgs, args).prompt
     if prompt is not None:

@@ -313,7 +313,9 @@ class ModelService:
 
         engine = load_engine(args.model_name_or_path, args.adapter_name_or_path, args.image_max_pixels,
                              args.image_min_pixels, bf16=args.bf16, fp16=args.fp16,
-                             attn_implementation=args.attn_implementation, device=args.device, log=log)
+                             attn_implementation=args.attn_implementation, device=args.device,
+                             template=getattr(args, "template", None),
+                             enable_thinking=getattr(args, "enable_thinking", None), log=log)
         return cls(engine, labels, args.default_system, args.max_new_tokens)
 
     @property
