@@ -282,3 +282,52 @@ def test_a_registered_name_wins_over_a_file_of_that_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert len(load_datasets("train.jsonl", str(tmp_path), None).conversations) == 3
     assert len(load_datasets("./train.jsonl", str(tmp_path), None).conversations) == 1
+
+
+# A content as a list of parts: OpenAI's / ms-swift's and LLaMA-Factory v1's spellings of one record.
+PARTS = {
+    "openai": [{"type": "text", "text": "看图:"}, {"type": "image_url", "image_url": {"url": "pics/a.png"}},
+               {"type": "text", "text": "合规吗?"}],
+    "ms-swift": [{"type": "text", "text": "看图:"}, {"type": "image", "image": "pics/a.png"},
+                 {"type": "text", "text": "合规吗?"}],
+    "llama-factory v1": [{"type": "text", "value": "看图:"}, {"type": "image_url", "value": "pics/a.png"},
+                         {"type": "text", "value": "合规吗?"}],
+}
+
+
+@pytest.mark.parametrize("spelling", list(PARTS))
+def test_content_parts_are_text_with_image_placeholders_where_the_images_stand(tmp_path, spelling):
+    save_image(tmp_path / "pics" / "a.png", (64, 64), 0)
+    parts_record = {"messages": [{"role": "user", "content": PARTS[spelling]},
+                                 {"role": "assistant", "content": [{"type": "text", "text": "满足要求"}]}]}
+    string_record = {"messages": [{"role": "user", "content": "看图:<image>合规吗?"},
+                                  {"role": "assistant", "content": "满足要求"}], "images": ["pics/a.png"]}
+    write_dataset(tmp_path, "parts", [parts_record], entry=SHAREGPT_ENTRY)
+    write_dataset(tmp_path, "strings", [string_record], entry=SHAREGPT_ENTRY)
+    (parts,), (strings,) = (load_datasets(name, str(tmp_path), None).conversations for name in ("parts", "strings"))
+    assert [m.content for m in parts.messages] == [m.content for m in strings.messages]
+    assert parts.images == strings.images == [str(tmp_path / "pics" / "a.png")]
+
+
+def test_content_parts_vlmtune_cannot_use_are_problems_naming_the_part(tmp_path):
+    save_image(tmp_path / "a.png", (64, 64), 0)
+    user = lambda *parts: {"messages": [{"role": "user", "content": list(parts)},  # noqa: E731
+                                        {"role": "assistant", "content": "满足要求"}]}
+    text = {"type": "text", "text": "合规吗?"}
+    records = [user({"type": "video", "video": "v.mp4"}, text),
+               user({"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBOR"}}, text),
+               user({"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}, text),
+               user({"type": "chart"}, text),
+               {**user({"type": "image", "image": "a.png"}, text), "images": ["a.png"]},
+               user({"type": "text"})]
+    write_dataset(tmp_path, "d", records, entry=SHAREGPT_ENTRY)
+    loaded = load_datasets("d", str(tmp_path), None)
+    assert not loaded.conversations
+    found = {(p.record, p.field): p.message for p in loaded.problems}
+    assert "video parts are not read" in found[(0, "messages[0].content[0]")]
+    assert "data: URL" in found[(1, "messages[0].content[0].image_url.url")]
+    assert "an image URL" in found[(2, "messages[0].content[0].image_url.url")]
+    assert "unknown part type 'chart'" in found[(3, "messages[0].content[0]")]
+    assert "both here and in the messages' content parts" in found[(4, "images")]
+    assert "a text part needs its text" in found[(5, "messages[0].content[0]")]
+    assert len(found) == 6

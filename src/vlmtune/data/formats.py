@@ -23,7 +23,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from vlmtune.data.conversation import Conversation, LoadedData, Message, Problem
+from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, LoadedData, Message, Problem
 from vlmtune.data.registry import DatasetEntry, infer_layout
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import decode_text, parse_json
@@ -134,8 +134,16 @@ def _convert(record: Any, entry: DatasetEntry, source: Path, index: int,
         problems.append(Problem(*where, None, f"record must be a JSON object, got {got}"))
         return None
     alpaca = entry.formatting == "alpaca"
-    messages, record_problems = (_alpaca if alpaca else _sharegpt)(record, entry, where)
+    in_parts: list[tuple[Any, str]] = []  # images given inside content parts (with their fields), in order
+    messages, record_problems = _alpaca(record, entry, where) if alpaca else _sharegpt(record, entry, where,
+                                                                                       in_parts)
     images, image_problems = _images(record, entry, where)
+    if in_parts and (images or image_problems):
+        image_problems = [Problem(*where, entry.columns.get("images") or "images", "images are given both here and "
+                                                                                  "in the messages' content parts; "
+                                                                                  "keep one")]
+    elif in_parts:
+        images, image_problems = _image_paths(in_parts, entry, where)
     record_problems += image_problems + _media_problems(record, entry, where, messages)
     conv = None
     if messages is not None and not record_problems:
@@ -167,15 +175,21 @@ def _images(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[
         value = [value]
     if not isinstance(value, list):
         return [], [Problem(*where, column, "must be a list of image paths")]
+    return _image_paths([(item, f"{column}[{i}]") for i, item in enumerate(value)], entry, where)
+
+
+def _image_paths(items: list[tuple[Any, str]], entry: DatasetEntry,
+                 where: tuple[str, int]) -> tuple[list[str], list[Problem]]:
+    """The paths of (image entry, its field) pairs, relative ones resolved (`_relative_image`)."""
     paths = []
-    for i, item in enumerate(value):
-        item, problem = _image_path(item, f"{column}[{i}]", where)
+    for item, field_name in items:
+        item, problem = _image_path(item, field_name, where)
         if problem is not None:
             return [], [problem]
         try:
             path = Path(item).expanduser()
         except RuntimeError:  # `~someone/...` for a user this machine does not have
-            return [], [Problem(*where, f"{column}[{i}]", f"no home directory for {item!r}")]
+            return [], [Problem(*where, field_name, f"no home directory for {item!r}")]
         paths.append(str(path) if path.is_absolute() else _relative_image(path, entry))
     return paths, []
 
@@ -192,7 +206,13 @@ def _image_path(item: Any, field_name: str, where: tuple[str, int]) -> tuple[str
         return "", Problem(*where, field_name, f"must be an image path (a string), got {item!r}")
     if "\0" in item or not item.strip():
         return "", Problem(*where, field_name, f"not a file path: {item!r}")
-    return item, None
+    if item.startswith("data:"):
+        return "", Problem(*where, field_name, "embedded image bytes (a data: URL): vlmtune reads image files; save "
+                                               "the images and give their paths")
+    if item.startswith(("http://", "https://")):
+        return "", Problem(*where, field_name, "an image URL: vlmtune reads image files; download the images and "
+                                               "give their paths")
+    return item.removeprefix("file://"), None
 
 
 def _relative_image(path: Path, entry: DatasetEntry) -> str:
@@ -205,9 +225,11 @@ def _relative_image(path: Path, entry: DatasetEntry) -> str:
     return joined
 
 
-def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[list[Message] | None, list[Problem]]:
+def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int],
+              in_parts: list[tuple[Any, str]]) -> tuple[list[Message] | None, list[Problem]]:
     """sharegpt and openai records (one layout, as in LLaMA-Factory): a first system message is the system,
-    over the system column; tool turns and tool calls are problems of the record, as vlmtune does not train them."""
+    over the system column; tool turns and tool calls are problems of the record, as vlmtune does not train them.
+    A content may be a list of parts (`content_parts`); their images are added to `in_parts`."""
     column = entry.columns.get("messages") or "conversations"
     tags = entry.tags
     turns = record.get(column)
@@ -238,12 +260,49 @@ def _sharegpt(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tupl
             problems.append(Problem(*where, f"{field_name}.tool_calls", "tool calls are not trained by vlmtune"))
             continue
         content = turn.get(tags["content_tag"])
+        if isinstance(content, list):
+            content, part_problems = content_parts(content, f"{field_name}.{tags['content_tag']}", where, in_parts)
+            problems += part_problems
         if not isinstance(content, str):
-            problems.append(Problem(*where, f"{field_name}.{tags['content_tag']}", "content must be a string"))
+            if content is not None or not problems:
+                problems.append(Problem(*where, f"{field_name}.{tags['content_tag']}",
+                                        "content must be a string or a list of parts"))
             continue
         messages.append(Message(role_of[role], content,
                                 origin=(f"{field_name}.{tags['role_tag']}", f"{field_name}.{tags['content_tag']}")))
     return (messages if not problems else None), problems
+
+
+# Content parts: OpenAI's and ms-swift's ({"type": "text", "text"}, {"type": "image_url", "image_url": {"url"}},
+# {"type": "image", "image"}) and LLaMA-Factory v1's ({"type": "text" | "image_url", "value"}).
+TEXT_PARTS, IMAGE_PARTS, OTHER_PARTS = ("text",), ("image_url", "image"), ("video", "video_url", "audio", "input_audio")
+
+
+def content_parts(parts: list, field_name: str, where: tuple[str, int],
+                  in_parts: list[tuple[Any, str]]) -> tuple[str | None, list[Problem]]:
+    """A content given as a list of parts, as text: text parts joined, an `<image>` placeholder where each image
+    part stands (its path added to `in_parts`, in order); other parts are problems of the record."""
+    text, problems = [], []
+    for j, part in enumerate(parts):
+        where_part = f"{field_name}[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in TEXT_PARTS:
+            value = part.get("text", part.get("value"))
+            if not isinstance(value, str):
+                problems.append(Problem(*where, where_part, "a text part needs its text (a string)"))
+            text.append(value if isinstance(value, str) else "")
+        elif kind in IMAGE_PARTS:
+            key = next((k for k in (kind, "value", "url", "path") if part.get(k) is not None), kind)
+            value = part.get(key)
+            if isinstance(value, dict) and "url" in value:  # OpenAI's {"image_url": {"url": ...}}
+                value, key = value["url"], f"{key}.url"
+            in_parts.append((value, f"{where_part}.{key}"))
+            text.append(IMAGE_PLACEHOLDER)
+        else:
+            what = f"{kind} parts are not read by vlmtune (text and images only)" if kind in OTHER_PARTS else \
+                f"unknown part type {kind!r} (expected text, image_url or image)"
+            problems.append(Problem(*where, where_part, what))
+    return ("".join(text) if not problems else None), problems
 
 
 def _alpaca(record: dict, entry: DatasetEntry, where: tuple[str, int]) -> tuple[list[Message] | None, list[Problem]]:
