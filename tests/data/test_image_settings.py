@@ -7,8 +7,10 @@ import random
 import pytest
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
+from helpers import ONE_PER_FAMILY
 from vlmtune.data.image_settings import CONFIG_NAME, ImageSettings
 from vlmtune.errors import VlmtuneError
+from vlmtune.families import family_of_type
 
 
 def test_resized_size_equals_transformers_smart_resize():
@@ -75,3 +77,49 @@ def test_bad_config_is_one_line_error_naming_the_file(tmp_path, text):
     with pytest.raises(VlmtuneError, match=CONFIG_NAME) as info:
         ImageSettings.from_pretrained(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_processor_config_settings_come_first_as_in_transformers(tmp_path):
+    """transformers 5's `processor.save_pretrained` writes the image settings into processor_config.json only
+    (`image_processor`); where both files are, transformers reads that one first."""
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": MIXED, "processor_class": "X"}))
+    reference = Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path))
+    assert attributes(ImageSettings.from_pretrained(tmp_path)) == attributes(reference)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(QWEN_RELEASE))
+    assert attributes(ImageSettings.from_pretrained(tmp_path)) == attributes(reference)
+    # An older processor_config.json (no settings in it) leaves them to preprocessor_config.json.
+    (tmp_path / "processor_config.json").write_text(json.dumps({"processor_class": "Qwen2_5_VLProcessor"}))
+    assert attributes(ImageSettings.from_pretrained(tmp_path)) == \
+        attributes(Qwen2VLImageProcessorPil.from_pretrained(str(tmp_path)))
+
+
+def tower_variant(model_dir, directory, merge: int):
+    """config.json of a tiny model with its vision tower merging `merge` × `merge` patches, nothing else."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config["vision_config"]["spatial_merge_size"] = merge
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory, config["vision_config"]
+
+
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)
+def test_sizes_the_file_leaves_out_are_the_vision_towers(tiny_models, tmp_path, arch):
+    model_dir, vision = tower_variant(tiny_models(arch), tmp_path / "model", merge=1)
+    defaults = family_of_type(arch).image_defaults
+    settings = ImageSettings.from_pretrained(model_dir, defaults=defaults)
+    assert (settings.patch_size, settings.merge_size, settings.temporal_patch_size) == \
+        (vision["patch_size"], 1, vision["temporal_patch_size"])
+    (model_dir / CONFIG_NAME).write_text(json.dumps({"merge_size": 1, "max_pixels": 50176}))
+    assert ImageSettings.from_pretrained(model_dir, defaults=defaults).merge_size == 1
+
+
+@pytest.mark.parametrize("arch", ONE_PER_FAMILY)
+def test_a_file_that_does_not_fit_the_tower_is_one_line_naming_both(tiny_models, tmp_path, arch):
+    model_dir, _ = tower_variant(tiny_models(arch), tmp_path / "model", merge=1)
+    settings = json.loads((tiny_models(arch) / CONFIG_NAME).read_text())  # merge_size 2, the family's
+    (model_dir / "processor_config.json").write_text(json.dumps({"image_processor": settings}))
+    with pytest.raises(VlmtuneError) as info:
+        ImageSettings.from_pretrained(model_dir, defaults=family_of_type(arch).image_defaults)
+    message = str(info.value)
+    assert "\n" not in message and "processor_config.json: merge_size 2" in message
+    assert "vision_config.spatial_merge_size 1" in message

@@ -13,6 +13,12 @@ was, pixel limits are written as `size: {shortest_edge, longest_edge}` (transfor
 legacy `min_pixels` / `max_pixels` keys (earlier releases, LLaMA-Factory, vLLM), so a saved adapter
 directory loads in `AutoImageProcessor` with the same values (tests/data/test_image_settings.py
 checks both directions against `Qwen2VLImageProcessorPil`).
+
+A model directory is read where transformers 5 reads it: the `image_processor` entry of `processor_config.json`
+(all that transformers 5's `processor.save_pretrained` writes) before `preprocessor_config.json`. The patch, merge
+and temporal patch sizes the file leaves out come from the vision tower's own `config.json` (`vision_config`:
+`patch_size`, `spatial_merge_size`, `temporal_patch_size`) before the family's defaults, and a file that disagrees
+with the tower is refused in one line: its patches would not fit the model.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ from vlmtune.errors import VlmtuneError
 from vlmtune.families import FAMILIES
 
 CONFIG_NAME = "preprocessor_config.json"
+PROCESSOR_CONFIG_NAME = "processor_config.json"  # transformers 5's processor file: settings under `image_processor`
+# Settings the vision tower fixes → their names in config.json's `vision_config`.
+TOWER_KEYS = {"patch_size": "patch_size", "merge_size": "spatial_merge_size",
+              "temporal_patch_size": "temporal_patch_size"}
 # The first family's image processor defaults (transformers' class attributes); a model family's own
 # defaults (`vlmtune.families`) take their place for that family's checkpoints.
 DEFAULTS: dict[str, Any] = dict(FAMILIES[0].image_defaults)
@@ -84,18 +94,21 @@ class ImageSettings:
     @classmethod
     def from_pretrained(cls, directory: str | Path, max_pixels: int | None = None, min_pixels: int | None = None,
                         defaults: dict[str, Any] | None = None) -> "ImageSettings":
-        """Settings of a model or adapter directory (the defaults for keys it leaves out, or for all of them
-        when it has no config file)."""
-        path = Path(directory) / CONFIG_NAME
-        if not path.is_file():
-            return cls.from_dict({}, max_pixels, min_pixels, defaults)
+        """Settings of a model or adapter directory (see the module docstring for which file, and what fills the
+        keys it leaves out; the defaults alone when it has no settings file)."""
+        directory = Path(directory)
+        tower = tower_settings(directory)
+        defaults = {**(DEFAULTS if defaults is None else defaults), **tower}
+        path, config = settings_file(directory)
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(config, dict):
-                raise ValueError("expected a JSON object")
-            return cls.from_dict(config, max_pixels, min_pixels, defaults)
-        except (ValueError, TypeError, KeyError) as exc:  # JSONDecodeError is a ValueError
+            settings = cls.from_dict(config, max_pixels, min_pixels, defaults)
+        except (ValueError, TypeError, KeyError) as exc:
             raise VlmtuneError(f"{path}: not a usable image processor config ({exc})") from None
+        for key, value in tower.items():
+            if getattr(settings, key) != value:
+                raise VlmtuneError(f"{path}: {key} {getattr(settings, key)} does not fit the vision tower "
+                                   f"({directory / 'config.json'}: vision_config.{TOWER_KEYS[key]} {value})")
+        return settings
 
     def to_dict(self) -> dict[str, Any]:
         """The config as saved: the file's own keys, with these settings' values written over them."""
@@ -134,3 +147,37 @@ class ImageSettings:
             h_bar = math.ceil(height * beta / factor) * factor
             w_bar = math.ceil(width * beta / factor) * factor
         return h_bar, w_bar
+
+
+def settings_file(directory: Path) -> tuple[Path, dict[str, Any]]:
+    """(file, image processor settings) of a directory, read where transformers 5 reads them: the `image_processor`
+    entry of processor_config.json, else preprocessor_config.json; ({that file}, {}) when there are none."""
+    nested = directory / PROCESSOR_CONFIG_NAME
+    for path in (nested, directory / CONFIG_NAME):
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise VlmtuneError(f"{path}: not a usable image processor config ({exc})") from None
+        if path == nested:
+            if not isinstance(config, dict) or not isinstance(config.get("image_processor"), dict):
+                continue  # an older processor file, without the settings: they are in preprocessor_config.json
+            return path, config["image_processor"]
+        if not isinstance(config, dict):
+            raise VlmtuneError(f"{path}: not a usable image processor config (expected a JSON object)")
+        return path, config
+    return directory / CONFIG_NAME, {}
+
+
+def tower_settings(directory: Path) -> dict[str, int]:
+    """Patch, merge and temporal patch size as the model's config.json gives them (`vision_config`); {} for a
+    directory without one (an adapter's processor) or keys it leaves out."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        vision = json.loads(path.read_text(encoding="utf-8")).get("vision_config") or {}
+        return {key: int(vision[name]) for key, name in TOWER_KEYS.items() if vision.get(name) is not None}
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}  # an unreadable config.json is reported, in one line, by whatever loads the model
