@@ -20,3 +20,13 @@ def where(file: str | None = None, record: int | None = None, field: str | None 
     if field is not None:
         parts.append(f"field '{field}'")
     return ": ".join(parts)
+
+
+def brief(exc: BaseException, limit: int = 200) -> str:
+    """A library exception's message for a one-line error: its lines joined (a message that continues on its next
+    line — "... from one of:" and a list — is not cut there), cut at `limit` characters; its class name when it
+    has no message."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return exc.__class__.__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"

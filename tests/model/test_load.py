@@ -109,3 +109,21 @@ def test_training_loads_onto_the_ranks_gpu_except_under_zero3(monkeypatch):
     monkeypatch.setattr(loop, "zero_stage", lambda _: 3)
     assert loop.load_device(accelerator, None) is None
     AcceleratorState._reset_state(True)
+
+
+def test_a_library_error_over_several_lines_is_one_line_with_its_continuation(tiny_model_dir, tmp_path):
+    """transformers' tokenizer error ends its first line with "from one of:" and lists the ways on the next: the
+    one-line error keeps them (`errors.brief`), not a sentence cut in the middle."""
+    import shutil
+
+    from vlmtune.data.processor import load_processor
+    from vlmtune.errors import VlmtuneError
+
+    broken = tmp_path / "no-tokenizer-file"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(VlmtuneError) as error:
+        load_processor(broken)
+    message = str(error.value)
+    assert "\n" not in message and "cannot load the tokenizer" in message
+    assert "from one of: (1)" in message and len(message) < len(str(broken)) + 350

@@ -22,7 +22,7 @@ from typing import Any
 
 from vlmtune.data.image_settings import ImageSettings
 from vlmtune.data.template import Template, get_template
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import VlmtuneError, brief
 from vlmtune.families import Family, chat_template_text, family_of_dir, family_of_type
 from vlmtune.files import read_json_object, write_atomic
 
@@ -150,7 +150,7 @@ def load_processor(model_dir: str | Path, max_pixels: int | None = None, min_pix
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
-        raise VlmtuneError(f"{model_dir}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+        raise VlmtuneError(f"{model_dir}: cannot load the tokenizer ({brief(exc, 300)})") from None
     image_pad = family.tokens.image_pad
     if tokenizer.convert_tokens_to_ids(image_pad) in (None, tokenizer.unk_token_id):
         raise VlmtuneError(f"{model_dir}: the tokenizer has no {image_pad} token; not a {family.name} model")

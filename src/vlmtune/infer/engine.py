@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from vlmtune.data.processor import Processor, load_processor
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import VlmtuneError, brief
 from vlmtune.model.adapter_files import ADAPTER_CONFIG, adapter_files
 from vlmtune.model.load import compute_dtype, load_model, resolve_model_dir
 
@@ -106,7 +106,7 @@ def attach_adapter(model: torch.nn.Module, adapter_dir: str | Path, model_dir: s
             wrapped = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     except (ValueError, RuntimeError, KeyError, OSError, SafetensorError) as exc:
         # A size mismatch (another lora_rank, another base model's shapes) lands here too.
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        first = brief(exc, 300)
         mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), None)
         onto = f" onto {model_dir}" if model_dir is not None else ""
         raise VlmtuneError(f"{adapter_dir}: cannot load the adapter{onto} ({(mismatch or first)[:300]})") from None

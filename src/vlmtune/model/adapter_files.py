@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmtune.data.processor import saved_template
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import VlmtuneError, brief
 from vlmtune.files import read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -110,8 +110,7 @@ def check_safetensors(path: Path) -> None:
         with safe_open(str(path), framework="pt") as handle:
             handle.keys()
     except (SafetensorError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        raise VlmtuneError(f"{path}: not a readable safetensors file ({first[:200]}); the adapter is damaged") from None
+        raise VlmtuneError(f"{path}: not a readable safetensors file ({brief(exc)}); the adapter is damaged") from None
 
 
 def saved_pixel_limits(directory: str | Path) -> tuple[int | None, int | None]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import VlmtuneError, brief
 from vlmtune.families import family_of_type, parts_of
 
 
@@ -42,7 +42,7 @@ def resolve_model_dir(name_or_path: str | None, cache_dir: str | None = None, re
         raise VlmtuneError(f"{name_or_path}: downloading needs '{exc.name}' (pip install vlmtune[modelscope])") from None
     except Exception as exc:  # network, auth, missing repo: one line, not a traceback
         raise VlmtuneError(f"{name_or_path}: cannot download the model ({exc.__class__.__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                           f"{brief(exc)})") from None
 
 
 def compute_dtype(bf16: bool, fp16: bool) -> torch.dtype:
@@ -71,7 +71,7 @@ def flash_attention_problem() -> str | None:
     try:
         import flash_attn  # noqa: F401  (a wheel built for another torch fails here: undefined symbol)
     except Exception as exc:  # noqa: BLE001
-        return f"flash-attn does not import ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
+        return f"flash-attn does not import ({brief(exc, 120)})"
     return None
 
 
@@ -103,7 +103,7 @@ def read_model_config(model_dir: Path):
     try:
         config = AutoConfig.from_pretrained(str(model_dir))
     except (OSError, ValueError, KeyError) as exc:
-        raise VlmtuneError(f"{model_dir / 'config.json'}: cannot read ({str(exc).splitlines()[0]})") from None
+        raise VlmtuneError(f"{model_dir / 'config.json'}: cannot read ({brief(exc)})") from None
     family_of_type(config.model_type, str(Path(model_dir) / "config.json"))  # one line for an unsupported one
     return config
 

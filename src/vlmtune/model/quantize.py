@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import VlmtuneError, brief
 from vlmtune.files import read_json_object, write_atomic
 
 RECORD = "vlmtune_quantization.json"
@@ -71,8 +71,7 @@ def require_bitsandbytes(setting: str) -> None:
     except ImportError:
         raise VlmtuneError(f"{setting}: QLoRA needs bitsandbytes, which is not installed; {EXTRA}") from None
     except Exception as exc:  # noqa: BLE001 — a broken native library fails in many ways
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else exc.__class__.__name__
-        raise VlmtuneError(f"{setting}: bitsandbytes does not load ({first}); reinstall it: {EXTRA}") from None
+        raise VlmtuneError(f"{setting}: bitsandbytes does not load ({brief(exc)}); reinstall it: {EXTRA}") from None
 
 
 def skip_modules(layout) -> list[str]:

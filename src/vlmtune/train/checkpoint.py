@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import VlmtuneError, brief
 from vlmtune.files import describe_write_error
 from vlmtune.model.quantize import save_record
 from vlmtune.train.state import TrainerState
@@ -153,8 +153,8 @@ def save_torch(obj, path: Path) -> None:
     try:
         torch.save(obj, path)
     except RuntimeError as exc:
-        detail = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else exc.__class__.__name__
-        raise OSError(f"{path.name} could not be written completely (a full disk or a quota?; torch: {detail})") from None
+        raise OSError(f"{path.name} could not be written completely (a full disk or a quota?; torch: "
+                      f"{brief(exc, 120)})") from None
 
 
 def _write_errors() -> tuple[type[BaseException], ...]:

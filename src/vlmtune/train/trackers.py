@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import VlmtuneError, brief
 
 # report_to name → (module it needs, vlmtune extra that installs it)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
@@ -54,7 +54,7 @@ def start_trackers(accelerator, run_name: str, config: dict) -> None:
     try:
         accelerator.init_trackers(run_name, config=config)
     except Exception as exc:  # noqa: BLE001 — each tracker library raises its own types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        message = brief(exc, 300)
         names = ", ".join(str(t) for t in accelerator.log_with)
         hint = _mlflow_hint() if type(exc).__module__.startswith("mlflow") else ""
         raise VlmtuneError(f"report_to: {names}: the tracker could not start ({message[:300]}){hint}") from None
