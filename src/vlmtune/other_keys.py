@@ -155,6 +155,8 @@ REFUSED: dict[str, str] = {
             "or train with DDP",
     "train_on_prompt": "vlmtune trains on the answers only (the loss over the prompt would teach the model to "
                        "write the rules)",
+    "mask_history": "vlmtune trains every assistant answer of a multi-turn record; a record with one answer (the "
+                    "judging task) trains the same either way",
     "disable_shuffling": "the data order is always shuffled by seed",
     "mix_strategy": "datasets are concatenated (mix_strategy: concat); interleaving is not supported",
     "resize_vocab": "vlmtune trains the checkpoint's own vocabulary (the labels are ordinary text)",

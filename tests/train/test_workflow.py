@@ -109,3 +109,59 @@ def test_flags_without_a_yaml_train_as_the_same_yaml(tmp_path, capsys, tiny_mode
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     wrong = run_inline(capsys, "train", "--stage", "sft", "--learnin_rate", "1")
     assert wrong.returncode == 1 and "unknown key 'learnin_rate' (did you mean 'learning_rate'?)" in wrong.stderr
+
+
+def test_llama_factorys_web_ui_preview_command_runs_as_printed(tmp_path, capsys, tiny_model_dir, small_dataset):
+    """The command LLaMA-Factory's web UI previews for a LoRA run (`webui/common.gen_cmd` over the arguments of
+    `webui/runner._parse_train_args`: every key it writes, lists as space-separated values, backslash line ends),
+    paths pointed here and one step: `vlmtune train` takes it as printed."""
+    import shlex
+
+    preview = f"""llamafactory-cli train \\
+    --stage sft \\
+    --do_train True \\
+    --model_name_or_path {tiny_model_dir} \\
+    --preprocessing_num_workers 16 \\
+    --finetuning_type lora \\
+    --template {TEMPLATE_OF[TINY_DEFAULT]} \\
+    --flash_attn auto \\
+    --dataset_dir {small_dataset} \\
+    --dataset my_dataset \\
+    --cutoff_len 2048 \\
+    --learning_rate 5e-05 \\
+    --num_train_epochs 3.0 \\
+    --max_samples 100000 \\
+    --per_device_train_batch_size 2 \\
+    --gradient_accumulation_steps 8 \\
+    --lr_scheduler_type cosine \\
+    --max_grad_norm 1.0 \\
+    --logging_steps 5 \\
+    --save_steps 100 \\
+    --warmup_steps 0 \\
+    --packing False \\
+    --enable_thinking True \\
+    --report_to none \\
+    --output_dir {tmp_path / "saves"} \\
+    --bf16 False \\
+    --plot_loss True \\
+    --trust_remote_code True \\
+    --ddp_timeout 180000000 \\
+    --include_num_input_tokens_seen True \\
+    --optim adamw_torch \\
+    --mask_history False \\
+    --lora_rank 8 \\
+    --lora_alpha 16 \\
+    --lora_dropout 0 \\
+    --lora_target all \\
+    --freeze_vision_tower True \\
+    --freeze_multi_modal_projector True \\
+    --image_max_pixels 589824 \\
+    --image_min_pixels 1024 \\
+    --video_max_pixels 65536 \\
+    --video_min_pixels 256 \\
+    --max_steps 1"""
+    argv = shlex.split(preview.replace("\\\n", " "))
+    assert argv[:2] == ["llamafactory-cli", "train"]
+    result = run_inline(capsys, "train", *argv[2:])
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "saves" / "adapter_model.safetensors").is_file()

@@ -52,21 +52,23 @@ def main(argv: list[str]) -> int:
 
 
 def flags_as_overrides(argv: list[str]) -> list[str]:
-    """`--key value`, `--key=value` and a bare `--flag` (true), as transformers' HfArgumentParser reads the flags of
-    `llamafactory-cli train` without a YAML, → key=value overrides (an unknown key is then refused by name)."""
+    """`--key value`, `--key=value`, `--key a b` (a list: "a,b", as vlmtune's list keys are written) and a bare
+    `--flag` (true), as transformers' HfArgumentParser reads the flags of `llamafactory-cli train` without a YAML
+    (LLaMA-Factory's web UI previews its runs so), → key=value overrides (an unknown key is then refused by name)."""
     overrides, i = [], 0
     while i < len(argv):
         item = argv[i]
         if not item.startswith("--") or item == "--":
             raise VlmtuneError(f"command line: '{item}' is not a --key (give every setting as --key value, or a "
                                f"YAML first)")
-        if "=" in item:
-            overrides.append(item[2:])
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            overrides.append(f"{item[2:]}={argv[i + 1]}")
+        values = []
+        while i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # a list flag takes several: --report_to a b
+            values.append(argv[i + 1])
             i += 1
+        if "=" in item:
+            overrides.append(item[2:] if not values else f"{item[2:]},{','.join(values)}")
         else:
-            overrides.append(f"{item[2:]}=true")
+            overrides.append(f"{item[2:]}={','.join(values)}" if values else f"{item[2:]}=true")
         i += 1
     return overrides
 
