@@ -28,6 +28,14 @@ def test_parse_labels_refuses_what_is_not_a_closed_set(value):
         parse_labels(value, "--labels")
 
 
+@pytest.mark.parametrize("value", [5, 1.5, True, {"a": 1, "b": 2}, [["a", "b"], "c"], [None, "a"], [True, False]])
+def test_parse_labels_refuses_a_yaml_value_that_is_no_label_list_in_one_line(value):
+    """`labels: 5` in a serving YAML was a TypeError; `labels: {a: 1, b: 2}` silently its keys, `[null, a]` 'None'."""
+    with pytest.raises(VlmtuneError, match="serve.yaml: labels must be labels separated by commas or a list"):
+        parse_labels(value, "serve.yaml: labels")
+    assert parse_labels([1, 0]) == ["1", "0"]  # numbers YAML typed are labels still
+
+
 def test_infer_label_set():
     assert infer_label_set([NEG, POS, POS, " 不满足要求 "]) == [NEG, POS]
     assert infer_label_set([POS, POS]) is None  # one label is not a choice

@@ -69,6 +69,13 @@ def test_llama_factorys_launcher_variables_start_torchrun_as_they_start_it():
     ({"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "0"}, ["NPROC_PER_NODE='0'", "≥ 1"]),
     ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "70000"}, ["MASTER_PORT", "65535"]),
     ({"RDZV_ID": "j", "MASTER_ADDR": "h", "MASTER_PORT": "1", "MIN_NNODES": "2"}, ["MIN_NNODES / MAX_NNODES"]),
+    ({"NNODES": "²"}, ["NNODES='²'", "whole number"]),  # str.isdigit() is true of '²'; int() is not
+    ({"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "³"}, ["NPROC_PER_NODE='³'"]),
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1:29500", "MASTER_PORT": "29500"},
+     ["MASTER_ADDR='10.0.0.1:29500'", "MASTER_PORT"]),
+    ({"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node 0", "MASTER_PORT": "29500"}, ["MASTER_ADDR='node 0'"]),
+    ({"NNODES": "1", "RDZV_ID": "  ", "MASTER_PORT": "1", "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "a"},
+     ["NPROC_PER_NODE"]),  # a blank RDZV_ID is unset: not an elastic job asking for MASTER_ADDR
 ])
 def test_launcher_variables_that_cannot_work_are_one_line(env, fragments):
     """LLaMA-Factory's defaults for a missing MASTER_ADDR / NODE_RANK (127.0.0.1, node 0) leave each node waiting
@@ -78,3 +85,16 @@ def test_launcher_variables_that_cannot_work_are_one_line(env, fragments):
     assert "\n" not in str(error.value)
     for fragment in fragments:
         assert fragment in str(error.value)
+
+
+def test_odd_launcher_values_that_can_work_do():
+    """An IPv6 MASTER_ADDR (several colons) is an address, not host:port; a blank RDZV_ID is unset; a launcher's
+    '²' for a rank or a size is no number (no ValueError)."""
+    from vlmtune.launch import local_rank_and_world, multi_node, torchrun_command
+
+    nodes = multi_node({"RDZV_ID": "job", "MASTER_ADDR": "fe80::1", "MASTER_PORT": "29500"})
+    command = torchrun_command(1, 29500, "train", [], nodes)
+    assert command[command.index("--rdzv_endpoint") + 1] == "fe80::1:29500"
+    assert multi_node({"RDZV_ID": " "}).rdzv_id is None
+    assert torchrun_processes(deepspeed=False, gpus=0, env={"SLURM_STEP_NUM_TASKS": "²"}) is None
+    assert local_rank_and_world({"LOCAL_RANK": "²", "LOCAL_WORLD_SIZE": "²", "WORLD_SIZE": "²"}) == (0, 1)

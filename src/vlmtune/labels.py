@@ -51,6 +51,9 @@ def parse_labels(value: str | Sequence[str] | None, what: str = "labels") -> lis
     if isinstance(value, str):
         items = value.replace("，", ",").split(",")
         labels = [normalize_answer(item) for item in items if item.strip()]
+    elif not isinstance(value, (list, tuple)) or not all(_label_like(item) for item in value):
+        # `labels: 5`, `labels: {a: 1}` or `[[a, b], c]` in a YAML: not a set of answers (and no traceback)
+        raise VlmtuneError(f"{what} must be labels separated by commas or a list of labels (text), got {value!r}")
     else:
         # A list item may still hold full-width commas: config.py splits a `labels=a，b` string on ASCII ones.
         labels = [normalize_answer(part) for item in value for part in str(item).split("，")]
@@ -62,6 +65,11 @@ def parse_labels(value: str | Sequence[str] | None, what: str = "labels") -> lis
     if len(set(labels)) != len(labels):
         raise VlmtuneError(f"{what}: the same label twice in {value!r}")
     return labels
+
+
+def _label_like(item: object) -> bool:
+    """A list item that reads as a label: text, or a number YAML typed (`labels: [1, 0]`)."""
+    return isinstance(item, (str, int, float)) and not isinstance(item, bool)
 
 
 def infer_label_set(answers: Sequence[str | None], max_labels: int = MAX_INFERRED_LABELS) -> list[str] | None:

@@ -39,7 +39,7 @@ def torchrun_processes(deepspeed: bool, gpus: int, env) -> int | None:
     if "LOCAL_RANK" in env or env.get("VLMTUNE_NO_TORCHRUN") == "1":
         return None
     tasks = env.get("SLURM_STEP_NUM_TASKS", "1")
-    if tasks.isdigit() and int(tasks) > 1:
+    if _digits(tasks) and int(tasks) > 1:
         from vlmtune.errors import VlmtuneError
 
         raise VlmtuneError(f"srun started {tasks} tasks of this command, and none of them knows its rank (LOCAL_RANK "
@@ -73,7 +73,7 @@ def multi_node(env) -> Nodes:
     from vlmtune.errors import VlmtuneError
 
     nnodes = _whole(env, "NNODES", minimum=1) or 1
-    rdzv_id = env.get("RDZV_ID") or None
+    rdzv_id = env.get("RDZV_ID", "").strip() or None
     if nnodes > 1 or rdzv_id:
         needed = ("MASTER_ADDR", "MASTER_PORT") + (("NODE_RANK",) if not rdzv_id else ())
         missing = [name for name in needed if not env.get(name, "").strip()]
@@ -88,7 +88,7 @@ def multi_node(env) -> Nodes:
     if (low is None) != (high is None) or (low is not None and low > high):
         raise VlmtuneError(f"MIN_NNODES / MAX_NNODES: set both, the first at most the second (got "
                            f"{env.get('MIN_NNODES')!r} and {env.get('MAX_NNODES')!r})")
-    return Nodes(nnodes, node_rank, env.get("MASTER_ADDR", "").strip() or "127.0.0.1",
+    return Nodes(nnodes, node_rank, _master_addr(env),
                  _whole(env, "MASTER_PORT", minimum=1, maximum=65535), rdzv_id,
                  f"{low}:{high}" if low is not None else str(nnodes), _whole(env, "MAX_RESTARTS", minimum=0) or 0)
 
@@ -98,12 +98,29 @@ def _whole(env, name: str, minimum: int, maximum: int | None = None) -> int | No
     value = env.get(name, "").strip()
     if not value:
         return None
-    if not value.isdigit() or int(value) < minimum or (maximum is not None and int(value) > maximum):
+    if not _digits(value) or int(value) < minimum or (maximum is not None and int(value) > maximum):
         from vlmtune.errors import VlmtuneError
 
         bound = f"between {minimum} and {maximum}" if maximum is not None else f"≥ {minimum}"
         raise VlmtuneError(f"{name}={value!r}: must be a whole number {bound}")
     return int(value)
+
+
+def _digits(value: str) -> bool:
+    """ASCII digits only: str.isdigit() is also true of '²', which int() refuses with a ValueError."""
+    return value.isascii() and value.isdigit()
+
+
+def _master_addr(env) -> str:
+    """MASTER_ADDR, a host name or an address (IPv6: several colons). One with a port (`host:29500`: one colon) or
+    a blank would leave every node waiting at an address that is nobody's: one line instead."""
+    from vlmtune.errors import VlmtuneError
+
+    value = env.get("MASTER_ADDR", "").strip()
+    if value.count(":") == 1 or any(c.isspace() for c in value):
+        raise VlmtuneError(f"MASTER_ADDR={value!r}: must be node 0's host name or address alone (its port goes in "
+                           f"MASTER_PORT)")
+    return value or "127.0.0.1"
 
 
 def free_port() -> int:
@@ -156,10 +173,10 @@ def local_rank_and_world(env=None) -> tuple[int, int]:
     started it; never more processes on the node than in the job (WORLD_SIZE). `node_ranks` asks the processes
     themselves once they are connected."""
     env = os.environ if env is None else env
-    rank = next((int(env[v]) for v in LOCAL_RANK_VARS if env.get(v, "").isdigit()), 0)
-    world = next((int(env[v]) for v in LOCAL_WORLD_VARS if env.get(v, "").isdigit()), None) or _slurm_tasks_here(env)
+    rank = next((int(env[v]) for v in LOCAL_RANK_VARS if _digits(env.get(v, ""))), 0)
+    world = next((int(env[v]) for v in LOCAL_WORLD_VARS if _digits(env.get(v, ""))), None) or _slurm_tasks_here(env)
     job = env.get("WORLD_SIZE", "1")
-    return rank, max(1, min(world or 1, int(job) if job.isdigit() else 1))
+    return rank, max(1, min(world or 1, int(job) if _digits(job) else 1))
 
 
 def _slurm_tasks_here(env) -> int | None:
@@ -174,7 +191,7 @@ def _slurm_tasks_here(env) -> int | None:
             return None
         counts += [int(match[1])] * int(match[2] or 1)
     node = env.get("SLURM_NODEID", "0")
-    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else None
+    return counts[int(node)] if _digits(node) and int(node) < len(counts) else None
 
 
 @dataclass(frozen=True)

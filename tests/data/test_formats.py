@@ -331,3 +331,83 @@ def test_content_parts_vlmtune_cannot_use_are_problems_naming_the_part(tmp_path)
     assert "both here and in the messages' content parts" in found[(4, "images")]
     assert "a text part needs its text" in found[(5, "messages[0].content[0]")]
     assert len(found) == 6
+
+
+def test_a_dataset_path_that_is_no_json_text_is_refused_without_reading_it(tmp_path, monkeypatch):
+    """A pipe named x.jsonl is not opened (it would block); a 2 GB sparse file is refused at its first NUL byte,
+    not read whole; a file of nothing but bad lines, strings or an empty object says so, on one line."""
+    import os
+    import resource
+
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "pipe.jsonl")
+    with open(tmp_path / "sparse.jsonl", "wb") as fh:
+        fh.truncate(2 << 30)
+    (tmp_path / "bad.jsonl").write_text("nope\n{also not\n", encoding="utf-8")
+    (tmp_path / "strings.json").write_text('["a", "b"]', encoding="utf-8")
+    (tmp_path / "empty.jsonl").write_text('{}\n', encoding="utf-8")
+    (tmp_path / "odd_key.jsonl").write_text(json.dumps({"a\nb": 1}) + "\n", encoding="utf-8")
+    cases = {"pipe.jsonl": "pipe.jsonl: not a regular file",
+             "sparse.jsonl": "sparse.jsonl: not JSON text (a NUL byte at offset 0",
+             "bad.jsonl": "(no record is a JSON object; line 1: not valid JSON at column 1",
+             "strings.json": "(no record is a JSON object)",
+             "empty.jsonl": "(first record: an empty object)",
+             "odd_key.jsonl": "(first record: 'a\\nb')"}
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name, fragment in cases.items():
+        with pytest.raises(VlmtuneError) as error:
+            load_datasets(name, str(tmp_path / "data"), None)
+        assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # KB: the 2 GB were not read
+
+
+def test_a_huge_num_samples_is_drawn_only_as_far_as_max_samples(tmp_path):
+    """num_samples: 10**12 allocated 10**12 picks (the memory filled); with max_samples only those are drawn (the
+    same as the first max_samples of the whole draw), without it one line names the registry key."""
+    save_image(tmp_path / "a.png", (64, 64), 0)
+    write_dataset(tmp_path, "d", [record("a.png", f"answer {i}") for i in range(3)],
+                  entry={**SHAREGPT_ENTRY, "num_samples": 10**12})
+    loaded = load_datasets("d", str(tmp_path), 7, seed=5)
+    assert [c.index for c in loaded.conversations] == _draw(3, 20, 5)[:7]
+    with pytest.raises(VlmtuneError) as error:
+        load_datasets("d", str(tmp_path), None)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'dataset_info.json'}: field 'd.num_samples': 1,000,000,000,000 records")
+    assert "set max_samples" in message
+
+
+def test_image_urls_of_any_scheme_and_file_urls_as_urls(tmp_path):
+    """`HTTPS://` and `s3://` are URLs (they were read as relative paths "HTTPS:/..."); a file URL is percent-encoded
+    (`my%20pic.png` is `my pic.png`)."""
+    save_image(tmp_path / "my pic.png", (64, 64), 0)
+    urls = ["HTTPS://example.com/a.png", "s3://bucket/a.png", f"file://{tmp_path}/my%20pic.png",
+            f"file://localhost{tmp_path}/my%20pic.png", "file://"]
+    path = write_dataset(tmp_path, "d", [{**record("a.png", "yes"), "images": [url]} for url in urls])
+    loaded = load_datasets("d", str(tmp_path), None)
+    assert [(c.index, c.images) for c in loaded.conversations] == [(2, [str(tmp_path / "my pic.png")]),
+                                                                   (3, [str(tmp_path / "my pic.png")])]
+    assert [str(p) for p in loaded.problems][:2] == [f"{path}: record {i}: field 'images[0]': an image URL: vlmtune "
+                                                     f"reads image files; download the images and give their paths"
+                                                     for i in (0, 1)]
+    assert str(loaded.problems[2]) == f"{path}: record 4: field 'images[0]': not a file path: ''"
+
+
+def test_images_given_as_content_parts_are_named_by_their_parts(tmp_path):
+    """A record with image parts has no images column: a count mismatch names the messages, an image that cannot
+    be read names its part (not 'images[0]')."""
+    from vlmtune.data.checks import check_conversations
+
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    image = {"type": "image_url", "image_url": {"url": "broken.png"}}
+    text = {"type": "text", "text": "<image>合规吗?"}
+    answer = {"role": "assistant", "content": "满足要求"}
+    records = [{"messages": [{"role": "user", "content": [image, text]}, answer]},
+               {"messages": [{"role": "user", "content": [text]}, answer], "images": ["broken.png"]},
+               {"messages": [{"role": "user", "content": [{"type": "text", "text": "看:"}, image]}, answer]}]
+    path = write_dataset(tmp_path, "d", records, entry=SHAREGPT_ENTRY)
+    loaded = load_datasets("d", str(tmp_path), None)
+    assert [str(p) for p in loaded.problems] == [f"{path}: record 0: field 'messages': 2 <image> placeholder(s) in "
+                                                 f"the messages but 1 image(s) given"]
+    checked = check_conversations(loaded.conversations)
+    assert [(p.record, p.field) for p in checked.problems] == [(1, "images[0]"),
+                                                               (2, "messages[0].content[1].image_url.url")]

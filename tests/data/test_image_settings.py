@@ -123,3 +123,24 @@ def test_a_file_that_does_not_fit_the_tower_is_one_line_naming_both(tiny_models,
     message = str(info.value)
     assert "\n" not in message and "processor_config.json: merge_size 2" in message
     assert "vision_config.spatial_merge_size 1" in message
+
+
+@pytest.mark.parametrize("files, fragments", [
+    ({"processor_config.json": {"image_processor": "qwen"}}, ["processor_config.json: field 'image_processor'", "str"]),
+    ({"processor_config.json": [1]}, ["processor_config.json: field 'image_processor'", "list"]),
+    ({"config.json": {"vision_config": {"spatial_merge_size": 0}}}, ["vision_config.spatial_merge_size", "got 0"]),
+    ({"config.json": {"vision_config": {"patch_size": "14"}}}, ["vision_config.patch_size", "got '14'"]),
+    ({"config.json": {"vision_config": {"patch_size": -14}}}, ["vision_config.patch_size", "got -14"]),
+    ({CONFIG_NAME: {"patch_size": 0}}, [CONFIG_NAME, "patch_size must be a positive whole number, got 0"]),
+    ({CONFIG_NAME: {"max_pixels": -5}}, [CONFIG_NAME, "max_pixels must be a positive whole number"]),
+])
+def test_settings_that_cannot_size_an_image_are_one_line(tmp_path, files, fragments):
+    """An `image_processor` that is no object was skipped silently; a zero merge or patch size divided by zero when
+    an image was resized, a negative one sized images silently."""
+    for name, value in files.items():
+        (tmp_path / name).write_text(json.dumps(value))
+    with pytest.raises(VlmtuneError) as info:
+        ImageSettings.from_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)

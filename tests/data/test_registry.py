@@ -70,3 +70,22 @@ def test_keys_llama_factory_does_not_know_are_read_past_and_noted(tmp_path):
         f"{where}: key 'tags.role' is not a LLaMA-Factory key and is ignored (closest known key: 'tags.role_tag')"]
     register(tmp_path, "clean", **entry())
     assert resolve("clean", tmp_path)[0].notes == []
+
+
+def test_odd_dataset_paths_are_one_line_naming_the_dataset(tmp_path, monkeypatch):
+    """`~user/` of no user (a RuntimeError of pathlib), a link to itself (not "no such file"), a file name holding a
+    comma (cut in two at it, as LLaMA-Factory cuts `dataset`: the error names the piece and says why)."""
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop.jsonl", tmp_path / "loop.jsonl")
+    (tmp_path / "my,data.jsonl").write_text("{}\n", encoding="utf-8")
+    cases = {"~no_such_user_zz/x.jsonl": ["dataset '~no_such_user_zz/x.jsonl'", "no home directory"],
+             "loop.jsonl": ["dataset 'loop.jsonl'", "symbolic link to nothing"],
+             "my,data.jsonl": ["dataset 'my'", "dataset_info.json: not found", "split at commas"]}
+    for name, fragments in cases.items():
+        with pytest.raises(VlmtuneError) as error:
+            resolve(name, tmp_path / "data")
+        assert "\n" not in str(error.value)
+        for fragment in fragments:
+            assert fragment in str(error.value), str(error.value)

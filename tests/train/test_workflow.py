@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from helpers import TEMPLATE_OF, run_inline
+from vlmtune.errors import VlmtuneError
 from vlmtune.families import TINY_DEFAULT
 
 POS, NEG = "满足要求", "不满足要求"
@@ -109,6 +111,26 @@ def test_flags_without_a_yaml_train_as_the_same_yaml(tmp_path, capsys, tiny_mode
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     wrong = run_inline(capsys, "train", "--stage", "sft", "--learnin_rate", "1")
     assert wrong.returncode == 1 and "unknown key 'learnin_rate' (did you mean 'learning_rate'?)" in wrong.stderr
+
+
+def test_flags_are_read_as_hfargumentparser_reads_them():
+    """A string key's value is the text typed (`#1` was a YAML comment: None), a key that is no flag needs its value
+    (`--output_dir` at the end wrote into 'yes'), one value but for a list key (`--output_dir a b` was 'a,b'), and
+    `-x` is not swallowed as a value of the key before it."""
+    from vlmtune.commands.train import flags_as_overrides
+    from vlmtune.config import load_config
+
+    cfg = load_config(None, flags_as_overrides(["--default_system", "#1: 看图\n", "--report_to", "none", "tensorboard",
+                                                "--do_train", "--output_dir", "null"]))
+    assert cfg.data.default_system == "#1: 看图\n" and cfg.train.report_to == ["tensorboard"]
+    assert cfg.train.do_train is True and cfg.train.output_dir == "null"
+    assert flags_as_overrides(["--adam_epsilon", "-1e-8"]) == ["adam_epsilon=-1e-8"]  # a negative number is a value
+    refused = {("--output_dir",): "--output_dir needs a value", ("--output_dir=",): "--output_dir is given an empty",
+               ("--output_dir", "a", "b"): "--output_dir takes one value, got 2",
+               ("--dataset", "d", "-x"): "'-x' is not a --key"}
+    for argv, fragment in refused.items():
+        with pytest.raises(VlmtuneError, match=fragment):
+            flags_as_overrides(list(argv))
 
 
 def test_llama_factorys_web_ui_preview_command_runs_as_printed(tmp_path, capsys, tiny_model_dir, small_dataset):

@@ -13,6 +13,7 @@ CPUs, torchrun with several processes uses the gloo backend.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from vlmtune import allocator
@@ -52,25 +53,71 @@ def main(argv: list[str]) -> int:
 
 
 def flags_as_overrides(argv: list[str]) -> list[str]:
-    """`--key value`, `--key=value`, `--key a b` (a list: "a,b", as vlmtune's list keys are written) and a bare
+    """`--key value`, `--key=value`, `--key a b` (a list key: "a,b", as vlmtune's list keys are written) and a bare
     `--flag` (true), as transformers' HfArgumentParser reads the flags of `llamafactory-cli train` without a YAML
-    (LLaMA-Factory's web UI previews its runs so), → key=value overrides (an unknown key is then refused by name)."""
+    (LLaMA-Factory's web UI previews its runs so), → key=value overrides (an unknown key is then refused by name).
+    As HfArgumentParser: a string key's value is the text typed (`--default_system "#1: ..."` is not YAML), a key
+    that is not a true/false one needs a value, and only a list key takes several."""
     overrides, i = [], 0
     while i < len(argv):
         item = argv[i]
         if not item.startswith("--") or item == "--":
             raise VlmtuneError(f"command line: '{item}' is not a --key (give every setting as --key value, or a "
                                f"YAML first)")
-        values = []
-        while i + 1 < len(argv) and not argv[i + 1].startswith("--"):  # a list flag takes several: --report_to a b
+        key, equals, value = item[2:].partition("=")
+        values = [value] if equals else []
+        while i + 1 < len(argv) and not _is_flag(argv[i + 1]):  # a list flag takes several: --report_to a b
             values.append(argv[i + 1])
             i += 1
-        if "=" in item:
-            overrides.append(item[2:] if not values else f"{item[2:]},{','.join(values)}")
-        else:
-            overrides.append(f"{item[2:]}={','.join(values)}" if values else f"{item[2:]}=true")
+        overrides.append(_flag_override(key, values))
         i += 1
     return overrides
+
+
+def _is_flag(token: str) -> bool:
+    """`--key`, or `-x` as argparse reads it (a negative number, `-1e-4`, is a value)."""
+    if not token.startswith("-") or token == "-":
+        return False
+    try:
+        float(token)
+    except ValueError:
+        return True
+    return False
+
+
+def _flag_override(key: str, values: list[str]) -> str:
+    """One flag's values as a `key=value` override, refused in one line where HfArgumentParser refuses them."""
+    kind = _key_kind(key)
+    if not values:
+        if kind in ("bool", "unknown"):
+            return f"{key}=true"
+        raise VlmtuneError(f"command line: --{key} needs a value")
+    if not all(v.strip() for v in values):
+        raise VlmtuneError(f"command line: --{key} is given an empty value (leave the flag out for the default)")
+    if len(values) > 1 and kind not in ("list", "unknown"):
+        raise VlmtuneError(f"command line: --{key} takes one value, got {len(values)}: {values!r}")
+    if kind == "str":  # a JSON string is YAML that reads back as exactly this text
+        return f"{key}={json.dumps(values[0], ensure_ascii=False)}"
+    return f"{key}={','.join(values)}"
+
+
+def _key_kind(key: str) -> str:
+    """'list', 'str', 'bool', 'other' (numbers, mappings) or 'unknown' (a key vlmtune does not have: other_keys
+    decides): a config key's type, as its flag's values are read."""
+    import types
+    import typing
+
+    from vlmtune.config import SECTIONS, key_sections
+
+    found = key_sections().get(key)
+    if found is None:
+        return "unknown"
+    hint = typing.get_type_hints(SECTIONS[found[0]])[key]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    members = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    if any(typing.get_origin(m) is list for m in members):
+        return "list"
+    return "str" if members == [str] else "bool" if bool in members else "other"
 
 
 def quiet_waiting_threads() -> None:

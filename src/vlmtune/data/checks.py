@@ -45,7 +45,7 @@ def check_conversations(conversations: list[Conversation], processor=None, cutof
             try:
                 sizes.append(header_size(path, decode=decode))
             except ImageError as exc:
-                result.problems.append(Problem(conv.source, conv.index, f"{conv.images_field}[{i}]", f"{exc}: {path}"))
+                result.problems.append(Problem(conv.source, conv.index, conv.image_field(i), f"{exc}: {path}"))
         if processor is None or len(sizes) != len(conv.images):
             continue
         from vlmtune.data.encode import EncodeError, check_length  # torch: only with a model

@@ -35,10 +35,16 @@ class Conversation:
     # The file's own names of the messages and images columns, for messages that name a field.
     messages_field: str = field(default="messages", compare=False, repr=False)
     images_field: str = field(default="images", compare=False, repr=False)
+    # Each image's own field where the images are not a column's items (content parts: `messages[0].content[1].image`).
+    image_fields: list[str] = field(default_factory=list, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id:
             self.id = f"{self.dataset}-{self.index}"
+
+    def image_field(self, index: int) -> str:
+        """Where image `index` is given in the dataset file."""
+        return self.image_fields[index] if index < len(self.image_fields) else f"{self.images_field}[{index}]"
 
     @property
     def system(self) -> str | None:

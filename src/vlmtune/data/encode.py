@@ -93,7 +93,7 @@ def load_images(conversation: Conversation, processor: Processor) -> list[torch.
         try:
             images.append(load_resized(path, processor.image_processor))
         except ImageError as exc:
-            raise EncodeError(f"{exc}: {path}", field=f"{conversation.images_field}[{i}]") from None
+            raise EncodeError(f"{exc}: {path}", field=conversation.image_field(i)) from None
     return images
 
 

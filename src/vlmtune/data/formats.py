@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
+import urllib.request
 
 from pathlib import Path
 from typing import Any
 
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, LoadedData, Message, Problem
-from vlmtune.data.registry import DatasetEntry, infer_layout
+from vlmtune.data.registry import REGISTRY_FILE, DatasetEntry, infer_layout
 from vlmtune.errors import VlmtuneError
 from vlmtune.files import decode_text, parse_json
 from vlmtune.labels import normalize_answer
@@ -39,12 +41,8 @@ def read_records(path: Path) -> tuple[list[Any], list[Problem]]:
 
     The file must be UTF-8 (a BOM is dropped); a file that cannot be read at all is one fatal problem.
     """
-    if not path.is_file():
-        return [], [Problem(str(path), None, None, "dataset file not found", fatal=True)]
     try:
-        text = decode_text(path.read_bytes(), path)
-    except OSError as exc:
-        return [], [Problem(str(path), None, None, f"cannot read ({exc.strerror or exc})", fatal=True)]
+        text = _file_text(path)
     except VlmtuneError as exc:
         return [], [Problem(str(path), None, None, str(exc).removeprefix(f"{path}: "), fatal=True)]
     if path.suffix.lower() == ".jsonl":
@@ -68,23 +66,51 @@ def read_records(path: Path) -> tuple[list[Any], list[Problem]]:
     return data, []
 
 
+# JSON text holds no NUL byte: one in the first block is a binary, sparse or UTF-16 file, refused before the rest
+# of it (gigabytes, perhaps) is read.
+HEAD_BYTES = 1 << 16
+
+
+def _file_text(path: Path) -> str:
+    """The UTF-8 text of a dataset file, or a one-line VlmtuneError. Only a regular file is opened: a pipe named
+    x.jsonl would block until something writes to it."""
+    if not path.is_file():
+        raise VlmtuneError(f"{path}: " + ("not a regular file (a pipe, a socket or a device)" if path.exists()
+                                          else "dataset file not found"))
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(HEAD_BYTES)
+            if b"\0" in head:
+                raise VlmtuneError(f"{path}: not JSON text (a NUL byte at offset {head.index(0)}: a binary, sparse "
+                                   f"or UTF-16 file?); save the file as UTF-8 JSON")
+            raw = head + fh.read()
+    except OSError as exc:
+        raise VlmtuneError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_text(raw, path)
+
+
 def load_entry(entry: DatasetEntry, max_samples: int | None = None, seed: int = 42) -> LoadedData:
     """Convert the records of one registry entry: num_samples of them drawn as LLaMA-Factory does (with the
     run's seed), then the first max_samples."""
     records, problems = _entry_records(entry)
     if entry.formatting == "auto" and records:
-        first = next((record for _, _, record in records if isinstance(record, dict)), None)
-        layout = infer_layout(entry, first)
+        first = next(((source, index, record) for source, index, record in records if isinstance(record, dict)), None)
+        layout = infer_layout(entry, first[2] if first else None)
         if layout is None:
-            keys = ", ".join(sorted(first)[:8]) if first else "no JSON object"
             return LoadedData(problems=problems + [Problem(
-                str(records[0][0]), None, None, f"cannot tell the layout of the records (first record: {keys}): "
-                f"expected messages, conversations, instruction + output or query + response; or register the "
-                f"file in dataset_info.json with its columns", fatal=True)])
+                str((first or records[0])[0]), None, None, f"cannot tell the layout of the records "
+                f"({_first_record_words(first, problems)}): expected messages, conversations, instruction + output or "
+                f"query + response; or register the file in dataset_info.json with its columns", fatal=True)])
         entry = layout
+    if entry.num_samples is not None and min(entry.num_samples, max_samples or entry.num_samples) > max(
+            len(records), MAX_DRAWN):
+        return LoadedData(problems=problems + [Problem(
+            str(entry.dataset_dir / REGISTRY_FILE), None, f"{entry.name}.num_samples", f"{entry.num_samples:,} "
+            f"records drawn from {len(records):,}: at most {MAX_DRAWN:,} copies are held (set max_samples to use "
+            f"fewer)", fatal=True)])
     picks = list(range(len(records)))
     if entry.num_samples is not None:
-        picks = sample_indices(len(records), entry.num_samples, seed)
+        picks = sample_indices(len(records), entry.num_samples, seed, max_samples)
     if max_samples is not None:
         picks = picks[:max_samples]
     out = LoadedData(problems=problems)
@@ -98,14 +124,30 @@ def load_entry(entry: DatasetEntry, max_samples: int | None = None, seed: int = 
     return out
 
 
-def sample_indices(n: int, num_samples: int, seed: int) -> list[int]:
+# The most records a num_samples draw may hold beyond the file's own (each a list slot and a reference): a typo of
+# num_samples: 1000000000000 is refused in one line instead of filling the memory.
+MAX_DRAWN = 10_000_000
+
+
+def sample_indices(n: int, num_samples: int, seed: int, limit: int | None = None) -> list[int]:
     """LLaMA-Factory's `num_samples` draw: a permutation of the n records cut to num_samples (every record
-    used when there are enough), then records drawn with replacement for the rest."""
+    used when there are enough), then records drawn with replacement for the rest — only the first `limit`
+    (max_samples) drawn, the same ones as the first `limit` of the whole draw."""
     if n == 0:
         return []
     rng = random.Random(seed)
     picks = rng.sample(range(n), min(n, num_samples))
-    return picks + [rng.randrange(n) for _ in range(num_samples - len(picks))]
+    wanted = num_samples if limit is None else min(num_samples, limit)
+    return picks + [rng.randrange(n) for _ in range(wanted - len(picks))]
+
+
+def _first_record_words(first: tuple[Path, int, dict] | None, problems: list[Problem]) -> str:
+    """What the first JSON object of a dataset holds (its keys, on one line), for the layout error."""
+    if first is None:
+        return "no record is a JSON object" + (f"; {problems[0].message}" if problems else "")
+    _, index, record = first
+    keys = ", ".join(k if k.isprintable() else repr(k) for k in sorted(record)[:8]) or "an empty object"
+    return f"first record: {keys}" if index == 0 else f"first object, record {index}: {keys}"
 
 
 def _entry_records(entry: DatasetEntry) -> tuple[list[tuple[Path, int, Any]], list[Problem]]:
@@ -151,9 +193,12 @@ def _convert(record: Any, entry: DatasetEntry, source: Path, index: int,
         messages_field = (entry.columns.get("prompt") or "instruction") if alpaca \
             else entry.columns.get("messages") or "conversations"
         # A folder's files each count from record 0: the file's name keeps the ids apart.
+        # Images given as content parts are named by their parts: the record may have no images column at all.
         conv = Conversation(messages=messages, images=images, source=str(source), index=index,
                             dataset=entry.name, id=f"{entry.name}-{source.name}-{index}" if entry.is_folder else "",
-                            messages_field=messages_field, images_field=entry.columns.get("images") or "images")
+                            messages_field=messages_field,
+                            images_field=messages_field if in_parts else entry.columns.get("images") or "images",
+                            image_fields=[field_name for _, field_name in in_parts])
         record_problems += structure_problems(conv)
     problems += record_problems
     return None if record_problems else conv
@@ -203,16 +248,25 @@ def _image_path(item: Any, field_name: str, where: tuple[str, int]) -> tuple[str
         item = item.get("path")
         field_name += ".path"
     if not isinstance(item, str):
-        return "", Problem(*where, field_name, f"must be an image path (a string), got {item!r}")
+        shown = repr(item)  # a list of a million paths is not written out in full
+        return "", Problem(*where, field_name, f"must be an image path (a string), got "
+                                               f"{shown if len(shown) <= 80 else shown[:79] + '…'}")
+    scheme = URL_SCHEME.match(item)
+    if scheme and scheme[1].lower() == "file":  # a file URL is percent-encoded (a space is %20), as the API reads it
+        rest = item[scheme.end():]
+        item, scheme = urllib.request.url2pathname(rest[9:] if rest.startswith("localhost/") else rest), None
     if "\0" in item or not item.strip():
         return "", Problem(*where, field_name, f"not a file path: {item!r}")
-    if item.startswith("data:"):
+    if item[:5].lower() == "data:":
         return "", Problem(*where, field_name, "embedded image bytes (a data: URL): vlmtune reads image files; save "
                                                "the images and give their paths")
-    if item.startswith(("http://", "https://")):
+    if scheme:  # http, https, s3, ...: not a file here (a relative path "s3:/bucket/a.png" would be looked up)
         return "", Problem(*where, field_name, "an image URL: vlmtune reads image files; download the images and "
                                                "give their paths")
-    return item.removeprefix("file://"), None
+    return item, None
+
+
+URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def _relative_image(path: Path, entry: DatasetEntry) -> str:

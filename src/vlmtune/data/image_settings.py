@@ -104,6 +104,9 @@ class ImageSettings:
             settings = cls.from_dict(config, max_pixels, min_pixels, defaults)
         except (ValueError, TypeError, KeyError) as exc:
             raise VlmtuneError(f"{path}: not a usable image processor config ({exc})") from None
+        for key in ("patch_size", "merge_size", "temporal_patch_size", "min_pixels", "max_pixels"):
+            if getattr(settings, key) < 1:  # 0 divides by zero when an image is resized; below 0 is no size at all
+                raise VlmtuneError(f"{path}: {key} must be a positive whole number, got {getattr(settings, key)}")
         for key, value in tower.items():
             if getattr(settings, key) != value:
                 raise VlmtuneError(f"{path}: {key} {getattr(settings, key)} does not fit the vision tower "
@@ -161,8 +164,12 @@ def settings_file(directory: Path) -> tuple[Path, dict[str, Any]]:
         except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise VlmtuneError(f"{path}: not a usable image processor config ({exc})") from None
         if path == nested:
-            if not isinstance(config, dict) or not isinstance(config.get("image_processor"), dict):
+            if isinstance(config, dict) and config.get("image_processor") is None:
                 continue  # an older processor file, without the settings: they are in preprocessor_config.json
+            if not isinstance(config, dict) or not isinstance(config["image_processor"], dict):
+                got = config["image_processor"] if isinstance(config, dict) else config
+                raise VlmtuneError(f"{path}: field 'image_processor': expected an object of image settings, got "
+                                   f"{type(got).__name__}")
             return path, config["image_processor"]
         if not isinstance(config, dict):
             raise VlmtuneError(f"{path}: not a usable image processor config (expected a JSON object)")
@@ -178,6 +185,11 @@ def tower_settings(directory: Path) -> dict[str, int]:
         return {}
     try:
         vision = json.loads(path.read_text(encoding="utf-8")).get("vision_config") or {}
-        return {key: int(vision[name]) for key, name in TOWER_KEYS.items() if vision.get(name) is not None}
+        given = {key: vision[name] for key, name in TOWER_KEYS.items() if vision.get(name) is not None}
     except (OSError, ValueError, TypeError, AttributeError):
         return {}  # an unreadable config.json is reported, in one line, by whatever loads the model
+    for key, value in given.items():  # the tower is built from these: "14", 14.5 or -14 builds no usable one
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise VlmtuneError(f"{path}: field 'vision_config.{TOWER_KEYS[key]}': must be a positive whole number, "
+                               f"got {value!r}")
+    return given

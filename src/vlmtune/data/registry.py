@@ -102,7 +102,7 @@ def resolve(names: str, dataset_dir: str | Path, media_dir: str | Path | None = 
     entries = []
     for name in [n.strip() for n in names.split(",") if n.strip()]:
         if registry is None and (registry_path.is_file() or not looks_like_path(name)):
-            registry = read_registry(dataset_dir)
+            registry = _registry_for(name, names, dataset_dir)
         if registry is not None and name in registry:
             entries.append(_entry(name, registry[name], registry_path, dataset_dir))
         elif looks_like_path(name):
@@ -117,6 +117,19 @@ def resolve(names: str, dataset_dir: str | Path, media_dir: str | Path | None = 
     return entries
 
 
+def _registry_for(name: str, names: str, dataset_dir: Path) -> dict:
+    """The registry a dataset name needs; without one, the error names the dataset (a file whose name holds a
+    comma is cut in two at it, as LLaMA-Factory cuts `dataset`, and its first piece then reads as a name)."""
+    try:
+        return read_registry(dataset_dir)
+    except VlmtuneError as exc:
+        if (dataset_dir / REGISTRY_FILE).is_file():
+            raise
+        split = "," in names and Path(names.strip()).exists()
+        hint = f" (dataset names are split at commas: rename the file '{names.strip()}')" if split else ""
+        raise VlmtuneError(f"dataset '{name}': not a .json/.jsonl path, and {exc}{hint}") from None
+
+
 def looks_like_path(name: str) -> bool:
     """A dataset named by its file (`data/train.jsonl`, `/data/parts/`) rather than by a registry name."""
     return Path(name).suffix.lower() in READ_SUFFIXES or "/" in name or os.sep in name
@@ -126,9 +139,16 @@ def file_entry(name: str, dataset_dir: Path, registry_path: Path) -> DatasetEntr
     """A dataset given as a path, ms-swift's way: the file or folder as given (from the current directory), else
     under dataset_dir. Its layout (`formatting: auto`) is read off its first record (`infer_layout`); relative
     image paths resolve against the file's folder, else the current directory."""
-    given = Path(name).expanduser()
+    try:
+        given = Path(name).expanduser()
+    except RuntimeError:  # `~someone/...` for a user this machine does not have
+        raise VlmtuneError(f"dataset '{name}': no home directory for that user") from None
     found = next((p for p in (given, dataset_dir / given) if p.exists()), None)
     if found is None:
+        # exists() is False for a link to nothing (or a link loop): say so rather than "no such file"
+        link = next((p for p in (given, dataset_dir / given) if p.is_symlink()), None)
+        if link is not None:
+            raise VlmtuneError(f"dataset '{name}': {link} is a symbolic link to nothing (or a loop of links)")
         looked = "" if given.is_absolute() else f" (nor under dataset_dir {dataset_dir})"
         raise VlmtuneError(f"dataset '{name}': no such file{looked}, and {registry_path} registers no dataset of "
                            f"that name")
