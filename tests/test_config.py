@@ -117,3 +117,14 @@ def test_readme_documents_every_command_and_points_to_every_key():
         assert f"vlmtune {name}" in readme, name
     assert "docs/config.md" in readme
     assert "make demo" in readme and "make test" in readme
+
+
+@pytest.mark.parametrize("text", ["output_dir: null", "output_dir: ~", "output_dir:"])
+def test_a_null_string_setting_is_refused_not_the_text_none(tmp_path, text):
+    """`output_dir: null` became the text "None" (a run written into ./None)."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"model_name_or_path: m\ndataset: d\n{text}\n", encoding="utf-8")
+    with pytest.raises(VlmtuneError, match=r"'output_dir' needs a value, got null"):
+        load_config(path)
+    with pytest.raises(VlmtuneError, match=r"'dataset_dir' needs a value"):
+        load_config(None, ["dataset_dir="])

@@ -473,6 +473,8 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
             raise VlmtuneError(f"{origin}: '{key}' must be a mapping such as {{use_reentrant: false}}, got {value!r}")
         return value
     if hint is str:
+        if value is None:  # `output_dir: null` (or `output_dir=`) would otherwise be the text "None": ./None
+            raise VlmtuneError(f"{origin}: '{key}' needs a value, got null (leave the key out for its default)")
         if isinstance(value, (dict, list)):
             raise VlmtuneError(f"{origin}: '{key}' must be a string, got {value!r}")
         if isinstance(value, bool):  # YAML 1.1 reads a bare `no` (eval_strategy: no) as false, `yes` as true
