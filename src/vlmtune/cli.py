@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.main(rest) or 0)
     except VlmtuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line whatever the message quotes: a file or dataset name may itself hold a line break.
+        print("error: " + " ".join(line.strip() for line in str(exc).splitlines() if line.strip()), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -411,3 +411,11 @@ def test_images_given_as_content_parts_are_named_by_their_parts(tmp_path):
     checked = check_conversations(loaded.conversations)
     assert [(p.record, p.field) for p in checked.problems] == [(1, "images[0]"),
                                                                (2, "messages[0].content[1].image_url.url")]
+
+
+def test_a_dataset_name_holding_a_line_break_is_still_a_one_line_error(tmp_path, capsys):
+    """The CLI prints every error on one line, whatever the message quotes (here the user's own dataset name)."""
+    from helpers import assert_one_line_error, run_inline
+
+    result = run_inline(capsys, "data", "check", "--dataset", "my\ndata.jsonl", "--dataset_dir", tmp_path)
+    assert_one_line_error(result, "my data.jsonl")
