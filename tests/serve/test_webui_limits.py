@@ -109,6 +109,7 @@ def test_bad_page_limits_are_one_line_at_start(capsys, tiny_model_dir):
         assert_one_line_error(result, *fragments)
 
 
+@needs_gradio
 def test_with_a_login_every_route_uploads_included_is_closed_until_logged_in(monkeypatch):
     """VLMTUNE_WEBUI_AUTH: Gradio's login on the page, its upload route and its API (the upload route was open to
     anyone who could reach the port)."""
