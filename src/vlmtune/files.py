@@ -70,6 +70,15 @@ def read_text(path: str | Path) -> str:
     return decode_text(read_bytes(path), path)
 
 
+def file_url_path(url: str) -> str:
+    """The path a `file://` URL names, as RFC 8089 reads it: percent-decoded (a space is %20), `file://localhost/x`
+    being /x."""
+    import urllib.request
+
+    rest = url[len("file://"):]
+    return urllib.request.url2pathname(rest[len("localhost"):] if rest.startswith("localhost/") else rest)
+
+
 def parse_json(text: str, where: str | Path) -> Any:
     """json.loads with one-line errors: where the syntax breaks, or that the nesting is too deep
     (Python's parser recurses, so a body of 100,000 '[' would otherwise end in a RecursionError)."""

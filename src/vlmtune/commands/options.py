@@ -24,7 +24,7 @@ from vlmtune.errors import VlmtuneError
 _BOOL_WORDS = {"true": "true", "yes": "true", "1": "true", "false": "false", "no": "false", "0": "false"}
 
 
-def _members(hint: Any) -> tuple:
+def type_members(hint: Any) -> tuple:
     """The types of a hint, `X | None` unpacked."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return tuple(a for a in typing.get_args(hint) if a is not type(None))
@@ -39,7 +39,7 @@ def _bool_word(text: str) -> str:
 
 
 def _metavar(hint: Any) -> str | None:
-    kinds = _members(hint)
+    kinds = type_members(hint)
     if int in kinds:
         return "N"
     if float in kinds:
@@ -83,7 +83,7 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls: 
         if default is not None and default != "" and f.name not in required:
             text = f"{text} (default: {_show(default)})"
         kwargs: dict[str, Any] = dict(dest=f.name, default=None, help=text.replace("%", "%%"))
-        if bool in _members(hints[f.name]):
+        if bool in type_members(hints[f.name]):
             kwargs.update(nargs="?", const="true", type=_bool_word, metavar="true|false")
         else:
             kwargs["metavar"] = _metavar(hints[f.name])

@@ -17,7 +17,7 @@ import json
 import os
 
 from vlmtune import allocator
-from vlmtune.commands.options import command_parser
+from vlmtune.commands.options import command_parser, type_members
 from vlmtune.config import load_config, parse_override, read_yaml
 from vlmtune.errors import VlmtuneError
 from vlmtune.launch import relaunch_under_torchrun, torchrun_processes, visible_gpus
@@ -104,7 +104,6 @@ def _flag_override(key: str, values: list[str]) -> str:
 def _key_kind(key: str) -> str:
     """'list', 'str', 'bool', 'other' (numbers, mappings) or 'unknown' (a key vlmtune does not have: other_keys
     decides): a config key's type, as its flag's values are read."""
-    import types
     import typing
 
     from vlmtune.config import SECTIONS, key_sections
@@ -112,9 +111,7 @@ def _key_kind(key: str) -> str:
     found = key_sections().get(key)
     if found is None:
         return "unknown"
-    hint = typing.get_type_hints(SECTIONS[found[0]])[key]
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    members = [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]
+    members = list(type_members(typing.get_type_hints(SECTIONS[found[0]])[key]))
     if any(typing.get_origin(m) is list for m in members):
         return "list"
     return "str" if members == [str] else "bool" if bool in members else "other"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import urllib.request
 
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from typing import Any
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Conversation, LoadedData, Message, Problem
 from vlmtune.data.registry import REGISTRY_FILE, DatasetEntry, infer_layout
 from vlmtune.errors import VlmtuneError
-from vlmtune.files import decode_text, parse_json
+from vlmtune.files import decode_text, file_url_path, parse_json
 from vlmtune.labels import normalize_answer
 
 
@@ -253,8 +252,7 @@ def _image_path(item: Any, field_name: str, where: tuple[str, int]) -> tuple[str
                                                f"{shown if len(shown) <= 80 else shown[:79] + '…'}")
     scheme = URL_SCHEME.match(item)
     if scheme and scheme[1].lower() == "file":  # a file URL is percent-encoded (a space is %20), as the API reads it
-        rest = item[scheme.end():]
-        item, scheme = urllib.request.url2pathname(rest[9:] if rest.startswith("localhost/") else rest), None
+        item, scheme = file_url_path(item), None
     if "\0" in item or not item.strip():
         return "", Problem(*where, field_name, f"not a file path: {item!r}")
     if item[:5].lower() == "data:":

@@ -69,6 +69,7 @@ from typing import Annotated, Literal, Union
 
 from vlmtune.data.conversation import IMAGE_PLACEHOLDER, Message
 from vlmtune.errors import VlmtuneError
+from vlmtune.files import file_url_path
 from vlmtune.serve.common import (Answer, Cancelled, Limits, ModelService, OutOfMemory, RequestError, decode_data_url,
                                   open_image)
 
@@ -278,7 +279,7 @@ class ImagePolicy:
             if not self.allow_local:
                 raise RequestError(f"{where}: local image paths are disabled on this server; send the image as a "
                                    f"data: URL (data:image/png;base64,...) or start it with --allow_local_images")
-            path = Path(urllib.request.url2pathname(url[7:]) if lowered.startswith("file://") else url)
+            path = Path(file_url_path(url) if lowered.startswith("file://") else url)
             try:
                 raw = path.read_bytes()
             except (OSError, ValueError) as exc:
